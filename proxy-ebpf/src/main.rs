@@ -1,0 +1,73 @@
+//! The stream verdict program that splices a proxied connection in the kernel.
+//!
+//! Userspace puts both sockets of a connection into two sock hashes keyed by socket
+//! cookie: `KGATE_PEERS` (cookie -> the peer socket, no program) and `KGATE_SPLICED`
+//! (cookie -> the socket itself, this program attached). Every skb a spliced socket
+//! receives is redirected to the egress side of its peer. The insertion order that
+//! makes this lossless is written down in proxy-user/src/dataplane/sockmap.rs.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::sk_action,
+    btf_maps::{PerCpuArray, SockHash},
+    helpers::bpf_get_socket_cookie,
+    macros::{btf_map, stream_verdict},
+    programs::SkBuffContext,
+};
+use aya_log_ebpf::warn;
+use proxy_common::{MAX_SPLICED_SOCKETS, SpliceStats};
+
+#[btf_map]
+static KGATE_PEERS: SockHash<u64, MAX_SPLICED_SOCKETS> = SockHash::new();
+
+#[btf_map]
+static KGATE_SPLICED: SockHash<u64, MAX_SPLICED_SOCKETS> = SockHash::new();
+
+#[btf_map]
+static KGATE_SPL_STATS: PerCpuArray<SpliceStats, 1> = PerCpuArray::new();
+
+#[stream_verdict]
+pub fn kgate_splice(ctx: SkBuffContext) -> u32 {
+    match try_splice(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+fn try_splice(ctx: &SkBuffContext) -> Result<u32, u32> {
+    // A bare FIN comes through as an empty skb. Redirected, the kernel's send worker
+    // takes "0 bytes sent" for a broken pipe and marks the peer socket failed (EPIPE)
+    // with its transmit stopped. TCP has already recorded the FIN, and userspace
+    // passes it on itself, so the empty skb is simply dropped.
+    if ctx.len() == 0 {
+        return Ok(sk_action::SK_DROP);
+    }
+    // SAFETY: the helper only reads the socket the skb belongs to.
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let len = u64::from(ctx.len());
+    let verdict = KGATE_PEERS.redirect_skb(ctx, &mut cookie, 0);
+    let stats = KGATE_SPL_STATS.get_ptr_mut(0).ok_or(sk_action::SK_DROP)?;
+    // SAFETY: the per-CPU slot belongs to this CPU while the program runs.
+    let stats = unsafe { &mut *stats };
+    if verdict == i64::from(sk_action::SK_PASS) {
+        stats.redirected_skbs += 1;
+        stats.redirected_bytes += len;
+        Ok(sk_action::SK_PASS)
+    } else {
+        // Userspace inserts the peer before the socket itself joins KGATE_SPLICED, so
+        // this happens only when the peer was closed under a live connection.
+        stats.redirect_failures += 1;
+        warn!(ctx, "kgate: socket {} has no peer, {} bytes dropped", cookie, len);
+        Err(sk_action::SK_DROP)
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,81 @@
+use std::{path::Path, sync::Arc};
+
+use anyhow::{Context as _, bail};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, DataplaneMode, Global},
+    dataplane::Dataplane,
+    frontend,
+    gateway::Gateway,
+    maps::SpliceMaps,
+};
+
+pub fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let dataplane = choose_dataplane(&config.global)?;
+
+    // Bind everything before accepting anything: a gateway that serves half of its
+    // frontends is worse than one that refuses to start.
+    let mut listeners = Vec::new();
+    for (index, frontend) in config.frontends.iter().enumerate() {
+        for &address in &frontend.listen {
+            let listener = frontend::bind(address).with_context(|| {
+                format!(
+                    "frontend `{}` cannot listen on {address}: is the address configured on \
+                     this host, and is no other program listening on it?",
+                    frontend.name
+                )
+            })?;
+            listeners.push((index, listener));
+        }
+    }
+
+    let gateway = Arc::new(Gateway::new(config, dataplane));
+    for (index, listener) in listeners {
+        tokio::spawn(frontend::serve(gateway.clone(), index, listener));
+    }
+    info!(dataplane = gateway.dataplane.name(), "kgate ready");
+
+    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM: stopping"),
+        _ = interrupt.recv() => info!("SIGINT: stopping"),
+    }
+    gateway.dataplane.shut_down();
+    Ok(())
+}
+
+fn choose_dataplane(global: &Global) -> anyhow::Result<Dataplane> {
+    match global.dataplane {
+        DataplaneMode::Userspace => Ok(Dataplane::Userspace),
+        DataplaneMode::Sockmap => match SpliceMaps::load(&global.bpf_pin_path) {
+            Ok(maps) => Ok(Dataplane::Sockmap(maps)),
+            Err(e) => bail!(
+                "the sockmap data plane cannot start: {e}. kgate needs root (or CAP_BPF and \
+                 CAP_NET_ADMIN) and a kernel with BPF sockmap; set dataplane = \"auto\" to \
+                 fall back to the userspace data plane"
+            ),
+        },
+        DataplaneMode::Auto => match SpliceMaps::load(&global.bpf_pin_path) {
+            Ok(maps) => Ok(Dataplane::Sockmap(maps)),
+            Err(e) => {
+                warn!(
+                    "eBPF cannot load here ({e}); using the userspace data plane, which copies \
+                     every byte through kgate"
+                );
+                Ok(Dataplane::Userspace)
+            }
+        },
+    }
+}

@@ -1,0 +1,710 @@
+//! The configuration file: TOML text -> a validated [`Config`].
+//!
+//! Parsing is strict (`deny_unknown_fields`); every error names the file, the line and
+//! column, and what to change. Names and references keep their spans so the checks that
+//! serde cannot make (duplicates, a frontend naming a missing backend) point at the
+//! offending line too.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, de};
+use toml::Spanned;
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub global: Global,
+    pub frontends: Vec<Frontend>,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Global {
+    pub bpf_pin_path: PathBuf,
+    pub control_socket: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
+    pub dataplane: DataplaneMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneMode {
+    /// sockmap where eBPF loads, userspace otherwise.
+    #[default]
+    Auto,
+    Sockmap,
+    Userspace,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Frontend {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    /// Index into [`Config::backends`].
+    pub backend: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backend {
+    pub name: String,
+    pub balance: Balance,
+    pub proxy_protocol: ProxyProtocol,
+    pub connect_timeout: Duration,
+    pub servers: Vec<Server>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    V2,
+    V1,
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Server {
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/kgate";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/kgate/kgate.sock";
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A configuration error, located in its file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the configuration: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let locate = |span: Option<Range<usize>>, message: String| {
+            let (line, column) = line_column(text, span.map_or(0, |s| s.start));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        let file: ConfigFile = toml::from_str(text).map_err(|e| {
+            // toml's own message repeats the location and quotes the line; keep only
+            // the part that says what is wrong.
+            locate(e.span(), e.message().trim_end().to_owned())
+        })?;
+        file.validate()
+            .map_err(|Located { span, message }| locate(Some(span), message))
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// A validation error and the span of the value it is about.
+struct Located {
+    span: Range<usize>,
+    message: String,
+}
+
+fn at<T>(value: &Spanned<T>, message: impl fmt::Display) -> Located {
+    Located {
+        span: value.span(),
+        message: message.to_string(),
+    }
+}
+
+// ---- the file as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    global: GlobalSection,
+    #[serde(default)]
+    frontends: Vec<FrontendSection>,
+    #[serde(default)]
+    backends: Vec<BackendSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GlobalSection {
+    #[serde(default = "default_pin_path")]
+    bpf_pin_path: Spanned<PathBuf>,
+    #[serde(default = "default_control_socket")]
+    control_socket: Spanned<PathBuf>,
+    #[serde(default, deserialize_with = "optional_address")]
+    metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    dataplane: DataplaneMode,
+}
+
+impl Default for GlobalSection {
+    fn default() -> Self {
+        GlobalSection {
+            bpf_pin_path: default_pin_path(),
+            control_socket: default_control_socket(),
+            metrics_listen: None,
+            dataplane: DataplaneMode::default(),
+        }
+    }
+}
+
+fn default_pin_path() -> Spanned<PathBuf> {
+    Spanned::new(0..0, PathBuf::from(DEFAULT_PIN_PATH))
+}
+
+fn no_servers() -> Spanned<Vec<ServerSection>> {
+    Spanned::new(0..0, Vec::new())
+}
+
+fn default_control_socket() -> Spanned<PathBuf> {
+    Spanned::new(0..0, PathBuf::from(DEFAULT_CONTROL_SOCKET))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FrontendSection {
+    name: Spanned<String>,
+    listen: Spanned<Vec<Spanned<Address>>>,
+    backend: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendSection {
+    name: Spanned<String>,
+    #[serde(default)]
+    balance: Balance,
+    #[serde(default)]
+    proxy_protocol: ProxyProtocol,
+    #[serde(default, deserialize_with = "optional_duration")]
+    connect_timeout: Option<Duration>,
+    #[serde(default = "no_servers")]
+    servers: Spanned<Vec<ServerSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    name: Spanned<String>,
+    address: Spanned<Address>,
+}
+
+/// A socket address with an error message that shows the expected form.
+#[derive(Clone, Copy)]
+struct Address(SocketAddr);
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(Address).map_err(|_| {
+            de::Error::custom(format!(
+                "`{text}` is not an address with a port: write it as \"192.0.2.1:25\" \
+                 or \"[2001:db8::1]:25\""
+            ))
+        })
+    }
+}
+
+fn optional_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    Address::deserialize(d).map(|a| Some(a.0))
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    let duration = humantime::parse_duration(&text).map_err(|e| {
+        de::Error::custom(format!(
+            "`{text}` is not a duration ({e}): write it as \"500ms\", \"5s\" or \"2m\""
+        ))
+    })?;
+    if duration.is_zero() {
+        return Err(de::Error::custom("a timeout of zero would never connect"));
+    }
+    Ok(Some(duration))
+}
+
+impl ConfigFile {
+    fn validate(self) -> Result<Config, Located> {
+        let global = self.global.validate()?;
+
+        let mut backend_index = HashMap::new();
+        let mut backends = Vec::with_capacity(self.backends.len());
+        for section in self.backends {
+            if backend_index
+                .insert(section.name.get_ref().clone(), backends.len())
+                .is_some()
+            {
+                return Err(at(
+                    &section.name,
+                    format!(
+                        "a backend named `{}` is defined twice: give each [[backends]] its own name",
+                        section.name.get_ref()
+                    ),
+                ));
+            }
+            backends.push(section.validate()?);
+        }
+
+        let mut frontend_names = HashMap::new();
+        let mut listening: HashMap<SocketAddr, String> = HashMap::new();
+        let mut frontends = Vec::with_capacity(self.frontends.len());
+        for section in self.frontends {
+            let name = section.name.get_ref();
+            check_name(&section.name, "frontend")?;
+            if frontend_names.insert(name.clone(), ()).is_some() {
+                return Err(at(
+                    &section.name,
+                    format!(
+                        "a frontend named `{name}` is defined twice: give each [[frontends]] its own name"
+                    ),
+                ));
+            }
+            let backend = *backend_index
+                .get(section.backend.get_ref())
+                .ok_or_else(|| {
+                    let known: Vec<_> = backends.iter().map(|b| format!("`{}`", b.name)).collect();
+                    at(
+                        &section.backend,
+                        format!(
+                            "frontend `{name}` names backend `{}`, which is not defined: define a \
+                         [[backends]] with that name, or use one of: {}",
+                            section.backend.get_ref(),
+                            if known.is_empty() {
+                                "(none defined)".to_owned()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    )
+                })?;
+            if section.listen.get_ref().is_empty() {
+                return Err(at(
+                    &section.listen,
+                    format!(
+                        "frontend `{name}` listens nowhere: give `listen` at least one address like \"192.0.2.1:25\""
+                    ),
+                ));
+            }
+            let mut listen = Vec::new();
+            for address in section.listen.get_ref() {
+                let addr = address.get_ref().0;
+                if addr.port() == 0 {
+                    return Err(at(
+                        address,
+                        format!("`{addr}` has port 0: give the port clients connect to"),
+                    ));
+                }
+                if let Some(other) = listening.insert(addr, name.clone()) {
+                    return Err(at(
+                        address,
+                        format!(
+                            "`{addr}` is already a listen address of frontend `{other}`: each address can be listened on once"
+                        ),
+                    ));
+                }
+                listen.push(addr);
+            }
+            frontends.push(Frontend {
+                name: name.clone(),
+                listen,
+                backend,
+            });
+        }
+        if frontends.is_empty() {
+            return Err(Located {
+                span: 0..0,
+                message: "no frontend is defined: add a [[frontends]] section with `name`, \
+                          `listen` and `backend`"
+                    .to_owned(),
+            });
+        }
+
+        Ok(Config {
+            global,
+            frontends,
+            backends,
+        })
+    }
+}
+
+impl GlobalSection {
+    fn validate(self) -> Result<Global, Located> {
+        for (key, path) in [
+            ("bpf_pin_path", &self.bpf_pin_path),
+            ("control_socket", &self.control_socket),
+        ] {
+            if !path.get_ref().is_absolute() {
+                return Err(at(
+                    path,
+                    format!(
+                        "`{key}` must be an absolute path, like \"{}\"",
+                        if key == "bpf_pin_path" {
+                            DEFAULT_PIN_PATH
+                        } else {
+                            DEFAULT_CONTROL_SOCKET
+                        }
+                    ),
+                ));
+            }
+        }
+        Ok(Global {
+            bpf_pin_path: self.bpf_pin_path.into_inner(),
+            control_socket: self.control_socket.into_inner(),
+            metrics_listen: self.metrics_listen,
+            dataplane: self.dataplane,
+        })
+    }
+}
+
+impl BackendSection {
+    fn validate(self) -> Result<Backend, Located> {
+        let name = self.name.get_ref();
+        check_name(&self.name, "backend")?;
+        if self.servers.get_ref().is_empty() {
+            let span = if self.servers.span().is_empty() {
+                self.name.span()
+            } else {
+                self.servers.span()
+            };
+            return Err(Located {
+                span,
+                message: format!(
+                    "backend `{name}` has no servers: add a [[backends.servers]] section with \
+                     `name` and `address` after it"
+                ),
+            });
+        }
+        let mut server_names = HashMap::new();
+        let mut servers = Vec::new();
+        for server in self.servers.into_inner() {
+            check_name(&server.name, "server")?;
+            if server_names
+                .insert(server.name.get_ref().clone(), ())
+                .is_some()
+            {
+                return Err(at(
+                    &server.name,
+                    format!(
+                        "backend `{name}` has two servers named `{}`: give each server its own name",
+                        server.name.get_ref()
+                    ),
+                ));
+            }
+            let address = server.address.get_ref().0;
+            if address.port() == 0 || address.ip().is_unspecified() {
+                return Err(at(
+                    &server.address,
+                    format!(
+                        "server address `{address}` cannot be connected to: give the server's own address and port"
+                    ),
+                ));
+            }
+            servers.push(Server {
+                name: server.name.into_inner(),
+                address,
+            });
+        }
+        Ok(Backend {
+            name: name.clone(),
+            balance: self.balance,
+            proxy_protocol: self.proxy_protocol,
+            connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            servers,
+        })
+    }
+}
+
+/// Names appear in logs, status tables and `BACKEND/SERVER` arguments.
+fn check_name(name: &Spanned<String>, what: &str) -> Result<(), Located> {
+    let text = name.get_ref();
+    let valid = !text.is_empty()
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(at(
+            name,
+            format!(
+                "{what} name `{text}` is not usable: use 1 to 64 letters, digits, `-`, `_` or `.`"
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[global]
+bpf_pin_path = "/sys/fs/bpf/kgate-x"
+dataplane = "userspace"
+
+[[frontends]]
+name = "smtp"
+listen = ["10.0.20.1:25", "[2001:db8::1]:25"]
+backend = "mail-smtp"
+
+[[backends]]
+name = "mail-smtp"
+proxy_protocol = "v1"
+connect_timeout = "1500ms"
+
+[[backends.servers]]
+name = "node1"
+address = "10.0.20.101:30125"
+
+[[backends.servers]]
+name = "node2"
+address = "[2001:db8::2]:30125"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("kgate.toml"))
+    }
+
+    /// The error as `kgate check` prints it.
+    fn error(text: &str) -> String {
+        parse(text)
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn a_complete_config_parses_into_typed_values() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.global.bpf_pin_path, Path::new("/sys/fs/bpf/kgate-x"));
+        assert_eq!(
+            config.global.control_socket,
+            Path::new(DEFAULT_CONTROL_SOCKET)
+        );
+        assert_eq!(config.global.dataplane, DataplaneMode::Userspace);
+        let frontend = &config.frontends[0];
+        assert_eq!(frontend.name, "smtp");
+        assert_eq!(
+            frontend.listen,
+            vec![
+                "10.0.20.1:25".parse().unwrap(),
+                "[2001:db8::1]:25".parse().unwrap()
+            ]
+        );
+        let backend = &config.backends[frontend.backend];
+        assert_eq!(backend.name, "mail-smtp");
+        assert_eq!(backend.proxy_protocol, ProxyProtocol::V1);
+        assert_eq!(backend.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(backend.servers.len(), 2);
+        assert_eq!(
+            backend.servers[1].address,
+            "[2001:db8::2]:30125".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn defaults_apply_when_keys_are_left_out() {
+        let config = parse(
+            r#"
+[[frontends]]
+name = "f"
+listen = ["127.0.0.1:2525"]
+backend = "b"
+[[backends]]
+name = "b"
+[[backends.servers]]
+name = "s"
+address = "127.0.0.1:25"
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.global.bpf_pin_path, Path::new(DEFAULT_PIN_PATH));
+        assert_eq!(config.global.dataplane, DataplaneMode::Auto);
+        assert_eq!(config.backends[0].proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(config.backends[0].balance, Balance::RoundRobin);
+        assert_eq!(config.backends[0].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_at_its_line() {
+        let text = GOOD.replace("dataplane = \"userspace\"", "dataplan = \"userspace\"");
+        let message = error(&text);
+        assert!(
+            message.starts_with("kgate.toml:4:1: unknown field `dataplan`"),
+            "{message}"
+        );
+        assert!(message.contains("expected one of"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_listen_address_names_the_line_and_the_expected_form() {
+        let text = GOOD.replace("\"10.0.20.1:25\"", "\"10.0.20.1\"");
+        let message = error(&text);
+        assert!(message.starts_with("kgate.toml:8:11: "), "{message}");
+        assert!(
+            message.contains("`10.0.20.1` is not an address with a port"),
+            "{message}"
+        );
+        assert!(message.contains("\"192.0.2.1:25\""), "{message}");
+    }
+
+    #[test]
+    fn a_frontend_naming_a_missing_backend_is_an_error() {
+        let text = GOOD.replace("backend = \"mail-smtp\"", "backend = \"mail-smpt\"");
+        let message = error(&text);
+        assert!(message.starts_with("kgate.toml:9:11: "), "{message}");
+        assert!(
+            message.contains("`mail-smpt`, which is not defined"),
+            "{message}"
+        );
+        assert!(message.contains("`mail-smtp`"), "{message}");
+    }
+
+    #[test]
+    fn duplicate_names_are_errors() {
+        let servers = GOOD.replace("name = \"node2\"", "name = \"node1\"");
+        let message = error(&servers);
+        assert!(message.starts_with("kgate.toml:22:8: "), "{message}");
+        assert!(message.contains("two servers named `node1`"), "{message}");
+
+        let frontends = format!(
+            "{GOOD}\n[[frontends]]\nname = \"smtp\"\nlisten = [\"10.0.20.1:587\"]\nbackend = \"mail-smtp\"\n"
+        );
+        let message = error(&frontends);
+        assert!(message.starts_with("kgate.toml:26:8: "), "{message}");
+        assert!(
+            message.contains("frontend named `smtp` is defined twice"),
+            "{message}"
+        );
+
+        let backends = format!(
+            "{GOOD}\n[[backends]]\nname = \"mail-smtp\"\n[[backends.servers]]\nname = \"n\"\naddress = \"10.0.0.1:25\"\n"
+        );
+        let message = error(&backends);
+        assert!(message.starts_with("kgate.toml:26:8: "), "{message}");
+        assert!(
+            message.contains("backend named `mail-smtp` is defined twice"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_empty_server_list_is_an_error() {
+        let text = r#"
+[[frontends]]
+name = "f"
+listen = ["127.0.0.1:2525"]
+backend = "b"
+
+[[backends]]
+name = "b"
+"#;
+        let message = error(text);
+        assert!(message.starts_with("kgate.toml:8:8: "), "{message}");
+        assert!(message.contains("backend `b` has no servers"), "{message}");
+    }
+
+    #[test]
+    fn the_same_listen_address_twice_is_an_error() {
+        let text = GOOD.replace("\"[2001:db8::1]:25\"", "\"10.0.20.1:25\"");
+        let message = error(&text);
+        assert!(message.starts_with("kgate.toml:8:27: "), "{message}");
+        assert!(
+            message.contains("already a listen address of frontend `smtp`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        for (from, to, expect) in [
+            ("\"1500ms\"", "\"soon\"", "is not a duration"),
+            ("\"1500ms\"", "\"0s\"", "zero"),
+            (
+                "proxy_protocol = \"v1\"",
+                "proxy_protocol = \"v3\"",
+                "unknown variant `v3`",
+            ),
+            (
+                "dataplane = \"userspace\"",
+                "dataplane = \"xdp\"",
+                "unknown variant `xdp`",
+            ),
+            (
+                "\"/sys/fs/bpf/kgate-x\"",
+                "\"kgate-x\"",
+                "must be an absolute path",
+            ),
+            (
+                "name = \"node1\"",
+                "name = \"node 1\"",
+                "server name `node 1` is not usable",
+            ),
+            (
+                "\"10.0.20.101:30125\"",
+                "\"0.0.0.0:30125\"",
+                "cannot be connected to",
+            ),
+            ("\"10.0.20.1:25\"", "\"10.0.20.1:0\"", "has port 0"),
+        ] {
+            assert!(GOOD.contains(from), "{from}");
+            let message = error(&GOOD.replacen(from, to, 1));
+            assert!(message.contains(expect), "{to}: {message}");
+            assert!(message.starts_with("kgate.toml:"), "{message}");
+        }
+    }
+
+    #[test]
+    fn no_frontend_is_an_error() {
+        let message = error("[global]\n");
+        assert!(message.contains("no frontend is defined"), "{message}");
+    }
+
+    #[test]
+    fn lines_and_columns_count_from_one() {
+        assert_eq!(line_column("ab\ncd", 0), (1, 1));
+        assert_eq!(line_column("ab\ncd", 4), (2, 2));
+        assert_eq!(line_column("ab\n", 3), (2, 1));
+    }
+}

@@ -1,0 +1,101 @@
+//! Moving a connection's bytes once the server is connected and has its header.
+//!
+//! Two data planes run the same lifecycle ([`relay`]): `sockmap` hands both sockets
+//! to the eBPF splice program and only watches for the ends of the connection;
+//! `userspace` copies every byte through kgate. Each direction of a connection is
+//! either spliced or copied, so a connection the kernel refuses to splice (a socket
+//! that already got its FIN, say) is still carried, by copying.
+
+mod relay;
+mod sockmap;
+
+use std::fmt;
+
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+pub use relay::{End, Transfer};
+
+use crate::maps::SpliceMaps;
+
+pub enum Dataplane {
+    Sockmap(SpliceMaps),
+    Userspace,
+}
+
+impl Dataplane {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Dataplane::Sockmap(_) => "sockmap",
+            Dataplane::Userspace => "userspace",
+        }
+    }
+
+    /// Carries `client` <-> `server` until both sides have closed, or one has reset.
+    pub async fn relay(&self, client: &TcpStream, server: &TcpStream) -> Transfer {
+        match self {
+            Dataplane::Sockmap(maps) => {
+                let splice = sockmap::Splice::start(maps, client, server);
+                let transfer = relay::run(client, server, splice.flows()).await;
+                // Leave the maps before the sockets close.
+                drop(splice);
+                transfer
+            }
+            Dataplane::Userspace => relay::run(client, server, [Mode::Copied; 2]).await,
+        }
+    }
+
+    /// Logs the data plane's totals and unpins what it pinned; called once at shutdown.
+    pub fn shut_down(&self) {
+        if let Dataplane::Sockmap(maps) = self {
+            match maps.stats() {
+                Ok(stats) => info!(
+                    redirected_bytes = stats.redirected_bytes,
+                    redirect_failures = stats.redirect_failures,
+                    "splice totals"
+                ),
+                Err(e) => warn!("reading the splice counters: {e}"),
+            }
+            maps.unpin();
+        }
+    }
+}
+
+/// How one direction of a connection moves its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// In the kernel. `written_base` is the target socket's written-bytes counter
+    /// (see `sockopt::bytes_written`) when the splice began.
+    Spliced { written_base: u64 },
+    /// Read and written by kgate.
+    Copied,
+}
+
+/// How the connection's bytes moved, for the connection's log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    Spliced,
+    Copied,
+    /// One direction spliced, the other copied.
+    Mixed,
+}
+
+impl Path {
+    fn of(flows: [Mode; 2]) -> Path {
+        match flows.map(|m| matches!(m, Mode::Spliced { .. })) {
+            [true, true] => Path::Spliced,
+            [false, false] => Path::Copied,
+            _ => Path::Mixed,
+        }
+    }
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Path::Spliced => "spliced",
+            Path::Copied => "copied",
+            Path::Mixed => "half-spliced",
+        })
+    }
+}

@@ -1,0 +1,127 @@
+//! Joining a connection's two sockets to the eBPF splice, and leaving it.
+//!
+//! The order, measured lossless on kernel 6.18 (DESIGN.md, "Connection lifecycle"):
+//!
+//! 1. the client C is accepted and the server B connected;
+//! 2. the PROXY header is written to B by userspace, before anything is spliced;
+//! 3. `PEERS[C] = B`, `PEERS[B] = C`: the redirect targets exist before any program
+//!    sees a byte (a socket whose peer is missing has its bytes dropped);
+//! 4. `SPLICED[B] = B`, then `SPLICED[C] = C`: the verdict program now sees their bytes;
+//! 5. `SO_RCVLOWAT = 1` on each spliced socket: this runs the data-ready callback, so
+//!    bytes that arrived before step 4 (an SMTP banner, a TLS ClientHello) go through
+//!    the verdict now instead of waiting for more bytes that may never come.
+//!
+//! The kernel only takes TCP sockets that are established into a sock hash: a socket
+//! that has already received its FIN is refused. Whatever is refused is copied by
+//! userspace instead; a direction is never half in one plane and half in the other.
+//!
+//! Leaving: entries are removed from `SPLICED` first, then from `PEERS`, and only
+//! after the relay has seen every redirected byte reach the target's send queue.
+
+use std::os::fd::AsFd;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::Mode;
+use crate::{maps::SpliceMaps, sockopt};
+
+/// A connection's place in the sock hashes; removes it on drop.
+pub struct Splice<'a> {
+    maps: &'a SpliceMaps,
+    /// Cookies of (client, server).
+    cookies: [u64; 2],
+    peers: bool,
+    /// Which of (client, server) are in `SPLICED`.
+    spliced: [bool; 2],
+    flows: [Mode; 2],
+}
+
+impl<'a> Splice<'a> {
+    /// Splices as much of the connection as the kernel takes. Never fails: what
+    /// cannot be spliced is left to be copied.
+    pub fn start(maps: &'a SpliceMaps, client: &TcpStream, server: &TcpStream) -> Splice<'a> {
+        let mut splice = Splice {
+            maps,
+            cookies: [0; 2],
+            peers: false,
+            spliced: [false; 2],
+            flows: [Mode::Copied; 2],
+        };
+        if let Err(e) = splice.join(client, server) {
+            debug!("connection copied instead of spliced: {e}");
+        }
+        splice
+    }
+
+    /// The mode of (client -> server, server -> client).
+    pub fn flows(&self) -> [Mode; 2] {
+        self.flows
+    }
+
+    fn join(&mut self, client: &TcpStream, server: &TcpStream) -> Result<(), String> {
+        let cookie = |s: &TcpStream| {
+            SockRef::from(s)
+                .cookie()
+                .map_err(|e| format!("SO_COOKIE: {e}"))
+        };
+        let written =
+            |s: &TcpStream| sockopt::bytes_written(s.as_fd()).map_err(|e| format!("TCP_INFO: {e}"));
+        let [c, b] = [cookie(client)?, cookie(server)?];
+        self.cookies = [c, b];
+        // Read before any byte can be redirected into the sockets.
+        let [to_server, to_client] = [written(server)?, written(client)?];
+
+        // Step 3.
+        self.maps
+            .insert_peer(c, server)
+            .map_err(|e| format!("PEERS[client]: {e}"))?;
+        self.peers = true;
+        self.maps
+            .insert_peer(b, client)
+            .map_err(|e| format!("PEERS[server]: {e}"))?;
+
+        // Step 4, then step 5 for each socket that joined.
+        self.maps
+            .insert_spliced(b, server)
+            .map_err(|e| format!("SPLICED[server]: {e}"))?;
+        self.spliced[1] = true;
+        self.flows[1] = Mode::Spliced {
+            written_base: to_client,
+        };
+        kick(server);
+        self.maps
+            .insert_spliced(c, client)
+            .map_err(|e| format!("SPLICED[client]: {e}"))?;
+        self.spliced[0] = true;
+        self.flows[0] = Mode::Spliced {
+            written_base: to_server,
+        };
+        kick(client);
+        Ok(())
+    }
+}
+
+/// Runs the verdict over bytes already queued on a spliced socket.
+pub fn kick(socket: &TcpStream) {
+    if let Err(e) = sockopt::set_receive_low_watermark(socket.as_fd(), 1) {
+        debug!("SO_RCVLOWAT: {e}");
+    }
+}
+
+impl Drop for Splice<'_> {
+    fn drop(&mut self) {
+        for (cookie, spliced) in self.cookies.into_iter().zip(self.spliced) {
+            if spliced && let Err(e) = self.maps.remove_spliced(cookie) {
+                debug!(cookie, "removing from SPLICED: {e}");
+            }
+        }
+        if self.peers {
+            for cookie in self.cookies {
+                // The second insert may have failed: a missing key is expected then.
+                let _ = self.maps.remove_peer(cookie);
+            }
+        }
+    }
+}

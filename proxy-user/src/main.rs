@@ -1,0 +1,42 @@
+//! kgate: a TCP proxy for a Linux gateway that writes a PROXY protocol header with the
+//! real client address and then splices the connection in the kernel (eBPF sockmap).
+//!
+//! A connection flows through the modules in this order: `config` -> `frontend`
+//! (accept) -> `balance` (pick a server) -> `upstream` (connect) -> `proxy_header` ->
+//! `dataplane` (splice or copy) -> `conn` (lifecycle and log line). `maps` is the
+//! only module that talks to aya.
+
+mod balance;
+mod cli;
+mod config;
+mod conn;
+mod dataplane;
+mod frontend;
+mod gateway;
+mod maps;
+mod proxy_header;
+mod sockopt;
+mod upstream;
+
+use std::{io::IsTerminal, process::ExitCode};
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match cli.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -57,7 +57,10 @@ fn try_splice(ctx: &SkBuffContext) -> Result<u32, u32> {
         // Userspace inserts the peer before the socket itself joins KGATE_SPLICED, so
         // this happens only when the peer was closed under a live connection.
         stats.redirect_failures += 1;
-        warn!(ctx, "kgate: socket {} has no peer, {} bytes dropped", cookie, len);
+        warn!(
+            ctx,
+            "kgate: socket {} has no peer, {} bytes dropped", cookie, len
+        );
         Err(sk_action::SK_DROP)
     }
 }

@@ -60,7 +60,7 @@ fn choose_dataplane(global: &Global) -> anyhow::Result<Dataplane> {
     match global.dataplane {
         DataplaneMode::Userspace => Ok(Dataplane::Userspace),
         DataplaneMode::Sockmap => match SpliceMaps::load(&global.bpf_pin_path) {
-            Ok(maps) => Ok(Dataplane::Sockmap(maps)),
+            Ok(maps) => Ok(Dataplane::Sockmap(Box::new(maps))),
             Err(e) => bail!(
                 "the sockmap data plane cannot start: {e}. kgate needs root (or CAP_BPF and \
                  CAP_NET_ADMIN) and a kernel with BPF sockmap; set dataplane = \"auto\" to \
@@ -68,7 +68,7 @@ fn choose_dataplane(global: &Global) -> anyhow::Result<Dataplane> {
             ),
         },
         DataplaneMode::Auto => match SpliceMaps::load(&global.bpf_pin_path) {
-            Ok(maps) => Ok(Dataplane::Sockmap(maps)),
+            Ok(maps) => Ok(Dataplane::Sockmap(Box::new(maps))),
             Err(e) => {
                 warn!(
                     "eBPF cannot load here ({e}); using the userspace data plane, which copies \

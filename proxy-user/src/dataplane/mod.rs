@@ -19,7 +19,7 @@ pub use relay::{End, Transfer};
 use crate::maps::SpliceMaps;
 
 pub enum Dataplane {
-    Sockmap(SpliceMaps),
+    Sockmap(Box<SpliceMaps>),
     Userspace,
 }
 

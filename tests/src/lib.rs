@@ -1,0 +1,19 @@
+//! The kgate lab: network namespaces on this machine with real peers in them, used by
+//! the integration tests in `tests/tests/` and by `cargo xtask demo`.
+//!
+//! - [`lab`]: a client, a gateway and backends, each in its own network namespace,
+//!   joined by veths and routed through the gateway ([`lab::Lab`], [`lab::NetNs`]).
+//! - [`kgate`]: runs the `kgate` daemon in the gateway and watches its log.
+//! - [`backend`]: what sits behind the proxy: PROXY header reading, a threaded TCP
+//!   server and a mock mail server.
+//! - [`sockmap`]: counts the entries of kgate's pinned sock hashes.
+//!
+//! Everything here needs root (network namespaces); tests start with
+//! [`lab::skip_without_root`], the only allowed reason to skip.
+
+pub mod backend;
+pub mod kgate;
+pub mod lab;
+pub mod sockmap;
+
+mod proc;

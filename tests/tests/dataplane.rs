@@ -1,0 +1,675 @@
+//! The spliced PROXY v2 data path, end to end: a client namespace, kgate in the
+//! gateway namespace, backend servers in their own namespaces. Every case runs once
+//! per data plane (`sockmap::...` and `userspace::...`) and ends by checking that
+//! kgate holds no more file descriptors than when it started and, for sockmap, that
+//! both sock hashes are empty.
+//!
+//! Needs root (network namespaces, eBPF); without it each test prints why it skips.
+
+use std::{
+    hash::Hasher,
+    io::{self, ErrorKind, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    backend::{TcpServer, read_proxy_header},
+    kgate::{Kgate, global_section},
+    lab::{Lab, skip_without_root},
+    sockmap::sock_hash_len,
+};
+
+const FRONTEND_PORT: u16 = 2525;
+const BACKEND_PORT: u16 = 2525;
+/// No test socket waits longer than this for a byte: a hang becomes a failure.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A lab with kgate running in front of `backends` servers.
+struct Rig {
+    lab: Lab,
+    kgate: Kgate,
+    dataplane: &'static str,
+    fds_at_start: usize,
+}
+
+impl Rig {
+    fn start(dataplane: &'static str, backends: usize) -> Rig {
+        let lab = Lab::new(backends);
+        let mut config = global_section(&lab, dataplane);
+        config.push_str(&format!(
+            r#"
+[[frontends]]
+name = "smtp"
+listen = ["{gw4}:{FRONTEND_PORT}", "[{gw6}]:{FRONTEND_PORT}"]
+backend = "mail"
+
+[[backends]]
+name = "mail"
+proxy_protocol = "v2"
+connect_timeout = "2s"
+"#,
+            gw4 = lab.gateway().v4(),
+            gw6 = lab.gateway().v6(),
+        ));
+        for (i, backend) in lab.backends().iter().enumerate() {
+            config.push_str(&format!(
+                "\n[[backends.servers]]\nname = \"node{i}\"\naddress = \"{}:{BACKEND_PORT}\"\n",
+                backend.v4()
+            ));
+        }
+        let kgate = Kgate::start(&lab, &config);
+        assert!(
+            kgate.log().contains(&format!("dataplane=\"{dataplane}\"")),
+            "kgate did not start the {dataplane} data plane:\n{}",
+            kgate.log()
+        );
+        let fds_at_start = kgate.open_fds();
+        Rig {
+            lab,
+            kgate,
+            dataplane,
+            fds_at_start,
+        }
+    }
+
+    fn frontend_v4(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.lab.gateway().v4()), FRONTEND_PORT)
+    }
+
+    fn frontend_v6(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(self.lab.gateway().v6()), FRONTEND_PORT)
+    }
+
+    fn backend_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.lab.backend(i).v4()), BACKEND_PORT)
+    }
+
+    /// Waits for kgate to log `n` finished connections; returns their log lines.
+    fn connection_lines(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let lines: Vec<String> = self
+                .kgate
+                .log()
+                .lines()
+                .filter(|l| l.contains("kgate::conn"))
+                .map(str::to_owned)
+                .collect();
+            if lines.len() >= n || Instant::now() > deadline {
+                assert_eq!(
+                    lines.len(),
+                    n,
+                    "connection log lines:\n{}",
+                    lines.join("\n")
+                );
+                return lines;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every connection was carried by this rig's data plane: spliced for sockmap.
+    fn assert_paths(&self, lines: &[String]) {
+        let expected = match self.dataplane {
+            "sockmap" => " spliced ",
+            _ => " copied ",
+        };
+        for line in lines {
+            assert!(line.contains(expected), "expected{expected}in: {line}");
+        }
+    }
+
+    /// No fd and no map entry outlives the connections.
+    fn assert_clean(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let fds = self.kgate.open_fds();
+            let maps = if self.dataplane == "sockmap" {
+                let pin = self.kgate.pin_path();
+                (
+                    sock_hash_len(&pin.join("peers")).expect("reading the pinned peers map"),
+                    sock_hash_len(&pin.join("spliced")).expect("reading the pinned spliced map"),
+                )
+            } else {
+                (0, 0)
+            };
+            if fds == self.fds_at_start && maps == (0, 0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after the test kgate has {fds} fds (started with {}) and (peers, spliced) \
+                 entries {maps:?}",
+                self.fds_at_start
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Generates `mod sockmap` and `mod userspace`, each with one test per case.
+macro_rules! on_both_dataplanes {
+    ($($case:ident),* $(,)?) => {
+        mod sockmap {
+            $(#[test] fn $case() { if !super::skip_without_root() { super::$case("sockmap") } })*
+        }
+        mod userspace {
+            $(#[test] fn $case() { if !super::skip_without_root() { super::$case("userspace") } })*
+        }
+    };
+}
+
+on_both_dataplanes!(
+    header_carries_the_client_address_byte_exact,
+    server_speaks_first_on_a_thousand_connections,
+    client_speaks_first_on_a_thousand_connections,
+    sixteen_parallel_connections_move_64_mib_each_way_intact,
+    half_close_delivers_every_byte_before_the_fin_to_a_slow_reader,
+    a_reset_from_either_side_resets_the_other,
+);
+
+fn connect(to: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&to, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream
+}
+
+fn set_timeouts(stream: &TcpStream) {
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+}
+
+/// The PROXY v2 header for a TCP connection from `source` to `destination`, built
+/// from the specification (section 2.2), independently of kgate's builder.
+fn expected_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.push(0x21); // version 2, PROXY
+    match (source.ip(), destination.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            header.push(0x11); // TCP over IPv4
+            header.extend(12u16.to_be_bytes());
+            header.extend(s.octets());
+            header.extend(d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            header.push(0x21); // TCP over IPv6
+            header.extend(36u16.to_be_bytes());
+            header.extend(s.octets());
+            header.extend(d.octets());
+        }
+        _ => panic!("mixed address families"),
+    }
+    header.extend(source.port().to_be_bytes());
+    header.extend(destination.port().to_be_bytes());
+    header
+}
+
+fn header_carries_the_client_address_byte_exact(dataplane: &'static str) {
+    let rig = Rig::start(dataplane, 1);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let server = {
+        let seen = seen.clone();
+        TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), move |mut s| {
+            set_timeouts(&s);
+            let header = read_proxy_header(&mut s).expect("a PROXY header");
+            seen.lock().unwrap().push(header.raw);
+            s.write_all(b"220 ok\r\n").unwrap();
+        })
+    };
+
+    for frontend in [rig.frontend_v4(), rig.frontend_v6()] {
+        let client_addr = rig.lab.client().run(move || {
+            let mut c = connect(frontend);
+            let mut banner = [0u8; 8];
+            c.read_exact(&mut banner).unwrap();
+            assert_eq!(&banner, b"220 ok\r\n");
+            c.local_addr().unwrap()
+        });
+        assert_eq!(
+            client_addr.ip(),
+            match frontend.ip() {
+                IpAddr::V4(_) => IpAddr::V4(rig.lab.client().v4()),
+                IpAddr::V6(_) => IpAddr::V6(rig.lab.client().v6()),
+            }
+        );
+        let raw = seen
+            .lock()
+            .unwrap()
+            .pop()
+            .expect("the backend got a connection");
+        assert_eq!(
+            raw,
+            expected_v2_header(client_addr, frontend),
+            "for {frontend}"
+        );
+    }
+    assert_eq!(server.accepted(), 2);
+    let lines = rig.connection_lines(2);
+    rig.assert_paths(&lines);
+    rig.assert_clean();
+}
+
+const CONNECTIONS: usize = 1000;
+const CLIENT_THREADS: usize = 8;
+
+/// Runs `CONNECTIONS` client sessions from the client namespace, `CLIENT_THREADS` at a time.
+fn run_sessions(rig: &Rig, session: fn(SocketAddr, usize)) {
+    let frontend = rig.frontend_v4();
+    rig.lab.client().run(move || {
+        thread::scope(|scope| {
+            for t in 0..CLIENT_THREADS {
+                scope.spawn(move || {
+                    for id in (t..CONNECTIONS).step_by(CLIENT_THREADS) {
+                        session(frontend, id);
+                    }
+                });
+            }
+        });
+    });
+}
+
+/// The bytes a session sends: unique per connection and direction.
+fn session_payload(id: usize, direction: &str, len: usize) -> Vec<u8> {
+    let mut data = format!("{direction} of session {id}: ").into_bytes();
+    let mut rng = Rng(id as u64 + 1);
+    while data.len() < len {
+        data.extend(rng.next().to_le_bytes());
+    }
+    data.truncate(len);
+    data
+}
+
+fn session_id(first_bytes: &[u8]) -> usize {
+    let text = String::from_utf8_lossy(first_bytes);
+    let after = text.split("session ").nth(1).expect("a session id");
+    after
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("a numeric session id")
+}
+
+const BANNER_LEN: usize = 300;
+const REQUEST_LEN: usize = 700;
+
+fn server_speaks_first_on_a_thousand_connections(dataplane: &'static str) {
+    let rig = Rig::start(dataplane, 1);
+    // The server sends its banner the instant the header is in, then waits for the
+    // client's answer, as an SMTP server does; the client reads the banner first.
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).expect("a PROXY header");
+        let port = s.peer_addr().unwrap().port();
+        // The banner names the gateway's source port; the client answers with it.
+        let mut banner = format!("220 {port:05} ").into_bytes();
+        banner.resize(BANNER_LEN, b'.');
+        s.write_all(&banner).unwrap();
+        let mut answer = vec![0u8; REQUEST_LEN];
+        s.read_exact(&mut answer).expect("the client's answer");
+        let id = session_id(&answer);
+        assert_eq!(answer, session_payload(id, "client", REQUEST_LEN));
+        s.write_all(&session_payload(id, "server", REQUEST_LEN))
+            .unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "bytes after the answer: {rest:?}");
+    });
+    run_sessions(&rig, |frontend, id| {
+        let mut c = connect(frontend);
+        let mut banner = vec![0u8; BANNER_LEN];
+        c.read_exact(&mut banner)
+            .unwrap_or_else(|e| panic!("session {id}: no banner: {e}"));
+        assert!(banner.starts_with(b"220 "), "session {id}: {banner:?}");
+        c.write_all(&session_payload(id, "client", REQUEST_LEN))
+            .unwrap();
+        let mut reply = vec![0u8; REQUEST_LEN];
+        c.read_exact(&mut reply).unwrap();
+        assert_eq!(
+            reply,
+            session_payload(id, "server", REQUEST_LEN),
+            "session {id}"
+        );
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    });
+    let lines = rig.connection_lines(CONNECTIONS);
+    rig.assert_paths(&lines);
+    rig.assert_clean();
+}
+
+fn client_speaks_first_on_a_thousand_connections(dataplane: &'static str) {
+    let rig = Rig::start(dataplane, 1);
+    // The client sends before kgate has even accepted, as a TLS ClientHello is; the
+    // server says nothing until it has the whole request.
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).expect("a PROXY header");
+        let mut request = vec![0u8; REQUEST_LEN];
+        s.read_exact(&mut request).expect("the client's request");
+        let id = session_id(&request);
+        assert_eq!(request, session_payload(id, "client", REQUEST_LEN));
+        s.write_all(&session_payload(id, "server", BANNER_LEN))
+            .unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "bytes after the request: {rest:?}");
+    });
+    run_sessions(&rig, |frontend, id| {
+        let mut c = connect(frontend);
+        c.write_all(&session_payload(id, "client", REQUEST_LEN))
+            .unwrap();
+        let mut reply = vec![0u8; BANNER_LEN];
+        c.read_exact(&mut reply)
+            .unwrap_or_else(|e| panic!("session {id}: no reply: {e}"));
+        assert_eq!(
+            reply,
+            session_payload(id, "server", BANNER_LEN),
+            "session {id}"
+        );
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    });
+    let lines = rig.connection_lines(CONNECTIONS);
+    rig.assert_paths(&lines);
+    rig.assert_clean();
+}
+
+/// xorshift64*: fast, seedable, good enough to make every byte matter.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let bytes = self.next().to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `len` random bytes from `seed`; returns their checksum.
+fn send_random(stream: &mut TcpStream, seed: u64, len: usize) -> u64 {
+    let mut rng = Rng(seed);
+    let mut hasher = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        rng.fill(&mut buf[..n]);
+        hasher.write(&buf[..n]);
+        stream.write_all(&buf[..n]).unwrap();
+        left -= n;
+    }
+    hasher.finish()
+}
+
+/// Reads to EOF; returns the byte count and checksum.
+fn receive_all(stream: &mut TcpStream) -> io::Result<(usize, u64)> {
+    let mut hasher = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        match stream.read(&mut buf)? {
+            0 => return Ok((total, hasher.finish())),
+            n => {
+                hasher.write(&buf[..n]);
+                total += n;
+            }
+        }
+    }
+}
+
+const BULK_STREAMS: usize = 16;
+const BULK_BYTES: usize = 64 << 20;
+
+fn sixteen_parallel_connections_move_64_mib_each_way_intact(dataplane: &'static str) {
+    let rig = Rig::start(dataplane, 1);
+    // (bytes, checksum) each server received, and the checksum of what it sent, by seed.
+    type Seen = Arc<Mutex<Vec<(u64, usize, u64, u64)>>>;
+    let seen: Seen = Arc::default();
+    let _server = {
+        let seen = seen.clone();
+        TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), move |mut s| {
+            set_timeouts(&s);
+            read_proxy_header(&mut s).expect("a PROXY header");
+            let mut seed = [0u8; 8];
+            s.read_exact(&mut seed).unwrap();
+            let seed = u64::from_le_bytes(seed);
+            let mut writer = s.try_clone().unwrap();
+            let sender = thread::spawn(move || {
+                let sum = send_random(&mut writer, !seed, BULK_BYTES);
+                writer.shutdown(Shutdown::Write).unwrap();
+                sum
+            });
+            let (received, received_sum) = receive_all(&mut s).unwrap();
+            let sent_sum = sender.join().unwrap();
+            seen.lock()
+                .unwrap()
+                .push((seed, received, received_sum, sent_sum));
+        })
+    };
+    let frontend = rig.frontend_v4();
+    let client_results = rig.lab.client().run(move || {
+        thread::scope(|scope| {
+            let handles: Vec<_> = (0..BULK_STREAMS as u64)
+                .map(|seed| {
+                    scope.spawn(move || {
+                        let mut c = connect(frontend);
+                        c.write_all(&(seed + 1).to_le_bytes()).unwrap();
+                        let mut writer = c.try_clone().unwrap();
+                        let sender = thread::spawn(move || {
+                            let sum = send_random(&mut writer, seed + 1, BULK_BYTES);
+                            writer.shutdown(Shutdown::Write).unwrap();
+                            sum
+                        });
+                        let received = receive_all(&mut c).unwrap();
+                        (seed + 1, sender.join().unwrap(), received)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+    });
+    let lines = rig.connection_lines(BULK_STREAMS);
+    // A server thread records its stream after its client has already read the end.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while seen.lock().unwrap().len() < BULK_STREAMS && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), BULK_STREAMS);
+    for (seed, client_sent_sum, (client_received, client_received_sum)) in client_results {
+        let &(_, server_received, server_received_sum, server_sent_sum) = seen
+            .iter()
+            .find(|s| s.0 == seed)
+            .expect("the server saw this stream");
+        assert_eq!(server_received, BULK_BYTES, "stream {seed} upstream length");
+        assert_eq!(
+            server_received_sum, client_sent_sum,
+            "stream {seed} upstream bytes"
+        );
+        assert_eq!(
+            client_received, BULK_BYTES,
+            "stream {seed} downstream length"
+        );
+        assert_eq!(
+            client_received_sum, server_sent_sum,
+            "stream {seed} downstream bytes"
+        );
+    }
+    rig.assert_paths(&lines);
+    for line in &lines {
+        let expect_in = format!("bytes_in={}", BULK_BYTES + 8);
+        let expect_out = format!("bytes_out={BULK_BYTES}");
+        assert!(
+            line.contains(&expect_in) && line.contains(&expect_out),
+            "{line}"
+        );
+    }
+    rig.assert_clean();
+}
+
+const HALF_CLOSE_BYTES: usize = 50_000_000;
+
+fn half_close_delivers_every_byte_before_the_fin_to_a_slow_reader(dataplane: &'static str) {
+    let rig = Rig::start(dataplane, 1);
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).expect("a PROXY header");
+        // Let the client finish sending and close its side while nobody reads.
+        thread::sleep(Duration::from_millis(300));
+        let mut hasher = std::hash::DefaultHasher::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut total = 0usize;
+        let mut reads = 0u32;
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            hasher.write(&buf[..n]);
+            total += n;
+            reads += 1;
+            // A slow reader: a pause every 64 reads.
+            if reads.is_multiple_of(64) {
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let answer = format!("got {total} bytes, checksum {:016x}\r\n", hasher.finish());
+        s.write_all(answer.as_bytes()).unwrap();
+    });
+    let frontend = rig.frontend_v4();
+    let (sent_sum, answer, elapsed) = rig.lab.client().run(move || {
+        let started = Instant::now();
+        let mut c = connect(frontend);
+        let sum = send_random(&mut c, 42, HALF_CLOSE_BYTES);
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        (sum, answer, started.elapsed())
+    });
+    assert_eq!(
+        answer,
+        format!("got {HALF_CLOSE_BYTES} bytes, checksum {sent_sum:016x}\r\n"),
+        "after {elapsed:?}"
+    );
+    let lines = rig.connection_lines(1);
+    rig.assert_paths(&lines);
+    assert!(lines[0].contains("end=\"client closed\""), "{}", lines[0]);
+    rig.assert_clean();
+}
+
+fn a_reset_from_either_side_resets_the_other(dataplane: &'static str) {
+    let rig = Rig::start(dataplane, 1);
+    // The server records how each connection ended on its side, and resets those
+    // whose client asked for it.
+    let server_saw: Arc<Mutex<Vec<io::ErrorKind>>> = Arc::default();
+    let resets_by_server = Arc::new(AtomicU64::new(0));
+    let _server = {
+        let server_saw = server_saw.clone();
+        let resets_by_server = resets_by_server.clone();
+        TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), move |mut s| {
+            set_timeouts(&s);
+            read_proxy_header(&mut s).expect("a PROXY header");
+            s.write_all(b"220 ready\r\n").unwrap();
+            let mut command = [0u8; 6];
+            if s.read_exact(&mut command).is_err() {
+                return;
+            }
+            if &command == b"RESET\n" {
+                resets_by_server.fetch_add(1, Ordering::SeqCst);
+                socket_reset(s);
+                return;
+            }
+            // "WAIT\r\n": the client will reset; what does this side see?
+            let mut buf = [0u8; 16];
+            let ended = match s.read(&mut buf) {
+                Ok(0) => ErrorKind::UnexpectedEof,
+                Ok(_) => ErrorKind::InvalidData,
+                Err(e) => e.kind(),
+            };
+            server_saw.lock().unwrap().push(ended);
+        })
+    };
+    let frontend = rig.frontend_v4();
+    rig.lab.client().run(move || {
+        // The client resets: the server must see a reset, not a clean EOF.
+        let mut c = connect(frontend);
+        let mut banner = [0u8; 11];
+        c.read_exact(&mut banner).unwrap();
+        c.write_all(b"WAIT\r\n").unwrap();
+        thread::sleep(Duration::from_millis(100));
+        socket_reset(c);
+
+        // The server resets: the client must see a reset.
+        let mut c = connect(frontend);
+        c.read_exact(&mut banner).unwrap();
+        c.write_all(b"RESET\n").unwrap();
+        let mut buf = [0u8; 16];
+        let ended = c.read(&mut buf);
+        assert!(
+            matches!(&ended, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "client saw {ended:?} after the server's reset"
+        );
+    });
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while server_saw.lock().unwrap().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(*server_saw.lock().unwrap(), [ErrorKind::ConnectionReset]);
+    assert_eq!(resets_by_server.load(Ordering::SeqCst), 1);
+    let lines = rig.connection_lines(2);
+    assert!(
+        lines.iter().any(|l| l.contains("end=\"client reset\"")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("end=\"server reset\"")),
+        "{lines:#?}"
+    );
+    rig.assert_paths(&lines);
+    rig.assert_clean();
+}
+
+/// Closes with SO_LINGER 0, which sends a RST instead of a FIN.
+fn socket_reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: SO_LINGER reads one `linger` struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+    drop(stream);
+}

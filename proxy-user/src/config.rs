@@ -29,7 +29,6 @@ pub struct Config {
 pub struct Global {
     pub bpf_pin_path: PathBuf,
     pub control_socket: PathBuf,
-    pub metrics_listen: Option<SocketAddr>,
     pub dataplane: DataplaneMode,
 }
 
@@ -173,8 +172,6 @@ struct GlobalSection {
     bpf_pin_path: Spanned<PathBuf>,
     #[serde(default = "default_control_socket")]
     control_socket: Spanned<PathBuf>,
-    #[serde(default, deserialize_with = "optional_address")]
-    metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     dataplane: DataplaneMode,
 }
@@ -184,7 +181,6 @@ impl Default for GlobalSection {
         GlobalSection {
             bpf_pin_path: default_pin_path(),
             control_socket: default_control_socket(),
-            metrics_listen: None,
             dataplane: DataplaneMode::default(),
         }
     }
@@ -245,10 +241,6 @@ impl<'de> Deserialize<'de> for Address {
             ))
         })
     }
-}
-
-fn optional_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    Address::deserialize(d).map(|a| Some(a.0))
 }
 
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -391,7 +383,6 @@ impl GlobalSection {
         Ok(Global {
             bpf_pin_path: self.bpf_pin_path.into_inner(),
             control_socket: self.control_socket.into_inner(),
-            metrics_listen: self.metrics_listen,
             dataplane: self.dataplane,
         })
     }
@@ -699,6 +690,18 @@ name = "b"
     fn no_frontend_is_an_error() {
         let message = error("[global]\n");
         assert!(message.contains("no frontend is defined"), "{message}");
+    }
+
+    #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let example = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("README.md has a ```toml example");
+        let config = parse(example).unwrap();
+        assert_eq!(config.frontends[0].name, "smtp");
     }
 
     #[test]

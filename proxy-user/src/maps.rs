@@ -26,21 +26,21 @@ const BPF_FS_ROOT: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
-    #[error("loading the eBPF object failed: {0}")]
+    #[error("loading the eBPF object failed")]
     Load(#[from] aya::EbpfError),
-    #[error("the eBPF program `{name}` failed to load or attach: {source}")]
+    #[error("the eBPF program `{name}` failed to load or attach")]
     Program {
         name: &'static str,
         source: ProgramError,
     },
     #[error("the eBPF object has no map `{0}`: the binary was built from mismatched sources")]
     MissingMap(&'static str),
-    #[error("map `{name}`: {source}")]
+    #[error("map `{name}`")]
     Map {
         name: &'static str,
         source: MapError,
     },
-    #[error("pinning maps under {path}: {source}")]
+    #[error("pinning maps under {path}")]
     Pin { path: PathBuf, source: io::Error },
 }
 

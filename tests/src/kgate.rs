@@ -58,6 +58,9 @@ pub fn kgate_bin() -> PathBuf {
     bin
 }
 
+/// The uid and gid of `nobody` on Debian.
+const NOBODY: u32 = 65534;
+
 /// The pin directory for a lab's kgate: `/sys/fs/bpf/kgate-test-<lab.unique_name()>`.
 pub fn pin_path_for(lab: &Lab) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/kgate-test-{}", lab.unique_name()))
@@ -102,12 +105,43 @@ impl Kgate {
 
     /// Like [`Kgate::start`] with another binary (a release build for benchmarks, say).
     pub fn start_with(lab: &Lab, bin: &Path, config_toml: &str) -> Kgate {
+        Kgate::spawn(lab, bin, config_toml, None)
+    }
+
+    /// Like [`Kgate::start`], as user and group `nobody`: no privilege to load eBPF.
+    pub fn start_unprivileged(lab: &Lab, config_toml: &str) -> Kgate {
+        Kgate::spawn(lab, &kgate_bin(), config_toml, Some(NOBODY))
+    }
+
+    fn spawn(lab: &Lab, bin: &Path, config_toml: &str, user: Option<u32>) -> Kgate {
         let n = CONFIG_COUNTER.fetch_add(1, Ordering::Relaxed);
         let config_path = lab.temp_dir().join(format!("kgate-{n}.toml"));
         fs::write(&config_path, config_toml)
             .unwrap_or_else(|e| panic!("writing {}: {e}", config_path.display()));
 
         let mut cmd = lab.gateway().command(bin);
+        if let Some(id) = user {
+            // The config must be readable by that user, and its directory searchable.
+            use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+            for (path, mode) in [(lab.temp_dir(), 0o755), (config_path.as_path(), 0o644)] {
+                fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                    .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+            }
+            // Not `Command::uid`: std drops privileges before the pre_exec hooks
+            // run, and entering the namespace needs them. This hook runs after that one.
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(id) != 0
+                        || libc::setuid(id) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.arg("run")
             .arg("-c")
             .arg(&config_path)

@@ -62,20 +62,38 @@ fn choose_dataplane(global: &Global) -> anyhow::Result<Dataplane> {
         DataplaneMode::Sockmap => match SpliceMaps::load(&global.bpf_pin_path) {
             Ok(maps) => Ok(Dataplane::Sockmap(Box::new(maps))),
             Err(e) => bail!(
-                "the sockmap data plane cannot start: {e}. kgate needs root (or CAP_BPF and \
+                "the sockmap data plane cannot start: {}. kgate needs root (or CAP_BPF and \
                  CAP_NET_ADMIN) and a kernel with BPF sockmap; set dataplane = \"auto\" to \
-                 fall back to the userspace data plane"
+                 fall back to the userspace data plane",
+                with_causes(&e)
             ),
         },
         DataplaneMode::Auto => match SpliceMaps::load(&global.bpf_pin_path) {
             Ok(maps) => Ok(Dataplane::Sockmap(Box::new(maps))),
             Err(e) => {
                 warn!(
-                    "eBPF cannot load here ({e}); using the userspace data plane, which copies \
-                     every byte through kgate"
+                    "eBPF cannot load here ({}); using the userspace data plane, which copies \
+                     every byte through kgate",
+                    with_causes(&e)
                 );
                 Ok(Dataplane::Userspace)
             }
         },
     }
+}
+
+/// An error and its sources on one line (aya keeps the OS error as a source), each
+/// message once: some of aya's errors repeat their source in their own text.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }

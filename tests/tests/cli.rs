@@ -1,0 +1,133 @@
+//! kgate's command line as an operator meets it: `kgate check` on good and bad files,
+//! and `dataplane = "auto"` falling back where eBPF cannot load.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    process::Command,
+    time::Duration,
+};
+
+use tests::{
+    backend::{TcpServer, read_proxy_header},
+    kgate::{Kgate, global_section, kgate_bin},
+    lab::{Lab, skip_without_root},
+};
+
+fn check(config: &str) -> (i32, String, String) {
+    let dir = std::env::temp_dir().join(format!("kgate-cli-test-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!(
+        "{:x}.toml",
+        config.len() * 31 + config.lines().count()
+    ));
+    fs::write(&path, config).unwrap();
+    let out = Command::new(kgate_bin())
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .expect("running kgate check");
+    let _ = fs::remove_file(&path);
+    let _ = fs::remove_dir(&dir);
+    (
+        out.status.code().expect("kgate check exited by itself"),
+        String::from_utf8_lossy(&out.stdout).replace(&path.display().to_string(), "FILE"),
+        String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "FILE"),
+    )
+}
+
+const VALID: &str = r#"
+[[frontends]]
+name = "smtp"
+listen = ["192.0.2.1:25", "[2001:db8::1]:25"]
+backend = "mail"
+
+[[backends]]
+name = "mail"
+
+[[backends.servers]]
+name = "node1"
+address = "192.0.2.101:30125"
+"#;
+
+#[test]
+fn check_accepts_a_valid_file_and_says_what_it_holds() {
+    let (code, stdout, stderr) = check(VALID);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, "FILE: valid (1 frontends, 1 backends, 1 servers)\n");
+}
+
+#[test]
+fn check_rejects_a_bad_file_with_its_line_and_what_to_change() {
+    for (broken, expected) in [
+        (
+            VALID.replace("backend = \"mail\"", "backend = \"mial\""),
+            "kgate: FILE:5:11: frontend `smtp` names backend `mial`, which is not defined",
+        ),
+        (
+            VALID.replace("listen =", "listen_on ="),
+            "kgate: FILE:4:1: unknown field `listen_on`",
+        ),
+        (
+            VALID.replace("\"192.0.2.101:30125\"", "\"node1.example\""),
+            "kgate: FILE:12:11: `node1.example` is not an address with a port",
+        ),
+        (
+            VALID.replace(
+                "[[backends.servers]]\nname = \"node1\"\naddress = \"192.0.2.101:30125\"\n",
+                "",
+            ),
+            "kgate: FILE:8:8: backend `mail` has no servers",
+        ),
+    ] {
+        let (code, stdout, stderr) = check(&broken);
+        assert_eq!(code, 1, "{stdout}{stderr}");
+        assert!(
+            stderr.starts_with(expected),
+            "expected {expected:?}, got {stderr:?}"
+        );
+    }
+}
+
+#[test]
+fn auto_falls_back_to_the_userspace_data_plane_with_one_warning() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(1);
+    let backend = SocketAddr::new(IpAddr::V4(lab.backend(0).v4()), 2525);
+    let _server = TcpServer::start(lab.backend(0), backend, |mut s| {
+        let header = read_proxy_header(&mut s).expect("a PROXY header");
+        let source = header.source.expect("a source address");
+        s.write_all(format!("220 {}\r\n", source.ip()).as_bytes())
+            .unwrap();
+    });
+    let config = format!(
+        "{}\n[[frontends]]\nname = \"smtp\"\nlisten = [\"{}:2525\"]\nbackend = \"mail\"\n\
+         [[backends]]\nname = \"mail\"\n[[backends.servers]]\nname = \"node0\"\naddress = \"{backend}\"\n",
+        global_section(&lab, "auto"),
+        lab.gateway().v4()
+    );
+    // As `nobody`, kgate may not load eBPF programs.
+    let kgate = Kgate::start_unprivileged(&lab, &config);
+    let log = kgate.log();
+    assert!(log.contains("dataplane=\"userspace\""), "{log}");
+    assert_eq!(
+        log.matches("using the userspace data plane").count(),
+        1,
+        "one warning: {log}"
+    );
+
+    let frontend = SocketAddr::new(IpAddr::V4(lab.gateway().v4()), 2525);
+    let client = lab.client().v4();
+    let banner = lab.client().run(move || {
+        let mut c = TcpStream::connect_timeout(&frontend, Duration::from_secs(10)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut banner = String::new();
+        c.read_to_string(&mut banner).unwrap();
+        banner
+    });
+    assert_eq!(banner, format!("220 {client}\r\n"));
+}

@@ -9,8 +9,10 @@
 //! `bytes_received` on the source against `bytes_acked` + SIOCOUTQ on the target.
 //! Passing it on any earlier cuts off the tail of the data.
 //!
-//! A copied direction reads and writes in userspace and passes the FIN on as soon as
-//! it has written the last byte.
+//! A copied direction reads into its own buffer and writes from it in userspace; it
+//! reads again only once the buffer is written out, so a slow reader holds back its
+//! own direction (TCP flow control does the rest) and never the other one. It passes
+//! the FIN on as soon as it has written the last byte.
 
 use std::{fmt, io, net::Shutdown, os::fd::AsFd, time::Duration};
 
@@ -21,7 +23,7 @@ use tracing::debug;
 use super::{Mode, Path, sockmap::kick};
 use crate::sockopt;
 
-/// Bytes a copied direction reads at once.
+/// Bytes a copied direction holds at most: what it read and could not write yet.
 const COPY_BUFFER: usize = 64 * 1024;
 /// Reads a copied direction makes before letting the other direction run.
 const COPY_BURST: usize = 16;
@@ -81,6 +83,9 @@ struct Flow<'a> {
     done: bool,
     /// Bytes kgate copied (copied mode only).
     copied: u64,
+    /// Copied mode: bytes read from `from`, and the part of them not yet written.
+    buf: Vec<u8>,
+    pending: std::ops::Range<usize>,
     /// Bytes `from` received before its FIN (spliced mode, once `eof`).
     received: u64,
 }
@@ -94,33 +99,70 @@ impl<'a> Flow<'a> {
             eof: false,
             done: false,
             copied: 0,
+            buf: match mode {
+                Mode::Copied => vec![0; COPY_BUFFER],
+                Mode::Spliced { .. } => Vec::new(),
+            },
+            pending: 0..0,
             received: 0,
         }
     }
 
+    /// Whether to wait for `from` to be readable: before its FIN, and (copied) only
+    /// with nothing left to write.
+    fn wants_to_read(&self) -> bool {
+        !self.eof && self.pending.is_empty()
+    }
+
+    /// Whether to wait for `to` to be writable: copied bytes are waiting.
+    fn wants_to_write(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// `from` is readable: data to copy, its FIN, or an error.
-    async fn on_readable(&mut self, buf: &mut [u8]) -> Result<(), Fault> {
+    async fn on_readable(&mut self) -> Result<(), Fault> {
         match self.mode {
-            Mode::Copied => self.copy(buf).await,
+            Mode::Copied => self.copy(),
             Mode::Spliced { .. } => self.check_spliced_source().await,
         }
     }
 
-    async fn copy(&mut self, buf: &mut [u8]) -> Result<(), Fault> {
+    fn copy(&mut self) -> Result<(), Fault> {
         for _ in 0..COPY_BURST {
-            match self.from.try_read(buf) {
+            match self.from.try_read(&mut self.buf) {
                 Ok(0) => {
                     self.eof = true;
-                    self.pass_fin_on()?;
-                    return Ok(());
+                    return self.pass_fin_on();
                 }
                 Ok(n) => {
-                    write_all(self.to, &buf[..n]).await.map_err(Fault::Target)?;
-                    self.copied += n as u64;
+                    self.pending = 0..n;
+                    self.flush()?;
+                    if self.wants_to_write() {
+                        return Ok(());
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(Fault::Source(e)),
             }
+        }
+        Ok(())
+    }
+
+    /// Writes what `to` takes of the pending bytes; after the FIN, passes it on once
+    /// they are all written.
+    fn flush(&mut self) -> Result<(), Fault> {
+        while !self.pending.is_empty() {
+            match self.to.try_write(&self.buf[self.pending.clone()]) {
+                Ok(n) => {
+                    self.pending.start += n;
+                    self.copied += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(Fault::Target(e)),
+            }
+        }
+        if self.eof && !self.done {
+            self.pass_fin_on()?;
         }
         Ok(())
     }
@@ -152,17 +194,18 @@ impl<'a> Flow<'a> {
         }
     }
 
-    /// After `from`'s FIN: passes it on once every byte before it is in `to`'s send queue.
+    /// After a spliced `from`'s FIN: passes it on once every byte before it is in
+    /// `to`'s send queue.
     fn try_finish(&mut self) -> Result<(), Fault> {
+        let Mode::Spliced { written_base } = self.mode else {
+            return Ok(());
+        };
         if !self.waiting_for_drain() {
             return Ok(());
         }
         if let Some(e) = self.to.take_error().map_err(Fault::Target)? {
             return Err(Fault::Target(e));
         }
-        let Mode::Spliced { written_base } = self.mode else {
-            return Ok(());
-        };
         let written = sockopt::bytes_written(self.to.as_fd()).map_err(Fault::Target)?;
         if written.saturating_sub(written_base) >= self.received {
             self.pass_fin_on()?;
@@ -185,8 +228,9 @@ impl<'a> Flow<'a> {
         }
     }
 
+    /// A spliced direction past its FIN whose backlog is still draining.
     fn waiting_for_drain(&self) -> bool {
-        self.eof && !self.done
+        matches!(self.mode, Mode::Spliced { .. }) && self.eof && !self.done
     }
 
     /// Bytes that came from `from`, whatever happened to them afterwards.
@@ -201,26 +245,11 @@ impl<'a> Flow<'a> {
     }
 }
 
-/// Writes all of `data` to a socket shared with the other direction.
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Relays until the connection is over. `modes` are for (client -> server,
 /// server -> client).
 pub async fn run(client: &TcpStream, server: &TcpStream, modes: [Mode; 2]) -> Transfer {
     let mut up = Flow::new(client, server, modes[0]);
     let mut down = Flow::new(server, client, modes[1]);
-    let copies = modes.contains(&Mode::Copied);
-    let mut buf = vec![0u8; if copies { COPY_BUFFER } else { 0 }];
     let mut first_fin = None;
     let mut drain_poll = DRAIN_POLL.0;
 
@@ -240,13 +269,21 @@ pub async fn run(client: &TcpStream, server: &TcpStream, modes: [Mode; 2]) -> Tr
             drain_poll = DRAIN_POLL.0;
         }
         let result = tokio::select! {
-            r = client.readable(), if !up.eof => match r {
-                Ok(()) => up.on_readable(&mut buf).await.map_err(|f| (f, Side::Client)),
+            r = client.readable(), if up.wants_to_read() => match r {
+                Ok(()) => up.on_readable().await.map_err(|f| (f, Side::Client)),
                 Err(e) => Err((Fault::Source(e), Side::Client)),
             },
-            r = server.readable(), if !down.eof => match r {
-                Ok(()) => down.on_readable(&mut buf).await.map_err(|f| (f, Side::Server)),
+            r = server.readable(), if down.wants_to_read() => match r {
+                Ok(()) => down.on_readable().await.map_err(|f| (f, Side::Server)),
                 Err(e) => Err((Fault::Source(e), Side::Server)),
+            },
+            r = server.writable(), if up.wants_to_write() => match r {
+                Ok(()) => up.flush().map_err(|f| (f, Side::Client)),
+                Err(e) => Err((Fault::Target(e), Side::Client)),
+            },
+            r = client.writable(), if down.wants_to_write() => match r {
+                Ok(()) => down.flush().map_err(|f| (f, Side::Server)),
+                Err(e) => Err((Fault::Target(e), Side::Server)),
             },
             // A socket past its FIN is no longer read; a reset still shows as an error.
             r = client.ready(Interest::ERROR), if up.eof => socket_error(client, r, Side::Client),

@@ -188,10 +188,19 @@ fn ensure_rust_src(env: &Env) -> anyhow::Result<()> {
 
 fn ensure_bpf_linker(env: &Env) -> anyhow::Result<()> {
     if let Some(path) = env.find("bpf-linker") {
-        println!("setup: bpf-linker: {}", path.display());
-        return Ok(());
+        // It loads the nightly's own libLLVM by its versioned name: a nightly update
+        // leaves a bpf-linker that no longer starts, so try it before trusting it.
+        if output(env.nightly("bpf-linker").arg("--version")).is_ok() {
+            println!("setup: bpf-linker: {}", path.display());
+            return Ok(());
+        }
+        println!(
+            "setup: bpf-linker: {} does not start with this nightly's LLVM, reinstalling",
+            path.display()
+        );
+    } else {
+        println!("setup: bpf-linker: missing (it links the eBPF object), installing");
     }
-    println!("setup: bpf-linker: missing (it links the eBPF object), installing");
     let started = Instant::now();
     install_bpf_linker(env)?;
     let path = env.find("bpf-linker").ok_or_else(|| {
@@ -252,7 +261,7 @@ fn install_bpf_linker(env: &Env) -> anyhow::Result<()> {
     let feature = format!("llvm-{major}");
     run(env
         .cargo()
-        .args(["install", "bpf-linker", "--locked", "--no-default-features"])
+        .args(["install", "bpf-linker", "--locked", "--force", "--no-default-features"])
         .args(["--features", &feature])
         .env("LLVM_PREFIX", &prefix))
     .with_context(|| {

@@ -16,7 +16,14 @@ pub mod maps {
     /// Per-CPU [`SpliceStats`](crate::SpliceStats), one slot.
     pub const SPLICE_STATS: &str = "KGATE_SPL_STATS";
 
+    /// `FLOWS[cookie(x)]` = [`FlowCounters`](crate::FlowCounters) of the bytes `x` received.
+    pub const FLOWS: &str = "KGATE_FLOWS";
+    /// `GRANTS[cookie(x)]` = [`FlowGrant`](crate::FlowGrant): how far `x` may be spliced.
+    pub const GRANTS: &str = "KGATE_GRANTS";
+
     pub const PEERS_PIN: &str = "peers";
+    pub const FLOWS_PIN: &str = "flows";
+    pub const GRANTS_PIN: &str = "grants";
     pub const SPLICED_PIN: &str = "spliced";
     pub const SPLICE_STATS_PIN: &str = "splice_stats";
 }
@@ -29,6 +36,38 @@ pub mod programs {
 /// Sockets each sock hash can hold: two per spliced connection.
 pub const MAX_SPLICED_SOCKETS: usize = 131_072;
 
+/// What the verdict program did with the bytes one spliced socket received. Written
+/// only by the program (one socket's skbs are handled one at a time), read by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowCounters {
+    /// Bytes redirected to the peer socket.
+    pub redirected: u64,
+    /// Bytes passed to the socket's own receive queue, for userspace to forward.
+    pub passed: u64,
+}
+
+/// How far the verdict program may redirect one socket's bytes. Written only by
+/// userspace; the program reads it.
+///
+/// An skb is redirected when `passed == resume_at_passed` (userspace has taken every
+/// passed byte, so nothing redirected can overtake one) and the redirected total stays
+/// within `redirect_until` (the per-direction bound on bytes queued in the kernel);
+/// otherwise it is passed, held back by TCP flow control until userspace forwards it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowGrant {
+    pub redirect_until: u64,
+    pub resume_at_passed: u64,
+}
+
+impl FlowGrant {
+    /// Whether an skb of `len` bytes may be redirected.
+    pub fn allows(&self, counters: &FlowCounters, len: u64) -> bool {
+        counters.passed == self.resume_at_passed && counters.redirected + len <= self.redirect_until
+    }
+}
+
 /// Counters kept by the stream verdict program, per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -39,6 +78,8 @@ pub struct SpliceStats {
     pub redirected_bytes: u64,
     /// Socket buffers whose socket had no peer in `PEERS` (dropped by the kernel).
     pub redirect_failures: u64,
+    /// Bytes passed to userspace because their direction was over its bound.
+    pub passed_bytes: u64,
 }
 
 impl SpliceStats {
@@ -50,10 +91,39 @@ impl SpliceStats {
                 redirected_skbs: acc.redirected_skbs + s.redirected_skbs,
                 redirected_bytes: acc.redirected_bytes + s.redirected_bytes,
                 redirect_failures: acc.redirect_failures + s.redirect_failures,
+                passed_bytes: acc.passed_bytes + s.passed_bytes,
             })
     }
 }
 
+// SAFETY: each is `repr(C)`, made only of `u64`s, with no padding.
 #[cfg(feature = "user")]
-// SAFETY: `SpliceStats` is `repr(C)`, made only of `u64`s, with no padding.
 unsafe impl aya::Pod for SpliceStats {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FlowCounters {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FlowGrant {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_redirects_only_within_its_bound_and_after_every_passed_byte() {
+        let grant = FlowGrant {
+            redirect_until: 100,
+            resume_at_passed: 10,
+        };
+        let counters = |redirected, passed| FlowCounters { redirected, passed };
+        assert!(grant.allows(&counters(0, 10), 100));
+        assert!(!grant.allows(&counters(1, 10), 100), "over the bound");
+        assert!(
+            !grant.allows(&counters(0, 11), 1),
+            "a passed byte not yet taken"
+        );
+        assert!(
+            !grant.allows(&counters(0, 9), 1),
+            "passed bytes of an older grant"
+        );
+    }
+}

@@ -3,26 +3,35 @@
 //! Userspace puts both sockets of a connection into two sock hashes keyed by socket
 //! cookie: `KGATE_PEERS` (cookie -> the peer socket, no program) and `KGATE_SPLICED`
 //! (cookie -> the socket itself, this program attached). Every skb a spliced socket
-//! receives is redirected to the egress side of its peer. The insertion order that
-//! makes this lossless is written down in proxy-user/src/dataplane/sockmap.rs.
+//! receives is redirected to the egress side of its peer, as long as its direction
+//! is within the bound userspace granted (`KGATE_GRANTS`); past it, bytes are passed
+//! to the socket's own queue, where TCP flow control holds the sender back until
+//! userspace forwards them. The insertion order that makes this lossless, and the
+//! grant handshake, are written down in proxy-user/src/dataplane/sockmap.rs.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::sk_action,
-    btf_maps::{PerCpuArray, SockHash},
+    btf_maps::{HashMap, PerCpuArray, SockHash},
     helpers::bpf_get_socket_cookie,
     macros::{btf_map, stream_verdict},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::warn;
-use proxy_common::{MAX_SPLICED_SOCKETS, SpliceStats};
+use proxy_common::{FlowCounters, FlowGrant, MAX_SPLICED_SOCKETS, SpliceStats};
 
 #[btf_map]
 static KGATE_PEERS: SockHash<u64, MAX_SPLICED_SOCKETS> = SockHash::new();
 
 #[btf_map]
 static KGATE_SPLICED: SockHash<u64, MAX_SPLICED_SOCKETS> = SockHash::new();
+
+#[btf_map]
+static KGATE_FLOWS: HashMap<u64, FlowCounters, MAX_SPLICED_SOCKETS> = HashMap::new();
+
+#[btf_map]
+static KGATE_GRANTS: HashMap<u64, FlowGrant, MAX_SPLICED_SOCKETS> = HashMap::new();
 
 #[btf_map]
 static KGATE_SPL_STATS: PerCpuArray<SpliceStats, 1> = PerCpuArray::new();
@@ -45,11 +54,24 @@ fn try_splice(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: the helper only reads the socket the skb belongs to.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let len = u64::from(ctx.len());
-    let verdict = KGATE_PEERS.redirect_skb(ctx, &mut cookie, 0);
     let stats = KGATE_SPL_STATS.get_ptr_mut(0).ok_or(sk_action::SK_DROP)?;
     // SAFETY: the per-CPU slot belongs to this CPU while the program runs.
     let stats = unsafe { &mut *stats };
+    // Userspace creates both entries before the socket joins KGATE_SPLICED; without
+    // them the bytes stay with the socket, where userspace can still read them.
+    let counters = KGATE_FLOWS.get_ptr_mut(cookie).ok_or(sk_action::SK_PASS)?;
+    let grant = KGATE_GRANTS.get_ptr(cookie).ok_or(sk_action::SK_PASS)?;
+    // SAFETY: this socket's skbs are handled one at a time, and only this program
+    // writes its counters; the grant is replaced whole by userspace, never torn.
+    let (counters, grant) = unsafe { (&mut *counters, *grant) };
+    if !grant.allows(counters, len) {
+        counters.passed += len;
+        stats.passed_bytes += len;
+        return Ok(sk_action::SK_PASS);
+    }
+    let verdict = KGATE_PEERS.redirect_skb(ctx, &mut cookie, 0);
     if verdict == i64::from(sk_action::SK_PASS) {
+        counters.redirected += len;
         stats.redirected_skbs += 1;
         stats.redirected_bytes += len;
         Ok(sk_action::SK_PASS)

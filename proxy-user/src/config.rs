@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use bytesize::ByteSize;
 use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
@@ -48,6 +49,14 @@ pub struct Frontend {
     pub listen: Vec<SocketAddr>,
     /// Index into [`Config::backends`].
     pub backend: usize,
+    /// A connection that moves no byte for this long is closed.
+    pub idle_timeout: Duration,
+    /// The same, once either side has sent its FIN.
+    pub half_closed_timeout: Duration,
+    /// Open connections at most; more are closed at once.
+    pub max_connections: Option<u32>,
+    /// Open connections from one client address at most.
+    pub max_connections_per_source: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -56,6 +65,9 @@ pub struct Backend {
     pub balance: Balance,
     pub proxy_protocol: ProxyProtocol,
     pub connect_timeout: Duration,
+    /// Bytes one direction of a spliced connection may have queued in the kernel
+    /// before kgate stops splicing it and TCP flow control holds the sender.
+    pub queue_limit: u64,
     pub servers: Vec<Server>,
 }
 
@@ -84,6 +96,11 @@ pub struct Server {
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/kgate";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/kgate/kgate.sock";
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+const DEFAULT_HALF_CLOSED_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_QUEUE_LIMIT: u64 = 4 << 20;
+/// Below this a single full-sized skb can exceed the bound.
+const MIN_QUEUE_LIMIT: u64 = 64 << 10;
 
 /// A configuration error, located in its file.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +221,14 @@ struct FrontendSection {
     name: Spanned<String>,
     listen: Spanned<Vec<Spanned<Address>>>,
     backend: Spanned<String>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    half_closed_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_limit")]
+    max_connections: Option<u32>,
+    #[serde(default, deserialize_with = "optional_limit")]
+    max_connections_per_source: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -216,6 +241,8 @@ struct BackendSection {
     proxy_protocol: ProxyProtocol,
     #[serde(default, deserialize_with = "optional_duration")]
     connect_timeout: Option<Duration>,
+    #[serde(default)]
+    queue_limit: Option<Spanned<ByteSize>>,
     #[serde(default = "no_servers")]
     servers: Spanned<Vec<ServerSection>>,
 }
@@ -254,6 +281,16 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
         return Err(de::Error::custom("a timeout of zero would never connect"));
     }
     Ok(Some(duration))
+}
+
+fn optional_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let limit = u32::deserialize(d)?;
+    if limit == 0 {
+        return Err(de::Error::custom(
+            "a limit of 0 would refuse every client: leave the key out for no limit",
+        ));
+    }
+    Ok(Some(limit))
 }
 
 impl ConfigFile {
@@ -341,6 +378,12 @@ impl ConfigFile {
                 name: name.clone(),
                 listen,
                 backend,
+                idle_timeout: section.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
+                half_closed_timeout: section
+                    .half_closed_timeout
+                    .unwrap_or(DEFAULT_HALF_CLOSED_TIMEOUT),
+                max_connections: section.max_connections,
+                max_connections_per_source: section.max_connections_per_source,
             });
         }
         if frontends.is_empty() {
@@ -436,11 +479,26 @@ impl BackendSection {
                 address,
             });
         }
+        let queue_limit = match &self.queue_limit {
+            None => DEFAULT_QUEUE_LIMIT,
+            Some(limit) if limit.get_ref().as_u64() < MIN_QUEUE_LIMIT => {
+                return Err(at(
+                    limit,
+                    format!(
+                        "queue_limit {} is too small: give at least {}",
+                        limit.get_ref().display().iec(),
+                        ByteSize::b(MIN_QUEUE_LIMIT).display().iec()
+                    ),
+                ));
+            }
+            Some(limit) => limit.get_ref().as_u64(),
+        };
         Ok(Backend {
             name: name.clone(),
             balance: self.balance,
             proxy_protocol: self.proxy_protocol,
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            queue_limit,
             servers,
         })
     }

@@ -1,25 +1,36 @@
 //! One client connection, from accept to its log line.
+//!
+//! The log line, one per connection, as HAProxy's tcplog gives it:
+//! `CLIENT FRONTEND BACKEND/SERVER PATH bytes_in=N bytes_out=N end="CAUSE" DURATIONms`
+//! where PATH says how the bytes moved (`spliced`, `copied`, `half-spliced`, or `-`
+//! when none did) and CAUSE is one of `client closed`, `server closed`, `client
+//! reset`, `server reset`, `idle timeout`, `half-closed timeout`, `no server`,
+//! `over limit: ...`, or `server failed: ...` (before the relay began).
 
 use std::{
     fmt,
     net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
 };
 
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::info;
 
 use crate::{
-    dataplane::{End, Transfer},
+    admission::Refusal,
+    config::Backend,
+    dataplane::{Timeouts, Transfer},
     gateway::Gateway,
     proxy_header, upstream,
 };
 
-/// How a connection ended, as its log line says.
+/// How a connection ended.
 #[derive(Debug)]
 enum Outcome {
     Relayed(Transfer),
+    /// Closed at once: a limit of the frontend was reached.
+    Refused(Refusal),
     /// No server of the backend could be connected.
     NoServer,
     /// The server failed before the relay began (while taking the header).
@@ -28,20 +39,47 @@ enum Outcome {
 
 pub async fn handle(gateway: Arc<Gateway>, frontend: usize, client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
+    let load = &gateway.loads[frontend];
     let frontend = &gateway.config.frontends[frontend];
     let backend_index = frontend.backend;
     let backend = &gateway.config.backends[backend_index];
-    let _ = client.set_nodelay(true);
 
-    let order = gateway.balancers[backend_index].order(backend.servers.len());
     let mut server_name = "-";
-    let outcome = match upstream::connect(backend, order).await {
-        None => Outcome::NoServer,
-        Some(upstream::Upstream { mut stream, server }) => {
-            server_name = &backend.servers[server].name;
-            match send_header(&mut stream, backend, &client, peer).await {
-                Err(e) => Outcome::ServerFailed(e),
-                Ok(()) => Outcome::Relayed(gateway.dataplane.relay(&client, &stream).await),
+    let outcome = match load.admit(frontend, peer.ip().to_canonical()) {
+        Err(refusal) => Outcome::Refused(refusal),
+        Ok(_admitted) => {
+            let _ = client.set_nodelay(true);
+            let order = gateway.balancers[backend_index].order(backend.servers.len());
+            match upstream::connect(backend, order).await {
+                None => Outcome::NoServer,
+                Some(upstream::Upstream { mut stream, server }) => {
+                    server_name = &backend.servers[server].name;
+                    let stats = &gateway.servers[backend_index][server];
+                    stats.connections.fetch_add(1, Ordering::Relaxed);
+                    stats.active.fetch_add(1, Ordering::Relaxed);
+                    let outcome = match send_header(&mut stream, backend, &client, peer).await {
+                        Err(e) => Outcome::ServerFailed(e),
+                        Ok(()) => {
+                            let timeouts = Timeouts {
+                                idle: frontend.idle_timeout,
+                                half_closed: frontend.half_closed_timeout,
+                            };
+                            let transfer = gateway
+                                .dataplane
+                                .relay(&client, &stream, backend.queue_limit, timeouts)
+                                .await;
+                            stats
+                                .bytes_in
+                                .fetch_add(transfer.from_client, Ordering::Relaxed);
+                            stats
+                                .bytes_out
+                                .fetch_add(transfer.from_server, Ordering::Relaxed);
+                            Outcome::Relayed(transfer)
+                        }
+                    };
+                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    outcome
+                }
             }
         }
     };
@@ -50,13 +88,13 @@ pub async fn handle(gateway: Arc<Gateway>, frontend: usize, client: TcpStream, p
         "{peer} {} {}/{server_name} {outcome} {}ms",
         frontend.name,
         backend.name,
-        Duration::as_millis(&started.elapsed()),
+        started.elapsed().as_millis(),
     );
 }
 
 async fn send_header(
     server: &mut TcpStream,
-    backend: &crate::config::Backend,
+    backend: &Backend,
     client: &TcpStream,
     peer: SocketAddr,
 ) -> std::io::Result<()> {
@@ -75,12 +113,13 @@ impl fmt::Display for Outcome {
                 "{} bytes_in={} bytes_out={} end=\"{}\"",
                 t.path, t.from_client, t.from_server, t.end
             ),
+            Outcome::Refused(refusal) => {
+                write!(f, "- bytes_in=0 bytes_out=0 end=\"{refusal}\"")
+            }
             Outcome::NoServer => f.write_str("- bytes_in=0 bytes_out=0 end=\"no server\""),
-            Outcome::ServerFailed(e) => write!(
-                f,
-                "- bytes_in=0 bytes_out=0 end=\"{}: {e}\"",
-                End::ServerReset
-            ),
+            Outcome::ServerFailed(e) => {
+                write!(f, "- bytes_in=0 bytes_out=0 end=\"server failed: {e}\"")
+            }
         }
     }
 }

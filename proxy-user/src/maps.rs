@@ -9,12 +9,13 @@ use std::{
     sync::Mutex,
 };
 
+pub use aya::maps::MapError;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData, MapError, PerCpuArray, SockHash},
+    maps::{HashMap, Map, MapData, PerCpuArray, SockHash},
     programs::{ProgramError, SkSkb},
 };
-use proxy_common::{SpliceStats, maps as names, programs};
+use proxy_common::{FlowCounters, FlowGrant, SpliceStats, maps as names, programs};
 use tracing::{info, warn};
 
 /// The eBPF object, built by build.rs from proxy-ebpf.
@@ -44,10 +45,13 @@ pub enum MapsError {
     Pin { path: PathBuf, source: io::Error },
 }
 
-/// The two sock hashes of the splice and its counters, pinned while kgate runs.
+/// The two sock hashes of the splice, the per-socket flow state and the counters,
+/// pinned while kgate runs.
 pub struct SpliceMaps {
     peers: Mutex<SockHash<MapData, u64>>,
     spliced: Mutex<SockHash<MapData, u64>>,
+    flows: Mutex<HashMap<MapData, u64, FlowCounters>>,
+    grants: Mutex<HashMap<MapData, u64, FlowGrant>>,
     stats: PerCpuArray<MapData, SpliceStats>,
     pins: Vec<PathBuf>,
     pin_dir: PathBuf,
@@ -89,12 +93,16 @@ impl SpliceMaps {
         };
         let peers = take(names::PEERS, names::PEERS_PIN)?;
         let spliced = take(names::SPLICED, names::SPLICED_PIN)?;
+        let flows = take(names::FLOWS, names::FLOWS_PIN)?;
+        let grants = take(names::GRANTS, names::GRANTS_PIN)?;
         let stats = take(names::SPLICE_STATS, names::SPLICE_STATS_PIN)?;
 
         let map_error = |name| move |source| MapsError::Map { name, source };
         let peers: SockHash<MapData, u64> = peers.try_into().map_err(map_error(names::PEERS))?;
         let spliced: SockHash<MapData, u64> =
             spliced.try_into().map_err(map_error(names::SPLICED))?;
+        let flows = flows.try_into().map_err(map_error(names::FLOWS))?;
+        let grants = grants.try_into().map_err(map_error(names::GRANTS))?;
         let stats = stats.try_into().map_err(map_error(names::SPLICE_STATS))?;
 
         let program: &mut SkSkb = ebpf
@@ -108,6 +116,8 @@ impl SpliceMaps {
         Ok(SpliceMaps {
             peers: Mutex::new(peers),
             spliced: Mutex::new(spliced),
+            flows: Mutex::new(flows),
+            grants: Mutex::new(grants),
             stats,
             pins,
             pin_dir: pin_dir.to_owned(),
@@ -123,6 +133,28 @@ impl SpliceMaps {
     /// `SPLICED[key] = socket`: from now on the verdict program sees its bytes.
     pub fn insert_spliced(&self, key: u64, socket: &impl AsRawFd) -> Result<(), MapError> {
         lock(&self.spliced).insert(key, socket.as_raw_fd(), 0)
+    }
+
+    /// Starts the flow state of socket `key`: nothing counted yet, and `grant`.
+    pub fn insert_flow(&self, key: u64, grant: FlowGrant) -> Result<(), MapError> {
+        lock(&self.flows).insert(key, FlowCounters::default(), 0)?;
+        self.set_grant(key, grant)
+    }
+
+    /// What the verdict program has done with socket `key`'s bytes so far.
+    pub fn flow_counters(&self, key: u64) -> Result<FlowCounters, MapError> {
+        lock(&self.flows).get(&key, 0)
+    }
+
+    /// Replaces socket `key`'s grant (atomically, as the program sees it).
+    pub fn set_grant(&self, key: u64, grant: FlowGrant) -> Result<(), MapError> {
+        lock(&self.grants).insert(key, grant, 0)
+    }
+
+    /// Forgets socket `key`'s flow state; a missing entry is not an error.
+    pub fn remove_flow(&self, key: u64) {
+        let _ = lock(&self.grants).remove(&key);
+        let _ = lock(&self.flows).remove(&key);
     }
 
     pub fn remove_peer(&self, key: u64) -> Result<(), MapError> {
@@ -188,6 +220,8 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), MapsError> {
     for pin in [
         names::PEERS_PIN,
         names::SPLICED_PIN,
+        names::FLOWS_PIN,
+        names::GRANTS_PIN,
         names::SPLICE_STATS_PIN,
     ] {
         let path = pin_dir.join(pin);

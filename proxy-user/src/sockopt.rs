@@ -2,7 +2,7 @@
 //! connection is spliced, userspace sees none of its bytes; these counters are how it
 //! still knows how far each direction has got.
 
-use std::{io, mem, os::fd::AsFd, os::fd::AsRawFd};
+use std::{io, mem, os::fd::AsFd, os::fd::AsRawFd, time::Duration};
 
 /// The counters of TCP_INFO that kgate uses.
 #[derive(Clone, Copy, Debug)]
@@ -11,6 +11,8 @@ pub struct TcpCounters {
     pub bytes_received: u64,
     /// Bytes this socket has sent that the peer acknowledged.
     pub bytes_acked: u64,
+    /// Time since the socket last received data.
+    pub since_data_received: Duration,
 }
 
 pub fn tcp_counters(socket: impl AsFd) -> io::Result<TcpCounters> {
@@ -32,6 +34,7 @@ pub fn tcp_counters(socket: impl AsFd) -> io::Result<TcpCounters> {
     Ok(TcpCounters {
         bytes_received: info.tcpi_bytes_received,
         bytes_acked: info.tcpi_bytes_acked,
+        since_data_received: Duration::from_millis(info.tcpi_last_data_recv.into()),
     })
 }
 

@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod kgate;
 pub mod lab;
+pub mod rig;
 pub mod sockmap;
 
 mod proc;

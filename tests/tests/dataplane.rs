@@ -9,7 +9,7 @@
 use std::{
     hash::Hasher,
     io::{self, ErrorKind, Read, Write},
-    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -20,150 +20,9 @@ use std::{
 
 use tests::{
     backend::{TcpServer, read_proxy_header},
-    kgate::{Kgate, global_section},
-    lab::{Lab, skip_without_root},
-    sockmap::sock_hash_len,
+    on_both_dataplanes,
+    rig::{IO_TIMEOUT, Rig, Rng, connect, receive_all, send_random, set_timeouts, socket_reset},
 };
-
-const FRONTEND_PORT: u16 = 2525;
-const BACKEND_PORT: u16 = 2525;
-/// No test socket waits longer than this for a byte: a hang becomes a failure.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A lab with kgate running in front of `backends` servers.
-struct Rig {
-    lab: Lab,
-    kgate: Kgate,
-    dataplane: &'static str,
-    fds_at_start: usize,
-}
-
-impl Rig {
-    fn start(dataplane: &'static str, backends: usize) -> Rig {
-        let lab = Lab::new(backends);
-        let mut config = global_section(&lab, dataplane);
-        config.push_str(&format!(
-            r#"
-[[frontends]]
-name = "smtp"
-listen = ["{gw4}:{FRONTEND_PORT}", "[{gw6}]:{FRONTEND_PORT}"]
-backend = "mail"
-
-[[backends]]
-name = "mail"
-proxy_protocol = "v2"
-connect_timeout = "2s"
-"#,
-            gw4 = lab.gateway().v4(),
-            gw6 = lab.gateway().v6(),
-        ));
-        for (i, backend) in lab.backends().iter().enumerate() {
-            config.push_str(&format!(
-                "\n[[backends.servers]]\nname = \"node{i}\"\naddress = \"{}:{BACKEND_PORT}\"\n",
-                backend.v4()
-            ));
-        }
-        let kgate = Kgate::start(&lab, &config);
-        assert!(
-            kgate.log().contains(&format!("dataplane=\"{dataplane}\"")),
-            "kgate did not start the {dataplane} data plane:\n{}",
-            kgate.log()
-        );
-        let fds_at_start = kgate.open_fds();
-        Rig {
-            lab,
-            kgate,
-            dataplane,
-            fds_at_start,
-        }
-    }
-
-    fn frontend_v4(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.lab.gateway().v4()), FRONTEND_PORT)
-    }
-
-    fn frontend_v6(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V6(self.lab.gateway().v6()), FRONTEND_PORT)
-    }
-
-    fn backend_addr(&self, i: usize) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.lab.backend(i).v4()), BACKEND_PORT)
-    }
-
-    /// Waits for kgate to log `n` finished connections; returns their log lines.
-    fn connection_lines(&self, n: usize) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let lines: Vec<String> = self
-                .kgate
-                .log()
-                .lines()
-                .filter(|l| l.contains("kgate::conn"))
-                .map(str::to_owned)
-                .collect();
-            if lines.len() >= n || Instant::now() > deadline {
-                assert_eq!(
-                    lines.len(),
-                    n,
-                    "connection log lines:\n{}",
-                    lines.join("\n")
-                );
-                return lines;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Every connection was carried by this rig's data plane: spliced for sockmap.
-    fn assert_paths(&self, lines: &[String]) {
-        let expected = match self.dataplane {
-            "sockmap" => " spliced ",
-            _ => " copied ",
-        };
-        for line in lines {
-            assert!(line.contains(expected), "expected{expected}in: {line}");
-        }
-    }
-
-    /// No fd and no map entry outlives the connections.
-    fn assert_clean(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let fds = self.kgate.open_fds();
-            let maps = if self.dataplane == "sockmap" {
-                let pin = self.kgate.pin_path();
-                (
-                    sock_hash_len(&pin.join("peers")).expect("reading the pinned peers map"),
-                    sock_hash_len(&pin.join("spliced")).expect("reading the pinned spliced map"),
-                )
-            } else {
-                (0, 0)
-            };
-            if fds == self.fds_at_start && maps == (0, 0) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "after the test kgate has {fds} fds (started with {}) and (peers, spliced) \
-                 entries {maps:?}",
-                self.fds_at_start
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-/// Generates `mod sockmap` and `mod userspace`, each with one test per case.
-macro_rules! on_both_dataplanes {
-    ($($case:ident),* $(,)?) => {
-        mod sockmap {
-            $(#[test] fn $case() { if !super::skip_without_root() { super::$case("sockmap") } })*
-        }
-        mod userspace {
-            $(#[test] fn $case() { if !super::skip_without_root() { super::$case("userspace") } })*
-        }
-    };
-}
 
 on_both_dataplanes!(
     header_carries_the_client_address_byte_exact,
@@ -173,19 +32,6 @@ on_both_dataplanes!(
     half_close_delivers_every_byte_before_the_fin_to_a_slow_reader,
     a_reset_from_either_side_resets_the_other,
 );
-
-fn connect(to: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect_timeout(&to, IO_TIMEOUT)
-        .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream
-}
-
-fn set_timeouts(stream: &TcpStream) {
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-}
 
 /// The PROXY v2 header for a TCP connection from `source` to `destination`, built
 /// from the specification (section 2.2), independently of kgate's builder.
@@ -281,7 +127,7 @@ fn session_payload(id: usize, direction: &str, len: usize) -> Vec<u8> {
     let mut data = format!("{direction} of session {id}: ").into_bytes();
     let mut rng = Rng(id as u64 + 1);
     while data.len() < len {
-        data.extend(rng.next().to_le_bytes());
+        data.extend(rng.next_u64().to_le_bytes());
     }
     data.truncate(len);
     data
@@ -385,57 +231,6 @@ fn client_speaks_first_on_a_thousand_connections(dataplane: &'static str) {
     let lines = rig.connection_lines(CONNECTIONS);
     rig.assert_paths(&lines);
     rig.assert_clean();
-}
-
-/// xorshift64*: fast, seedable, good enough to make every byte matter.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let bytes = self.next().to_le_bytes();
-            chunk.copy_from_slice(&bytes[..chunk.len()]);
-        }
-    }
-}
-
-/// Writes `len` random bytes from `seed`; returns their checksum.
-fn send_random(stream: &mut TcpStream, seed: u64, len: usize) -> u64 {
-    let mut rng = Rng(seed);
-    let mut hasher = std::hash::DefaultHasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len());
-        rng.fill(&mut buf[..n]);
-        hasher.write(&buf[..n]);
-        stream.write_all(&buf[..n]).unwrap();
-        left -= n;
-    }
-    hasher.finish()
-}
-
-/// Reads to EOF; returns the byte count and checksum.
-fn receive_all(stream: &mut TcpStream) -> io::Result<(usize, u64)> {
-    let mut hasher = std::hash::DefaultHasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0;
-    loop {
-        match stream.read(&mut buf)? {
-            0 => return Ok((total, hasher.finish())),
-            n => {
-                hasher.write(&buf[..n]);
-                total += n;
-            }
-        }
-    }
 }
 
 const BULK_STREAMS: usize = 16;
@@ -651,25 +446,4 @@ fn a_reset_from_either_side_resets_the_other(dataplane: &'static str) {
     );
     rig.assert_paths(&lines);
     rig.assert_clean();
-}
-
-/// Closes with SO_LINGER 0, which sends a RST instead of a FIN.
-fn socket_reset(stream: TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: SO_LINGER reads one `linger` struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
-    drop(stream);
 }

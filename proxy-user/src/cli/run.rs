@@ -52,6 +52,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         _ = terminate.recv() => info!("SIGTERM: stopping"),
         _ = interrupt.recv() => info!("SIGINT: stopping"),
     }
+    gateway.log_totals();
     gateway.dataplane.shut_down();
     Ok(())
 }

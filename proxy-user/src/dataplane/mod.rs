@@ -9,12 +9,12 @@
 mod relay;
 mod sockmap;
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-pub use relay::{End, Transfer};
+pub use relay::Transfer;
 
 use crate::maps::SpliceMaps;
 
@@ -31,17 +31,28 @@ impl Dataplane {
         }
     }
 
-    /// Carries `client` <-> `server` until both sides have closed, or one has reset.
-    pub async fn relay(&self, client: &TcpStream, server: &TcpStream) -> Transfer {
+    /// Carries `client` <-> `server` until both sides have closed, one has reset, or
+    /// the connection idled out. `queue_limit` bounds the bytes one spliced direction
+    /// may have queued in the kernel.
+    pub async fn relay(
+        &self,
+        client: &TcpStream,
+        server: &TcpStream,
+        queue_limit: u64,
+        timeouts: Timeouts,
+    ) -> Transfer {
         match self {
             Dataplane::Sockmap(maps) => {
-                let splice = sockmap::Splice::start(maps, client, server);
-                let transfer = relay::run(client, server, splice.flows()).await;
+                let splice = sockmap::Splice::start(maps, client, server, queue_limit);
+                let transfer =
+                    relay::run(client, server, splice.flows(), Some(&splice), timeouts).await;
                 // Leave the maps before the sockets close.
                 drop(splice);
                 transfer
             }
-            Dataplane::Userspace => relay::run(client, server, [Mode::Copied; 2]).await,
+            Dataplane::Userspace => {
+                relay::run(client, server, [Mode::Copied; 2], None, timeouts).await
+            }
         }
     }
 
@@ -52,6 +63,7 @@ impl Dataplane {
                 Ok(stats) => info!(
                     redirected_bytes = stats.redirected_bytes,
                     redirect_failures = stats.redirect_failures,
+                    passed_bytes = stats.passed_bytes,
                     "splice totals"
                 ),
                 Err(e) => warn!("reading the splice counters: {e}"),
@@ -61,12 +73,21 @@ impl Dataplane {
     }
 }
 
+/// How long a connection may go without moving a byte.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub idle: Duration,
+    /// Once either side has sent its FIN.
+    pub half_closed: Duration,
+}
+
 /// How one direction of a connection moves its bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// In the kernel. `written_base` is the target socket's written-bytes counter
-    /// (see `sockopt::bytes_written`) when the splice began.
-    Spliced { written_base: u64 },
+    /// (see `sockopt::bytes_written`) when the splice began; `cookie` is the source
+    /// socket's, the key of its flow state in the maps.
+    Spliced { written_base: u64, cookie: u64 },
     /// Read and written by kgate.
     Copied,
 }

@@ -1,13 +1,26 @@
 //! The life of a connection after the header: both directions flow until each side
-//! has sent its FIN and that FIN has been passed on, or until one side resets.
+//! has sent its FIN and that FIN has been passed on, until one side resets, or until
+//! the connection has been idle too long.
 //!
 //! A spliced direction is invisible to userspace while bytes flow: `recv` on its
-//! socket says EAGAIN, epoll wakes it only for the FIN (EOF) or a reset (error). At
-//! the FIN, the bytes before it may still sit in the kernel's redirect backlog, so
-//! the FIN is passed on (`shutdown(SHUT_WR)` on the target) only once the target's
-//! send queue has taken as many bytes as the source received: TCP_INFO's
-//! `bytes_received` on the source against `bytes_acked` + SIOCOUTQ on the target.
-//! Passing it on any earlier cuts off the tail of the data.
+//! socket says EAGAIN, epoll wakes it only for the FIN (EOF), a reset (error), or
+//! bytes the verdict program passed instead of redirecting. At the FIN, the bytes
+//! before it may still sit in the kernel's redirect backlog, so the FIN is passed on
+//! (`shutdown(SHUT_WR)` on the target) only once the target's send queue has taken
+//! as many bytes as the source received: TCP_INFO's `bytes_received` on the source
+//! against `bytes_acked` + SIOCOUTQ on the target. Passing it on any earlier cuts off
+//! the tail of the data.
+//!
+//! Backpressure of a spliced direction (the grant handshake, see `FlowGrant`):
+//! 1. `Splicing`: the program redirects until the direction's grant is used up, then
+//!    passes skbs to the source's own queue; TCP flow control now holds the sender.
+//! 2. `Draining`: the passed bytes must not overtake redirected ones, so kgate waits
+//!    until every redirected byte is in the target's send queue.
+//! 3. `Forwarding`: kgate reads the passed bytes and writes them to the target, as a
+//!    copied direction does, at the pace the target takes them.
+//! 4. Once kgate has read every byte the program passed (its count equals the
+//!    program's `passed`), it grants a new bound with `resume_at_passed` = that count:
+//!    the program redirects again, and a byte passed meanwhile keeps it passing.
 //!
 //! A copied direction reads into its own buffer and writes from it in userspace; it
 //! reads again only once the buffer is written out, so a slow reader holds back its
@@ -17,17 +30,17 @@
 use std::{fmt, io, net::Shutdown, os::fd::AsFd, time::Duration};
 
 use socket2::SockRef;
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{io::Interest, net::TcpStream, time::sleep_until};
 use tracing::debug;
 
-use super::{Mode, Path, sockmap::kick};
+use super::{Mode, Path, Timeouts, sockmap::Splice};
 use crate::sockopt;
 
-/// Bytes a copied direction holds at most: what it read and could not write yet.
+/// Bytes a copying direction holds at most: what it read and could not write yet.
 const COPY_BUFFER: usize = 64 * 1024;
-/// Reads a copied direction makes before letting the other direction run.
+/// Reads a copying direction makes before letting the other direction run.
 const COPY_BURST: usize = 16;
-/// How often a finished spliced direction checks whether its backlog has drained:
+/// How often a spliced direction checks whether its redirect backlog has drained:
 /// from the first value, doubling up to the second.
 const DRAIN_POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(50));
 
@@ -51,6 +64,10 @@ pub enum End {
     ServerClosed,
     ClientReset,
     ServerReset,
+    /// Nothing moved for `idle_timeout`; both sides were reset.
+    IdleTimeout,
+    /// Half-closed and nothing moved for `half_closed_timeout`; both sides were reset.
+    HalfClosedTimeout,
 }
 
 impl fmt::Display for End {
@@ -60,6 +77,8 @@ impl fmt::Display for End {
             End::ServerClosed => "server closed",
             End::ClientReset => "client reset",
             End::ServerReset => "server reset",
+            End::IdleTimeout => "idle timeout",
+            End::HalfClosedTimeout => "half-closed timeout",
         })
     }
 }
@@ -72,18 +91,29 @@ enum Fault {
     Target(io::Error),
 }
 
+/// Where a spliced direction is in the grant handshake (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pressure {
+    Splicing,
+    Draining,
+    Forwarding,
+}
+
 /// One direction of a connection.
 struct Flow<'a> {
     from: &'a TcpStream,
     to: &'a TcpStream,
     mode: Mode,
+    pressure: Pressure,
     /// `from` has sent its FIN.
     eof: bool,
     /// The FIN has been passed on to `to`.
     done: bool,
-    /// Bytes kgate copied (copied mode only).
+    /// Bytes kgate read from `from`.
+    consumed: u64,
+    /// Bytes kgate wrote to `to`.
     copied: u64,
-    /// Copied mode: bytes read from `from`, and the part of them not yet written.
+    /// Bytes read and not written yet: `buf[pending]`.
     buf: Vec<u8>,
     pending: std::ops::Range<usize>,
     /// Bytes `from` received before its FIN (spliced mode, once `eof`).
@@ -96,22 +126,25 @@ impl<'a> Flow<'a> {
             from,
             to,
             mode,
+            pressure: Pressure::Splicing,
             eof: false,
             done: false,
+            consumed: 0,
             copied: 0,
-            buf: match mode {
-                Mode::Copied => vec![0; COPY_BUFFER],
-                Mode::Spliced { .. } => Vec::new(),
-            },
+            buf: Vec::new(),
             pending: 0..0,
             received: 0,
         }
     }
 
-    /// Whether to wait for `from` to be readable: before its FIN, and (copied) only
-    /// with nothing left to write.
+    /// Whether kgate itself moves this direction's bytes right now.
+    fn copying(&self) -> bool {
+        matches!(self.mode, Mode::Copied) || self.pressure == Pressure::Forwarding
+    }
+
+    /// Whether to wait for `from` to be readable.
     fn wants_to_read(&self) -> bool {
-        !self.eof && self.pending.is_empty()
+        !self.eof && self.pending.is_empty() && self.pressure != Pressure::Draining
     }
 
     /// Whether to wait for `to` to be writable: copied bytes are waiting.
@@ -119,22 +152,33 @@ impl<'a> Flow<'a> {
         !self.pending.is_empty()
     }
 
+    /// Whether the drain timer must run for this direction.
+    fn wants_drain_poll(&self) -> bool {
+        self.pressure == Pressure::Draining || self.waiting_for_fin_drain()
+    }
+
     /// `from` is readable: data to copy, its FIN, or an error.
-    async fn on_readable(&mut self) -> Result<(), Fault> {
-        match self.mode {
-            Mode::Copied => self.copy(),
-            Mode::Spliced { .. } => self.check_spliced_source().await,
+    fn on_readable(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
+        if self.copying() {
+            self.copy()?;
+            self.try_resume_splicing(splice)
+        } else {
+            self.check_spliced_source(splice)
         }
     }
 
     fn copy(&mut self) -> Result<(), Fault> {
+        if self.buf.is_empty() {
+            self.buf = vec![0; COPY_BUFFER];
+        }
         for _ in 0..COPY_BURST {
             match self.from.try_read(&mut self.buf) {
                 Ok(0) => {
                     self.eof = true;
-                    return self.pass_fin_on();
+                    return self.on_copied_eof();
                 }
                 Ok(n) => {
+                    self.consumed += n as u64;
                     self.pending = 0..n;
                     self.flush()?;
                     if self.wants_to_write() {
@@ -148,8 +192,7 @@ impl<'a> Flow<'a> {
         Ok(())
     }
 
-    /// Writes what `to` takes of the pending bytes; after the FIN, passes it on once
-    /// they are all written.
+    /// Writes what `to` takes of the pending bytes.
     fn flush(&mut self) -> Result<(), Fault> {
         while !self.pending.is_empty() {
             match self.to.try_write(&self.buf[self.pending.clone()]) {
@@ -162,12 +205,32 @@ impl<'a> Flow<'a> {
             }
         }
         if self.eof && !self.done {
-            self.pass_fin_on()?;
+            self.on_copied_eof()?;
         }
         Ok(())
     }
 
-    async fn check_spliced_source(&mut self) -> Result<(), Fault> {
+    /// After `to` took more bytes: flush, and maybe hand the direction back.
+    fn on_writable(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
+        self.flush()?;
+        self.try_resume_splicing(splice)
+    }
+
+    fn on_copied_eof(&mut self) -> Result<(), Fault> {
+        if !self.pending.is_empty() {
+            return Ok(());
+        }
+        match self.mode {
+            Mode::Copied => self.pass_fin_on(),
+            // Spliced bytes may still be on their way: wait for the counters.
+            Mode::Spliced { .. } => {
+                self.note_received()?;
+                self.try_finish()
+            }
+        }
+    }
+
+    fn check_spliced_source(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
         let from = self.from;
         let peeked = from.try_io(Interest::READABLE, || {
             let mut byte = [std::mem::MaybeUninit::uninit()];
@@ -176,38 +239,99 @@ impl<'a> Flow<'a> {
         match peeked {
             Ok(0) => {
                 self.eof = true;
-                self.received = sockopt::tcp_counters(from.as_fd())
-                    .map_err(Fault::Source)?
-                    .bytes_received
-                    .saturating_sub(FIN_SEQUENCE);
+                self.note_received()?;
                 self.try_finish()
             }
+            // Bytes the program passed: the direction is over its bound.
             Ok(_) => {
-                // Bytes the verdict program has not taken: run it again rather than
-                // read them, which would reorder them against the spliced ones.
-                kick(from);
-                tokio::time::sleep(DRAIN_POLL.0).await;
-                Ok(())
+                self.pressure = Pressure::Draining;
+                self.check_drained(splice)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(Fault::Source(e)),
         }
     }
 
+    fn note_received(&mut self) -> Result<(), Fault> {
+        self.received = sockopt::tcp_counters(self.from.as_fd())
+            .map_err(Fault::Source)?
+            .bytes_received
+            .saturating_sub(FIN_SEQUENCE);
+        Ok(())
+    }
+
+    /// Bytes that reached `to`'s send queue since the splice began, from kgate and
+    /// from the kernel together.
+    fn written_to_target(&self) -> Result<u64, Fault> {
+        let Mode::Spliced { written_base, .. } = self.mode else {
+            return Ok(self.copied);
+        };
+        let written = sockopt::bytes_written(self.to.as_fd()).map_err(Fault::Target)?;
+        Ok(written.saturating_sub(written_base))
+    }
+
+    /// Draining: moves on to forwarding once every redirected byte is in `to`.
+    fn check_drained(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
+        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
+            return Ok(());
+        };
+        let redirected = splice
+            .counters(cookie)
+            .map_err(|e| Fault::Source(io::Error::other(e)))?
+            .redirected;
+        if self.written_to_target()? >= redirected + self.copied {
+            self.pressure = Pressure::Forwarding;
+        }
+        Ok(())
+    }
+
+    /// Forwarding: once every passed byte has been read and written, the kernel may
+    /// redirect again.
+    fn try_resume_splicing(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
+        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
+            return Ok(());
+        };
+        if self.pressure != Pressure::Forwarding || self.eof || !self.pending.is_empty() {
+            return Ok(());
+        }
+        let counters = splice
+            .counters(cookie)
+            .map_err(|e| Fault::Source(io::Error::other(e)))?;
+        // Passed bytes the program counted but kgate has not read yet are still on
+        // their way to the queue: keep forwarding.
+        if counters.passed != self.consumed {
+            return Ok(());
+        }
+        splice
+            .grant(cookie, counters)
+            .map_err(|e| Fault::Source(io::Error::other(e)))?;
+        self.pressure = Pressure::Splicing;
+        Ok(())
+    }
+
+    /// The drain timer fired.
+    fn on_drain_poll(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
+        if self.pressure == Pressure::Draining {
+            self.check_drained(splice)?;
+            if self.pressure == Pressure::Forwarding {
+                // Bytes are waiting in `from`: take them now rather than at the next wakeup.
+                return self.on_readable(splice);
+            }
+            return Ok(());
+        }
+        self.try_finish()
+    }
+
     /// After a spliced `from`'s FIN: passes it on once every byte before it is in
     /// `to`'s send queue.
     fn try_finish(&mut self) -> Result<(), Fault> {
-        let Mode::Spliced { written_base } = self.mode else {
-            return Ok(());
-        };
-        if !self.waiting_for_drain() {
+        if !self.waiting_for_fin_drain() {
             return Ok(());
         }
         if let Some(e) = self.to.take_error().map_err(Fault::Target)? {
             return Err(Fault::Target(e));
         }
-        let written = sockopt::bytes_written(self.to.as_fd()).map_err(Fault::Target)?;
-        if written.saturating_sub(written_base) >= self.received {
+        if self.pending.is_empty() && self.written_to_target()? >= self.received {
             self.pass_fin_on()?;
         }
         Ok(())
@@ -229,7 +353,7 @@ impl<'a> Flow<'a> {
     }
 
     /// A spliced direction past its FIN whose backlog is still draining.
-    fn waiting_for_drain(&self) -> bool {
+    fn waiting_for_fin_drain(&self) -> bool {
         matches!(self.mode, Mode::Spliced { .. }) && self.eof && !self.done
     }
 
@@ -246,12 +370,20 @@ impl<'a> Flow<'a> {
 }
 
 /// Relays until the connection is over. `modes` are for (client -> server,
-/// server -> client).
-pub async fn run(client: &TcpStream, server: &TcpStream, modes: [Mode; 2]) -> Transfer {
+/// server -> client); `splice` is the connection's place in the maps when any
+/// direction is spliced.
+pub async fn run(
+    client: &TcpStream,
+    server: &TcpStream,
+    modes: [Mode; 2],
+    splice: Option<&Splice<'_>>,
+    timeouts: Timeouts,
+) -> Transfer {
     let mut up = Flow::new(client, server, modes[0]);
     let mut down = Flow::new(server, client, modes[1]);
     let mut first_fin = None;
     let mut drain_poll = DRAIN_POLL.0;
+    let mut idle_check = tokio::time::Instant::now() + timeouts.idle;
 
     let fault = loop {
         if up.done && down.done {
@@ -263,26 +395,29 @@ pub async fn run(client: &TcpStream, server: &TcpStream, modes: [Mode; 2]) -> Tr
                 (_, true) => Some(End::ServerClosed),
                 _ => None,
             };
+            if first_fin.is_some() {
+                idle_check = idle_check.min(tokio::time::Instant::now() + timeouts.half_closed);
+            }
         }
-        let draining = up.waiting_for_drain() || down.waiting_for_drain();
+        let draining = up.wants_drain_poll() || down.wants_drain_poll();
         if !draining {
             drain_poll = DRAIN_POLL.0;
         }
         let result = tokio::select! {
             r = client.readable(), if up.wants_to_read() => match r {
-                Ok(()) => up.on_readable().await.map_err(|f| (f, Side::Client)),
+                Ok(()) => up.on_readable(splice).map_err(|f| (f, Side::Client)),
                 Err(e) => Err((Fault::Source(e), Side::Client)),
             },
             r = server.readable(), if down.wants_to_read() => match r {
-                Ok(()) => down.on_readable().await.map_err(|f| (f, Side::Server)),
+                Ok(()) => down.on_readable(splice).map_err(|f| (f, Side::Server)),
                 Err(e) => Err((Fault::Source(e), Side::Server)),
             },
             r = server.writable(), if up.wants_to_write() => match r {
-                Ok(()) => up.flush().map_err(|f| (f, Side::Client)),
+                Ok(()) => up.on_writable(splice).map_err(|f| (f, Side::Client)),
                 Err(e) => Err((Fault::Target(e), Side::Client)),
             },
             r = client.writable(), if down.wants_to_write() => match r {
-                Ok(()) => down.flush().map_err(|f| (f, Side::Server)),
+                Ok(()) => down.on_writable(splice).map_err(|f| (f, Side::Server)),
                 Err(e) => Err((Fault::Target(e), Side::Server)),
             },
             // A socket past its FIN is no longer read; a reset still shows as an error.
@@ -290,9 +425,30 @@ pub async fn run(client: &TcpStream, server: &TcpStream, modes: [Mode; 2]) -> Tr
             r = server.ready(Interest::ERROR), if down.eof => socket_error(server, r, Side::Server),
             _ = tokio::time::sleep(drain_poll), if draining => {
                 drain_poll = (drain_poll * 2).min(DRAIN_POLL.1);
-                up.try_finish()
+                up.on_drain_poll(splice)
                     .map_err(|f| (f, Side::Client))
-                    .and_then(|()| down.try_finish().map_err(|f| (f, Side::Server)))
+                    .and_then(|()| down.on_drain_poll(splice).map_err(|f| (f, Side::Server)))
+            },
+            _ = sleep_until(idle_check) => {
+                let limit = if first_fin.is_some() { timeouts.half_closed } else { timeouts.idle };
+                match idle_for(client, server) {
+                    Some(idle) if idle < limit => {
+                        idle_check = tokio::time::Instant::now() + (limit - idle);
+                        Ok(())
+                    }
+                    _ => {
+                        for socket in [client, server] {
+                            let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
+                        }
+                        let end = if first_fin.is_some() { End::HalfClosedTimeout } else { End::IdleTimeout };
+                        return Transfer {
+                            from_client: up.bytes(),
+                            from_server: down.bytes(),
+                            end,
+                            path: Path::of(modes),
+                        };
+                    }
+                }
             },
         };
         if let Err(fault) = result {
@@ -327,6 +483,17 @@ pub async fn run(client: &TcpStream, server: &TcpStream, modes: [Mode; 2]) -> Tr
         end,
         path: Path::of(modes),
     }
+}
+
+/// How long since either socket last received data (TCP_INFO), whichever is sooner:
+/// a spliced connection's bytes never pass through kgate, but the kernel keeps time.
+fn idle_for(client: &TcpStream, server: &TcpStream) -> Option<Duration> {
+    let since = |s: &TcpStream| {
+        sockopt::tcp_counters(s.as_fd())
+            .ok()
+            .map(|c| c.since_data_received)
+    };
+    Some(since(client)?.min(since(server)?))
 }
 
 #[derive(Clone, Copy)]

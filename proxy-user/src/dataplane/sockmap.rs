@@ -15,8 +15,13 @@
 //! that has already received its FIN is refused. Whatever is refused is copied by
 //! userspace instead; a direction is never half in one plane and half in the other.
 //!
-//! Leaving: entries are removed from `SPLICED` first, then from `PEERS`, and only
-//! after the relay has seen every redirected byte reach the target's send queue.
+//! Each socket's flow state (`FLOWS`, `GRANTS`) is created before it joins `SPLICED`,
+//! with a grant of `queue_limit` bytes: the most one direction may have queued in the
+//! kernel before the program passes its bytes to userspace (see relay.rs).
+//!
+//! Leaving: entries are removed from `SPLICED` first, then from `PEERS` and the flow
+//! state, and only after the relay has seen every redirected byte reach the target's
+//! send queue.
 
 use std::os::fd::AsFd;
 
@@ -24,8 +29,13 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use proxy_common::{FlowCounters, FlowGrant};
+
 use super::Mode;
-use crate::{maps::SpliceMaps, sockopt};
+use crate::{
+    maps::{MapError, SpliceMaps},
+    sockopt,
+};
 
 /// A connection's place in the sock hashes; removes it on drop.
 pub struct Splice<'a> {
@@ -33,21 +43,31 @@ pub struct Splice<'a> {
     /// Cookies of (client, server).
     cookies: [u64; 2],
     peers: bool,
+    /// Which of (client, server) have flow state.
+    flow_state: [bool; 2],
     /// Which of (client, server) are in `SPLICED`.
     spliced: [bool; 2],
     flows: [Mode; 2],
+    queue_limit: u64,
 }
 
 impl<'a> Splice<'a> {
     /// Splices as much of the connection as the kernel takes. Never fails: what
     /// cannot be spliced is left to be copied.
-    pub fn start(maps: &'a SpliceMaps, client: &TcpStream, server: &TcpStream) -> Splice<'a> {
+    pub fn start(
+        maps: &'a SpliceMaps,
+        client: &TcpStream,
+        server: &TcpStream,
+        queue_limit: u64,
+    ) -> Splice<'a> {
         let mut splice = Splice {
             maps,
             cookies: [0; 2],
             peers: false,
+            flow_state: [false; 2],
             spliced: [false; 2],
             flows: [Mode::Copied; 2],
+            queue_limit,
         };
         if let Err(e) = splice.join(client, server) {
             debug!("connection copied instead of spliced: {e}");
@@ -58,6 +78,25 @@ impl<'a> Splice<'a> {
     /// The mode of (client -> server, server -> client).
     pub fn flows(&self) -> [Mode; 2] {
         self.flows
+    }
+
+    /// What the program has done with the bytes of socket `cookie`.
+    pub fn counters(&self, cookie: u64) -> Result<FlowCounters, MapError> {
+        self.maps.flow_counters(cookie)
+    }
+
+    /// Lets the program redirect socket `cookie`'s bytes again: up to `queue_limit`
+    /// more, provided nothing more was passed since `counters` were read.
+    pub fn grant(&self, cookie: u64, counters: FlowCounters) -> Result<(), MapError> {
+        self.maps
+            .set_grant(cookie, self.first_grant_after(counters))
+    }
+
+    fn first_grant_after(&self, counters: FlowCounters) -> FlowGrant {
+        FlowGrant {
+            redirect_until: counters.redirected + self.queue_limit,
+            resume_at_passed: counters.passed,
+        }
     }
 
     fn join(&mut self, client: &TcpStream, server: &TcpStream) -> Result<(), String> {
@@ -82,6 +121,14 @@ impl<'a> Splice<'a> {
             .insert_peer(b, client)
             .map_err(|e| format!("PEERS[server]: {e}"))?;
 
+        // Flow state before the program can see a byte.
+        for (i, key) in [c, b].into_iter().enumerate() {
+            self.maps
+                .insert_flow(key, self.first_grant_after(FlowCounters::default()))
+                .map_err(|e| format!("FLOWS: {e}"))?;
+            self.flow_state[i] = true;
+        }
+
         // Step 4, then step 5 for each socket that joined.
         self.maps
             .insert_spliced(b, server)
@@ -89,6 +136,7 @@ impl<'a> Splice<'a> {
         self.spliced[1] = true;
         self.flows[1] = Mode::Spliced {
             written_base: to_client,
+            cookie: b,
         };
         kick(server);
         self.maps
@@ -97,6 +145,7 @@ impl<'a> Splice<'a> {
         self.spliced[0] = true;
         self.flows[0] = Mode::Spliced {
             written_base: to_server,
+            cookie: c,
         };
         kick(client);
         Ok(())
@@ -104,7 +153,7 @@ impl<'a> Splice<'a> {
 }
 
 /// Runs the verdict over bytes already queued on a spliced socket.
-pub fn kick(socket: &TcpStream) {
+fn kick(socket: &TcpStream) {
     if let Err(e) = sockopt::set_receive_low_watermark(socket.as_fd(), 1) {
         debug!("SO_RCVLOWAT: {e}");
     }
@@ -121,6 +170,11 @@ impl Drop for Splice<'_> {
             for cookie in self.cookies {
                 // The second insert may have failed: a missing key is expected then.
                 let _ = self.maps.remove_peer(cookie);
+            }
+        }
+        for (cookie, has_state) in self.cookies.into_iter().zip(self.flow_state) {
+            if has_state {
+                self.maps.remove_flow(cookie);
             }
         }
     }

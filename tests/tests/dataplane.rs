@@ -31,6 +31,7 @@ on_both_dataplanes!(
     sixteen_parallel_connections_move_64_mib_each_way_intact,
     half_close_delivers_every_byte_before_the_fin_to_a_slow_reader,
     a_reset_from_either_side_resets_the_other,
+    a_server_that_answers_and_closes_at_once_is_carried_intact,
 );
 
 /// The PROXY v2 header for a TCP connection from `source` to `destination`, built
@@ -68,6 +69,10 @@ fn header_carries_the_client_address_byte_exact(dataplane: &'static str) {
             let header = read_proxy_header(&mut s).expect("a PROXY header");
             seen.lock().unwrap().push(header.raw);
             s.write_all(b"220 ok\r\n").unwrap();
+            // Closing only after the client does keeps the connection spliceable: a
+            // socket that already has its FIN cannot join a sock hash (it is copied).
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
         })
     };
 
@@ -445,5 +450,33 @@ fn a_reset_from_either_side_resets_the_other(dataplane: &'static str) {
         "{lines:#?}"
     );
     rig.assert_paths(&lines);
+    rig.assert_clean();
+}
+
+fn a_server_that_answers_and_closes_at_once_is_carried_intact(dataplane: &'static str) {
+    let rig = Rig::start(dataplane, 1);
+    // The server's FIN can reach kgate before the splice: the kernel refuses such a
+    // socket in a sock hash, and kgate copies that direction instead.
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).expect("a PROXY header");
+        let id = s.peer_addr().unwrap().port() as usize;
+        let _ = s.write_all(&session_payload(id, "server", BANNER_LEN));
+    });
+    let frontend = rig.frontend_v4();
+    rig.lab.client().run(move || {
+        for _ in 0..200 {
+            let mut c = connect(frontend);
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).unwrap();
+            let id = session_id(&got);
+            assert_eq!(got, session_payload(id, "server", BANNER_LEN));
+        }
+    });
+    let lines = rig.connection_lines(200);
+    assert!(
+        lines.iter().all(|l| l.contains("end=\"server closed\"")),
+        "{lines:#?}"
+    );
     rig.assert_clean();
 }

@@ -1,6 +1,6 @@
 use std::{path::Path, sync::Arc};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
@@ -9,7 +9,7 @@ use crate::{
     dataplane::Dataplane,
     frontend,
     gateway::Gateway,
-    maps::SpliceMaps,
+    maps::{Bpf, MapsError},
 };
 
 pub fn run(path: &Path) -> anyhow::Result<()> {
@@ -22,7 +22,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let dataplane = choose_dataplane(&config.global)?;
+    let (bpf, dataplane) = choose_dataplane(&config.global)?;
 
     // Bind everything before accepting anything: a gateway that serves half of its
     // frontends is worse than one that refuses to start.
@@ -53,33 +53,39 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         _ = interrupt.recv() => info!("SIGINT: stopping"),
     }
     gateway.log_totals();
-    gateway.dataplane.shut_down();
+    gateway.dataplane.log_totals();
+    // Connection tasks still hold the gateway: unpin now rather than when they end.
+    if let Some(bpf) = &bpf {
+        bpf.unpin();
+    }
     Ok(())
 }
 
-fn choose_dataplane(global: &Global) -> anyhow::Result<Dataplane> {
+/// The data plane, and the eBPF object behind it when it is sockmap.
+fn choose_dataplane(global: &Global) -> anyhow::Result<(Option<Bpf>, Dataplane)> {
+    let load = || -> Result<(Option<Bpf>, Dataplane), MapsError> {
+        let mut bpf = Bpf::load(&global.bpf_pin_path)?;
+        let maps = bpf.splice()?;
+        Ok((Some(bpf), Dataplane::Sockmap(Box::new(maps))))
+    };
     match global.dataplane {
-        DataplaneMode::Userspace => Ok(Dataplane::Userspace),
-        DataplaneMode::Sockmap => match SpliceMaps::load(&global.bpf_pin_path) {
-            Ok(maps) => Ok(Dataplane::Sockmap(Box::new(maps))),
-            Err(e) => bail!(
+        DataplaneMode::Userspace => Ok((None, Dataplane::Userspace)),
+        DataplaneMode::Sockmap => load().map_err(|e| {
+            anyhow::anyhow!(
                 "the sockmap data plane cannot start: {}. kgate needs root (or CAP_BPF and \
                  CAP_NET_ADMIN) and a kernel with BPF sockmap; set dataplane = \"auto\" to \
                  fall back to the userspace data plane",
                 with_causes(&e)
-            ),
-        },
-        DataplaneMode::Auto => match SpliceMaps::load(&global.bpf_pin_path) {
-            Ok(maps) => Ok(Dataplane::Sockmap(Box::new(maps))),
-            Err(e) => {
-                warn!(
-                    "eBPF cannot load here ({}); using the userspace data plane, which copies \
-                     every byte through kgate",
-                    with_causes(&e)
-                );
-                Ok(Dataplane::Userspace)
-            }
-        },
+            )
+        }),
+        DataplaneMode::Auto => Ok(load().unwrap_or_else(|e| {
+            warn!(
+                "eBPF cannot load here ({}); using the userspace data plane, which copies \
+                 every byte through kgate",
+                with_causes(&e)
+            );
+            (None, Dataplane::Userspace)
+        })),
     }
 }
 

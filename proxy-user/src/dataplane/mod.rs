@@ -56,8 +56,8 @@ impl Dataplane {
         }
     }
 
-    /// Logs the data plane's totals and unpins what it pinned; called once at shutdown.
-    pub fn shut_down(&self) {
+    /// Logs the data plane's totals; called once at shutdown.
+    pub fn log_totals(&self) {
         if let Dataplane::Sockmap(maps) = self {
             match maps.stats() {
                 Ok(stats) => info!(
@@ -68,7 +68,6 @@ impl Dataplane {
                 ),
                 Err(e) => warn!("reading the splice counters: {e}"),
             }
-            maps.unpin();
         }
     }
 }

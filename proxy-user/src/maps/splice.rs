@@ -1,0 +1,100 @@
+//! The splice's maps: the two sock hashes, the per-socket flow state and counters.
+
+use std::{os::fd::AsRawFd, sync::Mutex};
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    programs::SkSkb,
+};
+use proxy_common::{FlowCounters, FlowGrant, SpliceStats, maps as names, programs};
+use tracing::info;
+
+use super::{Bpf, MapError, MapsError, lock, map_error, program, program_error};
+
+/// The two sock hashes of the splice, the per-socket flow state and the counters.
+pub struct SpliceMaps {
+    peers: Mutex<SockHash<MapData, u64>>,
+    spliced: Mutex<SockHash<MapData, u64>>,
+    flows: Mutex<HashMap<MapData, u64, FlowCounters>>,
+    grants: Mutex<HashMap<MapData, u64, FlowGrant>>,
+    stats: PerCpuArray<MapData, SpliceStats>,
+}
+
+impl Bpf {
+    /// Pins the splice's maps and attaches the verdict program to `spliced`.
+    pub fn splice(&mut self) -> Result<SpliceMaps, MapsError> {
+        let peers = self.take_pinned(names::PEERS, names::PEERS_PIN)?;
+        let spliced = self.take_pinned(names::SPLICED, names::SPLICED_PIN)?;
+        let flows = self.take_pinned(names::FLOWS, names::FLOWS_PIN)?;
+        let grants = self.take_pinned(names::GRANTS, names::GRANTS_PIN)?;
+        let stats = self.take_pinned(names::SPLICE_STATS, names::SPLICE_STATS_PIN)?;
+
+        let peers: SockHash<MapData, u64> = peers.try_into().map_err(map_error(names::PEERS))?;
+        let spliced: SockHash<MapData, u64> =
+            spliced.try_into().map_err(map_error(names::SPLICED))?;
+        let flows = flows.try_into().map_err(map_error(names::FLOWS))?;
+        let grants = grants.try_into().map_err(map_error(names::GRANTS))?;
+        let stats = stats.try_into().map_err(map_error(names::SPLICE_STATS))?;
+
+        let verdict: &mut SkSkb = program(&mut self.ebpf, programs::SPLICE)?;
+        verdict
+            .attach(spliced.fd())
+            .map_err(program_error(programs::SPLICE))?;
+        info!(pin_dir = %self.pin_dir.display(), "eBPF splice program attached, maps pinned");
+        Ok(SpliceMaps {
+            peers: Mutex::new(peers),
+            spliced: Mutex::new(spliced),
+            flows: Mutex::new(flows),
+            grants: Mutex::new(grants),
+            stats,
+        })
+    }
+}
+
+impl SpliceMaps {
+    /// `PEERS[key] = socket`.
+    pub fn insert_peer(&self, key: u64, socket: &impl AsRawFd) -> Result<(), MapError> {
+        lock(&self.peers).insert(key, socket.as_raw_fd(), 0)
+    }
+
+    /// `SPLICED[key] = socket`: from now on the verdict program sees its bytes.
+    pub fn insert_spliced(&self, key: u64, socket: &impl AsRawFd) -> Result<(), MapError> {
+        lock(&self.spliced).insert(key, socket.as_raw_fd(), 0)
+    }
+
+    /// Starts the flow state of socket `key`: nothing counted yet, and `grant`.
+    pub fn insert_flow(&self, key: u64, grant: FlowGrant) -> Result<(), MapError> {
+        lock(&self.flows).insert(key, FlowCounters::default(), 0)?;
+        self.set_grant(key, grant)
+    }
+
+    /// What the verdict program has done with socket `key`'s bytes so far.
+    pub fn flow_counters(&self, key: u64) -> Result<FlowCounters, MapError> {
+        lock(&self.flows).get(&key, 0)
+    }
+
+    /// Replaces socket `key`'s grant (atomically, as the program sees it).
+    pub fn set_grant(&self, key: u64, grant: FlowGrant) -> Result<(), MapError> {
+        lock(&self.grants).insert(key, grant, 0)
+    }
+
+    /// Forgets socket `key`'s flow state; a missing entry is not an error.
+    pub fn remove_flow(&self, key: u64) {
+        let _ = lock(&self.grants).remove(&key);
+        let _ = lock(&self.flows).remove(&key);
+    }
+
+    pub fn remove_peer(&self, key: u64) -> Result<(), MapError> {
+        lock(&self.peers).remove(&key)
+    }
+
+    pub fn remove_spliced(&self, key: u64) -> Result<(), MapError> {
+        lock(&self.spliced).remove(&key)
+    }
+
+    /// The verdict program's counters summed over CPUs.
+    pub fn stats(&self) -> Result<SpliceStats, MapError> {
+        let per_cpu = self.stats.get(&0, 0)?;
+        Ok(SpliceStats::sum(per_cpu.iter()))
+    }
+}

@@ -4,6 +4,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+/// XDP early drop (blocklists, SYN rate limits): its own names, types and capacities.
+pub mod xdp;
+
 /// Names of the maps as the kernel knows them (at most 15 bytes) and as they are
 /// pinned under `bpf_pin_path`.
 pub mod maps {
@@ -21,7 +24,14 @@ pub mod maps {
     /// `GRANTS[cookie(x)]` = [`FlowGrant`](crate::FlowGrant): how far `x` may be spliced.
     pub const GRANTS: &str = "KGATE_GRANTS";
 
+    /// `SERVERS[slot]` = [`ServerEntry`](crate::ServerEntry), published by userspace.
+    pub const SERVERS: &str = "KGATE_SERVERS";
+    /// Per CPU, `SERVER_BYTES[slot]` = [`ServerBytes`](crate::ServerBytes) the program spliced.
+    pub const SERVER_BYTES: &str = "KGATE_SRV_BYTES";
+
     pub const PEERS_PIN: &str = "peers";
+    pub const SERVERS_PIN: &str = "servers";
+    pub const SERVER_BYTES_PIN: &str = "server_bytes";
     pub const FLOWS_PIN: &str = "flows";
     pub const GRANTS_PIN: &str = "grants";
     pub const SPLICED_PIN: &str = "spliced";
@@ -35,6 +45,12 @@ pub mod programs {
 
 /// Sockets each sock hash can hold: two per spliced connection.
 pub const MAX_SPLICED_SOCKETS: usize = 131_072;
+
+/// Servers kgate can publish, all backends together.
+pub const MAX_SERVERS: usize = 1024;
+
+/// Text fields of [`ServerEntry`]: NUL-padded, so bpftool shows them as strings.
+pub const NAME_LEN: usize = 32;
 
 /// What the verdict program did with the bytes one spliced socket received. Written
 /// only by the program (one socket's skbs are handled one at a time), read by userspace.
@@ -59,6 +75,58 @@ pub struct FlowCounters {
 pub struct FlowGrant {
     pub redirect_until: u64,
     pub resume_at_passed: u64,
+    /// The connection's server: its slot in `SERVERS` and `SERVER_BYTES`.
+    pub server_slot: u32,
+    /// [`FROM_CLIENT`] or [`FROM_SERVER`]: which way this socket's bytes go.
+    pub direction: u32,
+}
+
+/// [`FlowGrant::direction`] of a client socket: its bytes go to the server.
+pub const FROM_CLIENT: u32 = 0;
+/// [`FlowGrant::direction`] of a server socket.
+pub const FROM_SERVER: u32 = 1;
+
+/// Bytes the program spliced for one server, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServerBytes {
+    /// From clients to the server.
+    pub bytes_in: u64,
+    /// From the server to clients.
+    pub bytes_out: u64,
+}
+
+/// One server as `kgate status` and `bpftool map dump pinned .../servers` show it.
+/// Published by userspace, whole, about once a second and on every state change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServerEntry {
+    pub backend: [u8; NAME_LEN],
+    pub server: [u8; NAME_LEN],
+    /// "192.0.2.1:25" or "[2001:db8::1]:25".
+    pub address: [u8; 48],
+    /// "up", "down", "drain", "maint" or "unchecked".
+    pub state: [u8; 16],
+    /// "ok", "refused", "timeout", "bad reply", "error", or "" before the first check.
+    pub last_check: [u8; 16],
+    /// Backend index in the configuration.
+    pub backend_id: u32,
+    pub port: u16,
+    /// 1 when this slot holds a server.
+    pub in_use: u8,
+    pub _pad: u8,
+    pub consecutive_ok: u32,
+    pub consecutive_fail: u32,
+    pub active_connections: u64,
+    pub total_connections: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Default for ServerEntry {
+    fn default() -> Self {
+        Zeroable::zeroed()
+    }
 }
 
 impl FlowGrant {
@@ -96,13 +164,18 @@ impl SpliceStats {
     }
 }
 
-// SAFETY: each is `repr(C)`, made only of `u64`s, with no padding.
+// SAFETY: each is `repr(C)` plain data with no implicit padding (bytemuck's Pod
+// derive checks that).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SpliceStats {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for FlowCounters {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for FlowGrant {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ServerBytes {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ServerEntry {}
 
 #[cfg(test)]
 mod tests {
@@ -113,6 +186,7 @@ mod tests {
         let grant = FlowGrant {
             redirect_until: 100,
             resume_at_passed: 10,
+            ..FlowGrant::default()
         };
         let counters = |redirected, passed| FlowCounters { redirected, passed };
         assert!(grant.allows(&counters(0, 10), 100));

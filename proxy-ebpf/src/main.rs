@@ -8,18 +8,25 @@
 //! to the socket's own queue, where TCP flow control holds the sender back until
 //! userspace forwards them. The insertion order that makes this lossless, and the
 //! grant handshake, are written down in proxy-user/src/dataplane/sockmap.rs.
+//!
+//! The XDP early-drop program (blocklists, SYN rate limits) is in `xdp.rs`.
 #![no_std]
 #![no_main]
 
+mod xdp;
+
 use aya_ebpf::{
     bindings::sk_action,
-    btf_maps::{HashMap, PerCpuArray, SockHash},
+    btf_maps::{Array, HashMap, PerCpuArray, SockHash},
     helpers::bpf_get_socket_cookie,
     macros::{btf_map, stream_verdict},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::warn;
-use proxy_common::{FlowCounters, FlowGrant, MAX_SPLICED_SOCKETS, SpliceStats};
+use proxy_common::{
+    FROM_CLIENT, FlowCounters, FlowGrant, MAX_SERVERS, MAX_SPLICED_SOCKETS, ServerBytes,
+    ServerEntry, SpliceStats,
+};
 
 #[btf_map]
 static KGATE_PEERS: SockHash<u64, MAX_SPLICED_SOCKETS> = SockHash::new();
@@ -35,6 +42,13 @@ static KGATE_GRANTS: HashMap<u64, FlowGrant, MAX_SPLICED_SOCKETS> = HashMap::new
 
 #[btf_map]
 static KGATE_SPL_STATS: PerCpuArray<SpliceStats, 1> = PerCpuArray::new();
+
+// Written by userspace only; here so that it is created (and pinned) with the rest.
+#[btf_map]
+static KGATE_SERVERS: Array<ServerEntry, MAX_SERVERS> = Array::new();
+
+#[btf_map]
+static KGATE_SRV_BYTES: PerCpuArray<ServerBytes, MAX_SERVERS> = PerCpuArray::new();
 
 #[stream_verdict]
 pub fn kgate_splice(ctx: SkBuffContext) -> u32 {
@@ -74,6 +88,15 @@ fn try_splice(ctx: &SkBuffContext) -> Result<u32, u32> {
         counters.redirected += len;
         stats.redirected_skbs += 1;
         stats.redirected_bytes += len;
+        if let Some(bytes) = KGATE_SRV_BYTES.get_ptr_mut(grant.server_slot) {
+            // SAFETY: the per-CPU slot belongs to this CPU while the program runs.
+            let bytes = unsafe { &mut *bytes };
+            if grant.direction == FROM_CLIENT {
+                bytes.bytes_in += len;
+            } else {
+                bytes.bytes_out += len;
+            }
+        }
         Ok(sk_action::SK_PASS)
     } else {
         // Userspace inserts the peer before the socket itself joins KGATE_SPLICED, so

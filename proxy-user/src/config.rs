@@ -18,12 +18,17 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
+mod xdp;
+pub use xdp::{SynLimit, Xdp, XdpMode};
+
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub global: Global,
     pub frontends: Vec<Frontend>,
     pub backends: Vec<Backend>,
+    /// `[xdp]`: early drop in the driver; `None` when the section is absent.
+    pub xdp: Option<Xdp>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -63,6 +68,9 @@ pub struct Frontend {
 pub struct Backend {
     pub name: String,
     pub balance: Balance,
+    /// Further servers tried after the first connect fails.
+    pub retries: u32,
+    pub health: HealthConfig,
     pub proxy_protocol: ProxyProtocol,
     pub connect_timeout: Duration,
     /// Bytes one direction of a spliced connection may have queued in the kernel
@@ -74,8 +82,45 @@ pub struct Backend {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Balance {
+    /// In turn, in proportion to the servers' weights.
     #[default]
     RoundRobin,
+    /// The server with the fewest active connections per unit of weight.
+    LeastConn,
+    /// A hash of the client address: a client keeps its server while the pool is unchanged.
+    Source,
+}
+
+/// `[backends.health]`: how the servers are checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthConfig {
+    pub check: CheckType,
+    pub interval: Duration,
+    pub fastinter: Duration,
+    pub downinter: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub timeout: Duration,
+    /// Check this port instead of the server's.
+    pub port: Option<u16>,
+    /// Check this address instead of the server's.
+    pub address: Option<std::net::IpAddr>,
+    /// Start each check with a PROXY v2 LOCAL header (default: when the backend
+    /// takes PROXY headers).
+    pub send_proxy: bool,
+    /// The name the smtp check gives in EHLO.
+    pub helo: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckType {
+    /// No checks: servers are always taken as up.
+    #[default]
+    None,
+    Tcp,
+    Smtp,
+    Imap,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -91,6 +136,10 @@ pub enum ProxyProtocol {
 pub struct Server {
     pub name: String,
     pub address: SocketAddr,
+    /// Share of new connections relative to the other servers (roundrobin, leastconn, source).
+    pub weight: u32,
+    /// Open connections at most; the server is skipped while it has that many.
+    pub max_connections: Option<u32>,
 }
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/kgate";
@@ -99,6 +148,14 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_HALF_CLOSED_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_QUEUE_LIMIT: u64 = 4 << 20;
+const DEFAULT_RETRIES: u32 = 3;
+const MAX_WEIGHT: u32 = 256;
+const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_SMTP_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_RISE: u32 = 2;
+const DEFAULT_FALL: u32 = 3;
+const DEFAULT_HELO: &str = "kgate.invalid";
 /// Below this a single full-sized skb can exceed the bound.
 const MIN_QUEUE_LIMIT: u64 = 64 << 10;
 
@@ -180,6 +237,8 @@ struct ConfigFile {
     frontends: Vec<FrontendSection>,
     #[serde(default)]
     backends: Vec<BackendSection>,
+    #[serde(default)]
+    xdp: Option<xdp::XdpSection>,
 }
 
 #[derive(Deserialize)]
@@ -243,8 +302,33 @@ struct BackendSection {
     connect_timeout: Option<Duration>,
     #[serde(default)]
     queue_limit: Option<Spanned<ByteSize>>,
+    #[serde(default)]
+    retries: Option<u32>,
+    #[serde(default)]
+    health: Option<HealthSection>,
     #[serde(default = "no_servers")]
     servers: Spanned<Vec<ServerSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthSection {
+    #[serde(default)]
+    check: CheckType,
+    #[serde(default, deserialize_with = "optional_duration")]
+    interval: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    fastinter: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    downinter: Option<Duration>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    timeout: Option<Duration>,
+    port: Option<Spanned<u16>>,
+    address: Option<Spanned<String>>,
+    send_proxy: Option<bool>,
+    helo: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -252,6 +336,9 @@ struct BackendSection {
 struct ServerSection {
     name: Spanned<String>,
     address: Spanned<Address>,
+    weight: Option<Spanned<u32>>,
+    #[serde(default, deserialize_with = "optional_limit")]
+    max_connections: Option<u32>,
 }
 
 /// A socket address with an error message that shows the expected form.
@@ -395,10 +482,13 @@ impl ConfigFile {
             });
         }
 
+        let xdp = self.xdp.map(xdp::XdpSection::validate).transpose()?;
+
         Ok(Config {
             global,
             frontends,
             backends,
+            xdp,
         })
     }
 }
@@ -474,9 +564,25 @@ impl BackendSection {
                     ),
                 ));
             }
+            let weight = match &server.weight {
+                None => 1,
+                Some(w) if (1..=MAX_WEIGHT).contains(w.get_ref()) => *w.get_ref(),
+                Some(w) => {
+                    return Err(at(
+                        w,
+                        format!(
+                            "weight {} is out of range: give 1 to {MAX_WEIGHT} (use `kgate \
+                             server set` with drain or maint to take a server out)",
+                            w.get_ref()
+                        ),
+                    ));
+                }
+            };
             servers.push(Server {
                 name: server.name.into_inner(),
                 address,
+                weight,
+                max_connections: server.max_connections,
             });
         }
         let queue_limit = match &self.queue_limit {
@@ -493,13 +599,87 @@ impl BackendSection {
             }
             Some(limit) => limit.get_ref().as_u64(),
         };
+        let health = match self.health {
+            None => HealthSection::none().validate(self.proxy_protocol)?,
+            Some(section) => section.validate(self.proxy_protocol)?,
+        };
         Ok(Backend {
             name: name.clone(),
             balance: self.balance,
+            retries: self.retries.unwrap_or(DEFAULT_RETRIES),
+            health,
             proxy_protocol: self.proxy_protocol,
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             queue_limit,
             servers,
+        })
+    }
+}
+
+impl HealthSection {
+    fn none() -> HealthSection {
+        HealthSection {
+            check: CheckType::None,
+            interval: None,
+            fastinter: None,
+            downinter: None,
+            rise: None,
+            fall: None,
+            timeout: None,
+            port: None,
+            address: None,
+            send_proxy: None,
+            helo: None,
+        }
+    }
+
+    fn validate(self, proxy_protocol: ProxyProtocol) -> Result<HealthConfig, Located> {
+        let count = |value: &Option<Spanned<u32>>, key: &str, default: u32| match value {
+            None => Ok(default),
+            Some(v) if *v.get_ref() >= 1 => Ok(*v.get_ref()),
+            Some(v) => Err(at(v, format!("`{key}` must be at least 1"))),
+        };
+        let interval = self.interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
+        // postscreen greets with `220-`, waits postscreen_greet_wait (6 s by default),
+        // then sends the final `220 `: an smtp check must outlast that wait.
+        let default_timeout = match self.check {
+            CheckType::Smtp => DEFAULT_SMTP_CHECK_TIMEOUT,
+            _ => DEFAULT_CHECK_TIMEOUT,
+        };
+        let address = match &self.address {
+            None => None,
+            Some(text) => Some(text.get_ref().parse().map_err(|_| {
+                at(
+                    text,
+                    format!(
+                        "`{}` is not an IP address: give the address to check, like \"192.0.2.1\" (the port goes in `port`)",
+                        text.get_ref()
+                    ),
+                )
+            })?),
+        };
+        if let Some(port) = &self.port
+            && *port.get_ref() == 0
+        {
+            return Err(at(
+                port,
+                "port 0 cannot be checked: give the port to connect to",
+            ));
+        }
+        Ok(HealthConfig {
+            check: self.check,
+            interval,
+            fastinter: self.fastinter.unwrap_or(interval),
+            downinter: self.downinter.unwrap_or(interval),
+            rise: count(&self.rise, "rise", DEFAULT_RISE)?,
+            fall: count(&self.fall, "fall", DEFAULT_FALL)?,
+            timeout: self.timeout.unwrap_or(default_timeout),
+            port: self.port.map(Spanned::into_inner),
+            address,
+            send_proxy: self
+                .send_proxy
+                .unwrap_or(proxy_protocol != ProxyProtocol::None),
+            helo: self.helo.unwrap_or_else(|| DEFAULT_HELO.to_owned()),
         })
     }
 }

@@ -19,6 +19,7 @@ use tracing::info;
 
 use crate::{
     admission::Refusal,
+    balance,
     config::Backend,
     dataplane::{Timeouts, Transfer},
     gateway::Gateway,
@@ -49,14 +50,18 @@ pub async fn handle(gateway: Arc<Gateway>, frontend: usize, client: TcpStream, p
         Err(refusal) => Outcome::Refused(refusal),
         Ok(_admitted) => {
             let _ = client.set_nodelay(true);
-            let order = gateway.balancers[backend_index].order(backend.servers.len());
-            match upstream::connect(backend, order).await {
-                None => Outcome::NoServer,
+            let pool = &gateway.pools[backend_index];
+            let order = balance::order(pool, backend, peer.ip().to_canonical());
+            match upstream::connect(backend, &order).await {
+                None => {
+                    pool.no_server.fetch_add(1, Ordering::Relaxed);
+                    Outcome::NoServer
+                }
                 Some(upstream::Upstream { mut stream, server }) => {
                     server_name = &backend.servers[server].name;
-                    let stats = &gateway.servers[backend_index][server];
-                    stats.connections.fetch_add(1, Ordering::Relaxed);
-                    stats.active.fetch_add(1, Ordering::Relaxed);
+                    let runtime = &pool.servers[server];
+                    runtime.total.fetch_add(1, Ordering::Relaxed);
+                    runtime.active.fetch_add(1, Ordering::Relaxed);
                     let outcome = match send_header(&mut stream, backend, &client, peer).await {
                         Err(e) => Outcome::ServerFailed(e),
                         Ok(()) => {
@@ -66,18 +71,24 @@ pub async fn handle(gateway: Arc<Gateway>, frontend: usize, client: TcpStream, p
                             };
                             let transfer = gateway
                                 .dataplane
-                                .relay(&client, &stream, backend.queue_limit, timeouts)
+                                .relay(
+                                    &client,
+                                    &stream,
+                                    backend.queue_limit,
+                                    runtime.slot,
+                                    timeouts,
+                                )
                                 .await;
-                            stats
-                                .bytes_in
-                                .fetch_add(transfer.from_client, Ordering::Relaxed);
-                            stats
-                                .bytes_out
-                                .fetch_add(transfer.from_server, Ordering::Relaxed);
+                            runtime
+                                .copied_in
+                                .fetch_add(transfer.copied_from_client, Ordering::Relaxed);
+                            runtime
+                                .copied_out
+                                .fetch_add(transfer.copied_from_server, Ordering::Relaxed);
                             Outcome::Relayed(transfer)
                         }
                     };
-                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    runtime.active.fetch_sub(1, Ordering::Relaxed);
                     outcome
                 }
             }

@@ -1,57 +1,62 @@
 //! What every connection shares while kgate runs: the configuration, the data plane,
-//! the balancing state of each backend, and the counters.
+//! each backend's pool of servers, and the counters.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use tracing::info;
 
-use crate::{admission::FrontendLoad, balance::RoundRobin, config::Config, dataplane::Dataplane};
+use crate::{admission::FrontendLoad, config::Config, dataplane::Dataplane, pool::Pool};
 
 pub struct Gateway {
     pub config: Config,
     pub dataplane: Dataplane,
     /// One per backend, in the order of `config.backends`.
-    pub balancers: Vec<RoundRobin>,
+    pub pools: Vec<Pool>,
     /// One per frontend, in the order of `config.frontends`.
     pub loads: Vec<FrontendLoad>,
-    /// Per backend, one per server, in config order.
-    pub servers: Vec<Vec<ServerStats>>,
-}
-
-/// Traffic of one server, counted when its connections end.
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    pub connections: AtomicU64,
-    pub active: AtomicU64,
-    /// Bytes from clients to the server, and back.
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
+    /// Signalled when a server's state changes, so it is published at once.
+    pub changed: tokio::sync::Notify,
 }
 
 impl Gateway {
     pub fn new(config: Config, dataplane: Dataplane) -> Gateway {
-        let balancers = config
+        let mut next_slot = 0;
+        let pools = config
             .backends
             .iter()
-            .map(|_| RoundRobin::default())
+            .map(|backend| {
+                let pool = Pool::new(backend, next_slot);
+                next_slot += backend.servers.len() as u32;
+                pool
+            })
             .collect();
         let loads = config
             .frontends
             .iter()
             .map(|_| FrontendLoad::default())
             .collect();
-        let servers = config
-            .backends
-            .iter()
-            .map(|b| b.servers.iter().map(|_| ServerStats::default()).collect())
-            .collect();
         Gateway {
             config,
             dataplane,
-            balancers,
+            pools,
             loads,
-            servers,
+            changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Finds `BACKEND/SERVER`.
+    pub fn server(&self, name: &str) -> Option<(usize, usize)> {
+        let (backend, server) = name.split_once('/')?;
+        let b = self
+            .config
+            .backends
+            .iter()
+            .position(|b| b.name == backend)?;
+        let s = self.config.backends[b]
+            .servers
+            .iter()
+            .position(|s| s.name == server)?;
+        Some((b, s))
     }
 
     /// Logs the counters, once, at shutdown.
@@ -64,13 +69,17 @@ impl Gateway {
                 "frontend totals"
             );
         }
-        for (backend, servers) in self.config.backends.iter().zip(&self.servers) {
-            for (server, stats) in backend.servers.iter().zip(servers) {
+        for (backend, pool) in self.config.backends.iter().zip(&self.pools) {
+            info!(
+                backend = %backend.name,
+                no_server = pool.no_server.load(Ordering::Relaxed),
+                "backend totals"
+            );
+            for (server, runtime) in backend.servers.iter().zip(&pool.servers) {
                 info!(
                     server = %format!("{}/{}", backend.name, server.name),
-                    connections = stats.connections.load(Ordering::Relaxed),
-                    bytes_in = stats.bytes_in.load(Ordering::Relaxed),
-                    bytes_out = stats.bytes_out.load(Ordering::Relaxed),
+                    connections = runtime.total.load(Ordering::Relaxed),
+                    state = runtime.state(),
                     "server totals"
                 );
             }

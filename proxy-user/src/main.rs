@@ -11,15 +11,15 @@ mod balance;
 mod cli;
 mod config;
 mod conn;
+mod control;
 mod dataplane;
 mod frontend;
 mod gateway;
-// Health checks are built ahead of the code that uses them (balance, maps, status):
-// remove this `allow` when they are wired in.
-#[allow(dead_code)]
 mod health;
 mod maps;
+mod pool;
 mod proxy_header;
+mod publish;
 mod sockopt;
 mod upstream;
 

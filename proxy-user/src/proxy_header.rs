@@ -34,6 +34,20 @@ pub fn for_connection(
     }
 }
 
+/// The v2 header with the LOCAL command and no addresses: the proxy speaking for itself,
+/// as a health check does. The server must use the connection's own endpoints (Postfix
+/// 3.5+ and Dovecot accept it as a probe). 16 bytes: signature, `0x20` (v2, LOCAL),
+/// `0x00` (family and protocol unspecified), length 0.
+pub fn local_v2() -> Vec<u8> {
+    v2::Builder::with_addresses(
+        v2::Version::Two | v2::Command::Local,
+        v2::Protocol::Unspecified,
+        v2::Addresses::Unspecified,
+    )
+    .build()
+    .expect("a v2 LOCAL header without addresses fits in memory")
+}
+
 /// Both addresses in one family, as the header has a single family field: an IPv4
 /// client reaching an IPv6 socket shows up as `::ffff:a.b.c.d` and is unmapped.
 fn same_family(client: SocketAddr, local: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -101,6 +115,13 @@ mod tests {
         expected.extend(40000u16.to_be_bytes());
         expected.extend(993u16.to_be_bytes());
         assert_eq!(header, expected);
+    }
+
+    #[test]
+    fn v2_local_header_is_byte_exact() {
+        let mut expected = SIGNATURE.to_vec();
+        expected.extend([0x20, 0x00, 0x00, 0x00]); // v2 LOCAL, unspecified, no address bytes
+        assert_eq!(local_v2(), expected);
     }
 
     #[test]

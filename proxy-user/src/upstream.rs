@@ -15,8 +15,8 @@ pub struct Upstream {
 
 /// Connects to the first server of `order` that answers within the backend's
 /// connect timeout. `None` when none did (each failure is logged).
-pub async fn connect(backend: &Backend, order: impl Iterator<Item = usize>) -> Option<Upstream> {
-    for index in order {
+pub async fn connect(backend: &Backend, order: &[usize]) -> Option<Upstream> {
+    for &index in order {
         let server = &backend.servers[index];
         let attempt = timeout(backend.connect_timeout, TcpStream::connect(server.address)).await;
         let error = match attempt {

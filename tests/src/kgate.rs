@@ -9,7 +9,7 @@ use std::env;
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -285,6 +285,30 @@ impl Kgate {
     }
 
     /// The pin directory of this kgate (`pin_path_for(lab)`).
+    /// `kgate status --json` for this kgate's pinned maps, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(kgate_bin())
+            .args(["status", "--json", "--pin-path"])
+            .arg(&self.pin_path)
+            .output()
+            .expect("running kgate status");
+        assert!(
+            out.status.success(),
+            "kgate status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("kgate status --json prints JSON")
+    }
+
+    /// `kgate server set SERVER STATE` through this kgate's control socket.
+    pub fn server_set(&self, server: &str, state: &str) -> std::process::Output {
+        Command::new(kgate_bin())
+            .args(["server", "set", server, state, "--socket"])
+            .arg(&self.control_socket)
+            .output()
+            .expect("running kgate server set")
+    }
+
     pub fn pin_path(&self) -> PathBuf {
         self.pin_path.clone()
     }

@@ -6,6 +6,8 @@
 //! - [`kgate`]: runs the `kgate` daemon in the gateway and watches its log.
 //! - [`backend`]: what sits behind the proxy: PROXY header reading, a threaded TCP
 //!   server and a mock mail server.
+//! - [`postfix`]: a real, private Postfix (postscreen behind PROXY v2) in a namespace.
+//! - [`smtp`]: a small SMTP client, and the byte sequences of kgate's health checks.
 //! - [`sockmap`]: counts the entries of kgate's pinned sock hashes.
 //!
 //! Everything here needs root (network namespaces); tests start with
@@ -14,7 +16,9 @@
 pub mod backend;
 pub mod kgate;
 pub mod lab;
+pub mod postfix;
 pub mod rig;
+pub mod smtp;
 pub mod sockmap;
 
 mod proc;

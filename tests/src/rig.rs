@@ -43,6 +43,18 @@ impl Rig {
         frontend_keys: &str,
         backend_keys: &str,
     ) -> Rig {
+        Rig::start_with_servers(dataplane, backends, frontend_keys, backend_keys, &[])
+    }
+
+    /// Like [`Rig::start_with`], with extra keys for server `i` in `server_keys[i]`
+    /// (`weight = 2`, say). The backend keys may end with a `[backends.health]` table.
+    pub fn start_with_servers(
+        dataplane: &'static str,
+        backends: usize,
+        frontend_keys: &str,
+        backend_keys: &str,
+        server_keys: &[&str],
+    ) -> Rig {
         let lab = Lab::new(backends);
         let mut config = global_section(&lab, dataplane);
         config.push_str(&format!(
@@ -63,8 +75,9 @@ proxy_protocol = "v2"
         ));
         for (i, backend) in lab.backends().iter().enumerate() {
             config.push_str(&format!(
-                "\n[[backends.servers]]\nname = \"node{i}\"\naddress = \"{}:{BACKEND_PORT}\"\n",
-                backend.v4()
+                "\n[[backends.servers]]\nname = \"node{i}\"\naddress = \"{}:{BACKEND_PORT}\"\n{}\n",
+                backend.v4(),
+                server_keys.get(i).unwrap_or(&"")
             ));
         }
         let kgate = Kgate::start(&lab, &config);

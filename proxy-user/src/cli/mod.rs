@@ -2,6 +2,8 @@
 
 mod check;
 mod run;
+mod server;
+mod status;
 
 use std::path::PathBuf;
 
@@ -37,6 +39,45 @@ enum Command {
         #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
         config: PathBuf,
     },
+    /// Shows each backend's servers: state, checks, connections and bytes, read from
+    /// the pinned maps of the running kgate.
+    ///
+    /// Example: kgate status
+    /// Example: kgate status --json --pin-path /sys/fs/bpf/kgate
+    Status {
+        /// The configuration file, for `bpf_pin_path`.
+        #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
+        config: PathBuf,
+        /// Where the maps are pinned (instead of the configuration's `bpf_pin_path`).
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+        /// Prints JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Changes a server at run time.
+    #[command(subcommand)]
+    Server(ServerCommand),
+}
+
+#[derive(Subcommand)]
+enum ServerCommand {
+    /// Sets a server ready (takes connections when healthy), drain (no new
+    /// connections, checks go on) or maint (no new connections, no checks).
+    ///
+    /// Example: kgate server set mail-smtp/node1 drain
+    Set {
+        /// BACKEND/SERVER, as named in the configuration.
+        server: String,
+        /// ready, drain or maint.
+        state: String,
+        /// The configuration file, for `control_socket`.
+        #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
+        config: PathBuf,
+        /// The control socket (instead of the configuration's `control_socket`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
 }
 
 impl Cli {
@@ -44,6 +85,17 @@ impl Cli {
         match self.command {
             Command::Run { config } => run::run(&config),
             Command::Check { config } => check::check(&config),
+            Command::Status {
+                config,
+                pin_path,
+                json,
+            } => status::status(&config, pin_path, json),
+            Command::Server(ServerCommand::Set {
+                server,
+                state,
+                config,
+                socket,
+            }) => server::set(&config, socket, &server, &state),
         }
     }
 }

@@ -6,10 +6,13 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, DataplaneMode, Global},
+    control,
     dataplane::Dataplane,
     frontend,
     gateway::Gateway,
-    maps::{Bpf, MapsError},
+    health,
+    maps::{Bpf, MapsError, ServerMaps},
+    publish,
 };
 
 pub fn run(path: &Path) -> anyhow::Result<()> {
@@ -22,7 +25,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let (bpf, dataplane) = choose_dataplane(&config.global)?;
+    let kernel = load_kernel_side(&config.global)?;
 
     // Bind everything before accepting anything: a gateway that serves half of its
     // frontends is worse than one that refuses to start.
@@ -39,10 +42,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             listeners.push((index, listener));
         }
     }
+    let control_listener = control::bind(&config.global.control_socket).with_context(|| {
+        format!(
+            "cannot create the control socket {}: set control_socket to a path kgate may create",
+            config.global.control_socket.display()
+        )
+    })?;
+    let control_path = config.global.control_socket.clone();
 
-    let gateway = Arc::new(Gateway::new(config, dataplane));
+    let gateway = Arc::new(Gateway::new(config, kernel.dataplane));
     for (index, listener) in listeners {
         tokio::spawn(frontend::serve(gateway.clone(), index, listener));
+    }
+    tokio::spawn(control::serve(gateway.clone(), control_listener));
+    let (stop_checks, checks_stopped) = tokio::sync::watch::channel(false);
+    health::wiring::start(&gateway, &checks_stopped);
+    if let Some(servers) = kernel.servers {
+        tokio::spawn(publish::run(gateway.clone(), Arc::new(servers)));
     }
     info!(dataplane = gateway.dataplane.name(), "kgate ready");
 
@@ -52,24 +68,47 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         _ = terminate.recv() => info!("SIGTERM: stopping"),
         _ = interrupt.recv() => info!("SIGINT: stopping"),
     }
+    let _ = stop_checks.send(true);
     gateway.log_totals();
     gateway.dataplane.log_totals();
     // Connection tasks still hold the gateway: unpin now rather than when they end.
-    if let Some(bpf) = &bpf {
+    if let Some(bpf) = &kernel.bpf {
         bpf.unpin();
     }
+    let _ = std::fs::remove_file(&control_path);
     Ok(())
 }
 
-/// The data plane, and the eBPF object behind it when it is sockmap.
-fn choose_dataplane(global: &Global) -> anyhow::Result<(Option<Bpf>, Dataplane)> {
-    let load = || -> Result<(Option<Bpf>, Dataplane), MapsError> {
+/// What kgate has of the kernel: the eBPF object (when it loads), the data plane, and
+/// the maps where server state is published.
+struct KernelSide {
+    bpf: Option<Bpf>,
+    dataplane: Dataplane,
+    servers: Option<ServerMaps>,
+}
+
+fn load_kernel_side(global: &Global) -> anyhow::Result<KernelSide> {
+    let splice = global.dataplane != DataplaneMode::Userspace;
+    let load = || -> Result<KernelSide, MapsError> {
         let mut bpf = Bpf::load(&global.bpf_pin_path)?;
-        let maps = bpf.splice()?;
-        Ok((Some(bpf), Dataplane::Sockmap(Box::new(maps))))
+        let dataplane = if splice {
+            Dataplane::Sockmap(Box::new(bpf.splice()?))
+        } else {
+            Dataplane::Userspace
+        };
+        let servers = bpf.servers()?;
+        Ok(KernelSide {
+            bpf: Some(bpf),
+            dataplane,
+            servers: Some(servers),
+        })
+    };
+    let without_ebpf = || KernelSide {
+        bpf: None,
+        dataplane: Dataplane::Userspace,
+        servers: None,
     };
     match global.dataplane {
-        DataplaneMode::Userspace => Ok((None, Dataplane::Userspace)),
         DataplaneMode::Sockmap => load().map_err(|e| {
             anyhow::anyhow!(
                 "the sockmap data plane cannot start: {}. kgate needs root (or CAP_BPF and \
@@ -81,10 +120,17 @@ fn choose_dataplane(global: &Global) -> anyhow::Result<(Option<Bpf>, Dataplane)>
         DataplaneMode::Auto => Ok(load().unwrap_or_else(|e| {
             warn!(
                 "eBPF cannot load here ({}); using the userspace data plane, which copies \
-                 every byte through kgate",
+                 every byte through kgate, and `kgate status` will find no pinned maps",
                 with_causes(&e)
             );
-            (None, Dataplane::Userspace)
+            without_ebpf()
+        })),
+        DataplaneMode::Userspace => Ok(load().unwrap_or_else(|e| {
+            warn!(
+                "eBPF cannot load here ({}): `kgate status` will find no pinned maps",
+                with_causes(&e)
+            );
+            without_ebpf()
         })),
     }
 }

@@ -33,17 +33,19 @@ impl Dataplane {
 
     /// Carries `client` <-> `server` until both sides have closed, one has reset, or
     /// the connection idled out. `queue_limit` bounds the bytes one spliced direction
-    /// may have queued in the kernel.
+    /// may have queued in the kernel; `server_slot` is where the eBPF program counts
+    /// the server's spliced bytes.
     pub async fn relay(
         &self,
         client: &TcpStream,
         server: &TcpStream,
         queue_limit: u64,
+        server_slot: u32,
         timeouts: Timeouts,
     ) -> Transfer {
         match self {
             Dataplane::Sockmap(maps) => {
-                let splice = sockmap::Splice::start(maps, client, server, queue_limit);
+                let splice = sockmap::Splice::start(maps, client, server, queue_limit, server_slot);
                 let transfer =
                     relay::run(client, server, splice.flows(), Some(&splice), timeouts).await;
                 // Leave the maps before the sockets close.

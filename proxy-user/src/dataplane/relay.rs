@@ -52,6 +52,9 @@ const FIN_SEQUENCE: u64 = 1;
 pub struct Transfer {
     pub from_client: u64,
     pub from_server: u64,
+    /// Of those, the bytes kgate moved itself rather than the kernel.
+    pub copied_from_client: u64,
+    pub copied_from_server: u64,
     pub end: End,
     pub path: Path,
 }
@@ -444,6 +447,8 @@ pub async fn run(
                         return Transfer {
                             from_client: up.bytes(),
                             from_server: down.bytes(),
+                            copied_from_client: up.copied,
+                            copied_from_server: down.copied,
                             end,
                             path: Path::of(modes),
                         };
@@ -480,6 +485,8 @@ pub async fn run(
     Transfer {
         from_client,
         from_server,
+        copied_from_client: up.copied,
+        copied_from_server: down.copied,
         end,
         path: Path::of(modes),
     }

@@ -29,7 +29,7 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use proxy_common::{FlowCounters, FlowGrant};
+use proxy_common::{FROM_CLIENT, FROM_SERVER, FlowCounters, FlowGrant};
 
 use super::Mode;
 use crate::{
@@ -49,6 +49,7 @@ pub struct Splice<'a> {
     spliced: [bool; 2],
     flows: [Mode; 2],
     queue_limit: u64,
+    server_slot: u32,
 }
 
 impl<'a> Splice<'a> {
@@ -59,6 +60,7 @@ impl<'a> Splice<'a> {
         client: &TcpStream,
         server: &TcpStream,
         queue_limit: u64,
+        server_slot: u32,
     ) -> Splice<'a> {
         let mut splice = Splice {
             maps,
@@ -68,6 +70,7 @@ impl<'a> Splice<'a> {
             spliced: [false; 2],
             flows: [Mode::Copied; 2],
             queue_limit,
+            server_slot,
         };
         if let Err(e) = splice.join(client, server) {
             debug!("connection copied instead of spliced: {e}");
@@ -88,14 +91,21 @@ impl<'a> Splice<'a> {
     /// Lets the program redirect socket `cookie`'s bytes again: up to `queue_limit`
     /// more, provided nothing more was passed since `counters` were read.
     pub fn grant(&self, cookie: u64, counters: FlowCounters) -> Result<(), MapError> {
+        let direction = if cookie == self.cookies[0] {
+            FROM_CLIENT
+        } else {
+            FROM_SERVER
+        };
         self.maps
-            .set_grant(cookie, self.first_grant_after(counters))
+            .set_grant(cookie, self.grant_after(counters, direction))
     }
 
-    fn first_grant_after(&self, counters: FlowCounters) -> FlowGrant {
+    fn grant_after(&self, counters: FlowCounters, direction: u32) -> FlowGrant {
         FlowGrant {
             redirect_until: counters.redirected + self.queue_limit,
             resume_at_passed: counters.passed,
+            server_slot: self.server_slot,
+            direction,
         }
     }
 
@@ -122,9 +132,9 @@ impl<'a> Splice<'a> {
             .map_err(|e| format!("PEERS[server]: {e}"))?;
 
         // Flow state before the program can see a byte.
-        for (i, key) in [c, b].into_iter().enumerate() {
+        for (i, (key, direction)) in [(c, FROM_CLIENT), (b, FROM_SERVER)].into_iter().enumerate() {
             self.maps
-                .insert_flow(key, self.first_grant_after(FlowCounters::default()))
+                .insert_flow(key, self.grant_after(FlowCounters::default(), direction))
                 .map_err(|e| format!("FLOWS: {e}"))?;
             self.flow_state[i] = true;
         }

@@ -3,8 +3,10 @@
 //! handles to the rest of the daemon. The only module that imports aya.
 //!
 //! [`Bpf`] owns the object (its programs and their attachments) and the pins; each
-//! feature takes its maps from it: [`Bpf::splice`] for the data plane.
+//! feature takes its maps from it: [`Bpf::splice`] for the data plane,
+//! [`Bpf::servers`] for what `kgate status` shows.
 
+mod servers;
 mod splice;
 
 use std::{
@@ -22,6 +24,7 @@ use aya::{
 use proxy_common::{maps as names, programs};
 use tracing::{info, warn};
 
+pub use servers::{ServerMaps, read_published};
 pub use splice::SpliceMaps;
 
 /// The eBPF object, built by build.rs from proxy-ebpf.
@@ -38,6 +41,8 @@ const PINS: &[&str] = &[
     names::FLOWS_PIN,
     names::GRANTS_PIN,
     names::SPLICE_STATS_PIN,
+    names::SERVERS_PIN,
+    names::SERVER_BYTES_PIN,
 ];
 
 #[derive(Debug, thiserror::Error)]

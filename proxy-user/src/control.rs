@@ -1,0 +1,107 @@
+//! The control socket: a Unix stream socket where `kgate server set` (and later
+//! commands) reach the running daemon. One request line, one reply line: `ok ...` or
+//! `error: ...`. Only root (the socket's owner) may connect.
+
+use std::{
+    fs, io,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{info, warn};
+
+use crate::{gateway::Gateway, pool::AdminState};
+
+/// Longest request accepted.
+const MAX_REQUEST: usize = 1024;
+
+/// Binds the control socket, replacing a stale one a previous kgate left.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is in use: another kgate runs with this control_socket",
+                    path.display()
+                ),
+            ));
+        }
+        fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve(gateway: Arc<Gateway>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(answer(gateway.clone(), stream));
+            }
+            Err(e) => {
+                warn!("control socket: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(gateway: Arc<Gateway>, stream: UnixStream) {
+    let (reader, mut writer) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(reader).take(MAX_REQUEST as u64);
+    let reply = match reader.read_line(&mut line).await {
+        Ok(_) => execute(&gateway, line.trim()),
+        Err(e) => Err(format!("unreadable request: {e}")),
+    };
+    let reply = match reply {
+        Ok(text) => format!("ok {text}\n"),
+        Err(text) => format!("error: {text}\n"),
+    };
+    let _ = writer.write_all(reply.as_bytes()).await;
+}
+
+fn execute(gateway: &Gateway, request: &str) -> Result<String, String> {
+    let words: Vec<&str> = request.split_whitespace().collect();
+    match words.as_slice() {
+        ["server", "set", name, state] => {
+            let state: AdminState = state.parse()?;
+            let (b, s) = gateway.server(name).ok_or_else(|| {
+                format!("no server `{name}`: give BACKEND/SERVER as in the configuration")
+            })?;
+            gateway.pools[b].servers[s].set_admin(state);
+            gateway.changed.notify_one();
+            info!(server = %name, "set to {state} by the operator");
+            Ok(format!("{name} {state}"))
+        }
+        _ => Err(format!(
+            "unknown request `{request}`: expected `server set BACKEND/SERVER ready|drain|maint`"
+        )),
+    }
+}
+
+/// Sends one request to the daemon at `path` and returns its reply.
+pub fn request(path: &PathBuf, request: &str) -> anyhow::Result<String> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach kgate at {}: {e}. Is kgate running with this control_socket (and are you root)?",
+            path.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    writeln!(stream, "{request}")?;
+    let mut reply = String::new();
+    std::io::BufReader::new(stream).read_line(&mut reply)?;
+    Ok(reply.trim_end().to_owned())
+}

@@ -1,0 +1,157 @@
+//! One check's connection: connect, write, read bounded lines, close politely, all
+//! before one deadline. Every error is turned into a [`CheckFailure`] naming the step.
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    time::{Instant, timeout_at},
+};
+
+use super::check::{CheckFailure, Step};
+
+/// The longest line a check reads. SMTP reply lines are at most 512 bytes (RFC 5321
+/// 4.5.3.1.5); an IMAP greeting with its capabilities is a few hundred.
+pub const MAX_LINE: usize = 2048;
+
+/// The most lines one reply may have (an EHLO reply has a dozen or two).
+pub const MAX_REPLY_LINES: usize = 100;
+
+/// How long a check waits for the server to close after the check closed its side.
+/// The check has passed or failed by then; this only keeps the close clean (FIN, not
+/// RST) for servers that take a moment to hang up.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How much a polite close reads and discards before it gives up waiting.
+const MAX_DRAIN: usize = 64 * 1024;
+
+/// How many characters of a reply a failure quotes.
+const QUOTE_CHARS: usize = 100;
+
+pub struct Session {
+    stream: BufReader<TcpStream>,
+    deadline: Instant,
+    line: Vec<u8>,
+}
+
+impl Session {
+    /// Connects to `address` before `deadline`.
+    pub async fn connect(address: SocketAddr, deadline: Instant) -> Result<Session, CheckFailure> {
+        let step = Step::Connecting;
+        let stream = match timeout_at(deadline, TcpStream::connect(address)).await {
+            Err(_) => return Err(CheckFailure::TimedOut(step)),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                return Err(CheckFailure::Refused);
+            }
+            Ok(Err(e)) => return Err(CheckFailure::io(step, &e)),
+            Ok(Ok(stream)) => stream,
+        };
+        // Each write is one whole command: send it now.
+        let _ = stream.set_nodelay(true);
+        Ok(Session {
+            stream: BufReader::new(stream),
+            deadline,
+            line: Vec::with_capacity(256),
+        })
+    }
+
+    /// Brings the deadline forward to at most `grace` from now (for goodbyes after
+    /// the check has already failed).
+    pub fn limit_deadline(&mut self, grace: Duration) {
+        self.deadline = self.deadline.min(Instant::now() + grace);
+    }
+
+    /// Writes all of `bytes`.
+    pub async fn send(&mut self, step: Step, bytes: &[u8]) -> Result<(), CheckFailure> {
+        match timeout_at(self.deadline, self.stream.get_mut().write_all(bytes)).await {
+            Err(_) => Err(CheckFailure::TimedOut(step)),
+            Ok(Err(e)) => Err(CheckFailure::io(step, &e)),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    /// Reads one line of at most [`MAX_LINE`] bytes and returns it without its line
+    /// ending (CRLF, or a bare LF). Not UTF-8 is replaced, not refused: the caller
+    /// decides whether the line is what it expected.
+    pub async fn read_line(&mut self, step: Step) -> Result<String, CheckFailure> {
+        self.line.clear();
+        let limit = (MAX_LINE + 1) as u64;
+        let mut limited = (&mut self.stream).take(limit);
+        match timeout_at(self.deadline, limited.read_until(b'\n', &mut self.line)).await {
+            Err(_) => return Err(CheckFailure::TimedOut(step)),
+            Ok(Err(e)) => return Err(CheckFailure::io(step, &e)),
+            Ok(Ok(_)) => {}
+        }
+        if !self.line.ends_with(b"\n") {
+            if self.line.len() > MAX_LINE {
+                return Err(CheckFailure::BadReply {
+                    step,
+                    expected: "a line of at most 2048 bytes",
+                    got: quote(&self.line),
+                });
+            }
+            // End of stream, at a line start or inside a line.
+            return Err(CheckFailure::Closed(step));
+        }
+        let mut end = self.line.len() - 1;
+        if end > 0 && self.line[end - 1] == b'\r' {
+            end -= 1;
+        }
+        Ok(String::from_utf8_lossy(&self.line[..end]).into_owned())
+    }
+
+    /// Ends the connection cleanly, never failing: half-closes (FIN), then reads and
+    /// discards until the server closes too, for at most [`CLOSE_GRACE`] and not past
+    /// the deadline. Closing a socket with unread bytes makes the kernel send a reset,
+    /// which servers log (postscreen: `getpeername: Transport endpoint is not
+    /// connected`); draining first avoids it.
+    pub async fn close(mut self) {
+        let deadline = self.deadline.min(Instant::now() + CLOSE_GRACE);
+        let drain = async {
+            self.stream.get_mut().shutdown().await?;
+            let mut buf = [0u8; 4096];
+            let mut drained = 0;
+            while drained < MAX_DRAIN {
+                let n = self.stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                drained += n;
+            }
+            io::Result::Ok(())
+        };
+        // The server's own close ends it; anything else (a timeout, a reset) changes
+        // nothing about the check's result.
+        let _ = timeout_at(deadline, drain).await;
+    }
+}
+
+/// A reply line as a failure quotes it: lossy UTF-8, line ending trimmed, at most
+/// [`QUOTE_CHARS`] characters (then `…`).
+pub fn quote(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end_matches(['\r', '\n']);
+    let mut chars = text.chars();
+    let mut quoted: String = chars.by_ref().take(QUOTE_CHARS).collect();
+    if chars.next().is_some() {
+        quoted.push('…');
+    }
+    quoted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_are_trimmed_and_truncated() {
+        assert_eq!(quote(b"554 5.7.1 no\r\n"), "554 5.7.1 no");
+        assert_eq!(quote(b"\xff 220"), "\u{fffd} 220");
+        let long = "x".repeat(150);
+        let quoted = quote(long.as_bytes());
+        assert_eq!(quoted.chars().count(), QUOTE_CHARS + 1);
+        assert!(quoted.ends_with('…'));
+        assert_eq!(quote(&[b'y'; QUOTE_CHARS]), "y".repeat(QUOTE_CHARS));
+    }
+}

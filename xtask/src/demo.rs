@@ -261,6 +261,9 @@ fn demo(bin: &Path, log_file: &Path, progress: &mut Progress) -> anyhow::Result<
     heading("pinned maps");
     progress.step = "reading kgate's pinned maps";
     show_maps(&kgate.pin_path(), dataplane.as_deref());
+    // kgate publishes its counters once a second.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    show_status(bin, &kgate.pin_path());
 
     heading("cleanup");
     progress.cleanup_shown = true;
@@ -334,7 +337,7 @@ fn kgate_config(lab: &Lab, backends: &[Backend]) -> String {
         config,
         "\n[[frontends]]\nname = \"smtp\"\nlisten = [\"{}\", \"{}\"]\nbackend = \"mail\"\n\
          \n[[backends]]\nname = \"mail\"\nbalance = \"roundrobin\"\nproxy_protocol = \"v2\"\n\
-         connect_timeout = \"2s\"\n",
+         connect_timeout = \"2s\"\n\n[backends.health]\ncheck = \"smtp\"\ninterval = \"1s\"\n",
         SocketAddr::new(lab.gateway().v4().into(), FRONTEND_PORT),
         SocketAddr::new(lab.gateway().v6().into(), FRONTEND_PORT),
     );
@@ -744,6 +747,20 @@ fn show_maps(pin: &Path, dataplane: Option<&str>) {
     let dump = bpftool(&["map", "dump", "pinned", &stats]);
     if let Some(totals) = dump.as_deref().and_then(sum_per_cpu) {
         println!("    all CPUs together: {totals}");
+    }
+}
+
+/// What `kgate status` shows of the servers, read from the same pinned maps.
+fn show_status(bin: &Path, pin: &Path) {
+    println!("$ kgate status --pin-path {}", pin.display());
+    let mut cmd = Command::new(bin);
+    cmd.args(["status", "--pin-path"]).arg(pin);
+    match output_with_timeout(&mut cmd, BPFTOOL_TIMEOUT) {
+        Ok((true, stdout, _)) => stdout.lines().for_each(|l| println!("    {l}")),
+        Ok((false, stdout, stderr)) => {
+            println!("    failed: {}", format!("{stdout}{stderr}").trim())
+        }
+        Err(e) => println!("    could not run kgate status: {e:#}"),
     }
 }
 

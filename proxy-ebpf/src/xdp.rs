@@ -74,18 +74,29 @@ const NS_PER_SECOND: u64 = 1_000_000_000;
 /// Headers cut short or inconsistent: the packet passes, counted as malformed.
 struct Malformed;
 
-#[derive(Clone, Copy)]
-enum Source {
-    V4([u8; 4]),
-    V6([u8; 16]),
+/// A TCP segment's addresses, as far as the program needs them. Plain fields, all
+/// written before use: copying an enum with undefined bytes can make LLVM copy a
+/// stale packet pointer byte by byte, which the verifier rejects.
+#[derive(Default)]
+struct Segment {
+    is_v6: bool,
+    /// IPv4-mapped for IPv4.
+    source: [u8; 16],
+    destination: FrontendKey,
+    /// False when the datagram ends before the flags (a tiny first fragment).
+    has_flags: bool,
+    flags: u8,
 }
 
-/// A TCP segment's addresses, as far as the program needs them.
-struct Segment {
-    source: Source,
-    destination: FrontendKey,
-    /// `None` when the datagram ends before the flags (a tiny first fragment).
-    flags: Option<u8>,
+impl Segment {
+    fn source_v4(&self) -> [u8; 4] {
+        [
+            self.source[12],
+            self.source[13],
+            self.source[14],
+            self.source[15],
+        ]
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -98,9 +109,10 @@ enum Verdict {
 
 #[xdp]
 pub fn kgate_xdp(ctx: XdpContext) -> u32 {
-    let verdict = match parse(&ctx) {
-        Ok(Some(segment)) => judge(&segment),
-        Ok(None) => Verdict::Pass,
+    let mut segment = Segment::default();
+    let verdict = match parse(&ctx, &mut segment) {
+        Ok(true) => judge(&segment),
+        Ok(false) => Verdict::Pass,
         Err(Malformed) => Verdict::Malformed,
     };
     count(verdict);
@@ -111,17 +123,17 @@ pub fn kgate_xdp(ctx: XdpContext) -> u32 {
 }
 
 fn judge(segment: &Segment) -> Verdict {
-    if !is_frontend(&segment.destination) {
+    if !is_frontend(segment) {
         return Verdict::Pass;
     }
-    if is_blocked(segment.source) {
+    if is_blocked(segment) {
         return Verdict::Blocked;
     }
-    match segment.flags {
-        Some(flags) if flags & (TCP_SYN | TCP_ACK) == TCP_SYN && over_rate(segment.source) => {
-            Verdict::OverRate
-        }
-        _ => Verdict::Pass,
+    let syn = segment.has_flags && segment.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if syn && over_rate(segment) {
+        Verdict::OverRate
+    } else {
+        Verdict::Pass
     }
 }
 
@@ -142,25 +154,27 @@ fn count(verdict: Verdict) {
     }
 }
 
-/// An address and port a frontend listens on, exactly or as a wildcard address.
-fn is_frontend(destination: &FrontendKey) -> bool {
-    if KGATE_XDP_FRONT.get_ptr(destination).is_some() {
+/// An address and port a frontend listens on, exactly or as a wildcard address
+/// (`0.0.0.0:25`, `[::]:25`).
+fn is_frontend(segment: &Segment) -> bool {
+    if KGATE_XDP_FRONT.get_ptr(segment.destination).is_some() {
         return true;
     }
-    let wildcard = if destination.addr[..12] == v4_mapped([0; 4])[..12] {
-        v4_mapped([0; 4])
-    } else {
+    let wildcard = if segment.is_v6 {
         [0; 16]
+    } else {
+        v4_mapped([0; 4])
     };
     KGATE_XDP_FRONT
-        .get_ptr(FrontendKey::new(wildcard, destination.port))
+        .get_ptr(FrontendKey::new(wildcard, segment.destination.port))
         .is_some()
 }
 
-fn is_blocked(source: Source) -> bool {
-    match source {
-        Source::V4(addr) => blocked_in(&KGATE_BLOCK_V4, Key::new(32, addr)),
-        Source::V6(addr) => blocked_in(&KGATE_BLOCK_V6, Key::new(128, addr)),
+fn is_blocked(segment: &Segment) -> bool {
+    if segment.is_v6 {
+        blocked_in(&KGATE_BLOCK_V6, Key::new(128, segment.source))
+    } else {
+        blocked_in(&KGATE_BLOCK_V4, Key::new(32, segment.source_v4()))
     }
 }
 
@@ -188,7 +202,7 @@ fn blocked_in<K>(trie: &LpmTrie<K, BlockEntry, MAX_BLOCKED_PREFIXES>, mut key: K
     false
 }
 
-fn over_rate(source: Source) -> bool {
+fn over_rate(segment: &Segment) -> bool {
     let Some(config) = KGATE_XDP_CONF.get(0) else {
         return false;
     };
@@ -196,9 +210,10 @@ fn over_rate(source: Source) -> bool {
         return false;
     }
     let config = *config;
-    let key = match source {
-        Source::V4(addr) => SynSource::v4(addr),
-        Source::V6(addr) => SynSource::v6(addr),
+    let key = if segment.is_v6 {
+        SynSource::v6(segment.source)
+    } else {
+        SynSource::v4(segment.source_v4())
     };
     // SAFETY: the helper only reads a clock.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -236,9 +251,9 @@ fn is_vlan(ethertype: u16) -> bool {
     ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD
 }
 
-/// Ethernet, up to two VLAN tags, then IPv4 or IPv6. `Ok(None)`: not a TCP segment
-/// whose ports this packet shows.
-fn parse(ctx: &XdpContext) -> Result<Option<Segment>, Malformed> {
+/// Ethernet, up to two VLAN tags, then IPv4 or IPv6; fills `segment` and returns true
+/// for a TCP segment whose ports this packet shows.
+fn parse(ctx: &XdpContext, segment: &mut Segment) -> Result<bool, Malformed> {
     let mut ethertype = be16(load(ctx, ETH_HLEN - 2)?);
     let mut l3 = ETH_HLEN;
     // Two tags (802.1ad outer, 802.1Q inner), written out: no loop for the verifier.
@@ -251,13 +266,13 @@ fn parse(ctx: &XdpContext) -> Result<Option<Segment>, Malformed> {
         }
     }
     match ethertype {
-        ETH_P_IP => parse_v4(ctx, l3),
-        ETH_P_IPV6 => parse_v6(ctx, l3),
-        _ => Ok(None),
+        ETH_P_IP => parse_v4(ctx, l3, segment),
+        ETH_P_IPV6 => parse_v6(ctx, l3, segment),
+        _ => Ok(false),
     }
 }
 
-fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Option<Segment>, Malformed> {
+fn parse_v4(ctx: &XdpContext, l3: usize, segment: &mut Segment) -> Result<bool, Malformed> {
     let header: [u8; IPV4_MIN_HLEN] = load(ctx, l3)?;
     if header[0] >> 4 != 4 {
         return Err(Malformed);
@@ -268,33 +283,27 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Option<Segment>, Malformed> {
         return Err(Malformed);
     }
     if header[9] != IPPROTO_TCP {
-        return Ok(None);
+        return Ok(false);
     }
     // Only the first fragment carries the TCP header; dropping it is enough to keep
     // the whole datagram out.
     if be16([header[6], header[7]]) & IP_OFFSET_MASK != 0 {
-        return Ok(None);
+        return Ok(false);
     }
-    let source = [header[12], header[13], header[14], header[15]];
-    let destination = v4_mapped([header[16], header[17], header[18], header[19]]);
-    tcp(
-        ctx,
-        l3 + header_len,
-        total_len - header_len,
-        Source::V4(source),
-        destination,
-    )
+    segment.is_v6 = false;
+    segment.source = v4_mapped([header[12], header[13], header[14], header[15]]);
+    segment.destination.addr = v4_mapped([header[16], header[17], header[18], header[19]]);
+    tcp(ctx, l3 + header_len, total_len - header_len, segment)
 }
 
-fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Option<Segment>, Malformed> {
+fn parse_v6(ctx: &XdpContext, l3: usize, segment: &mut Segment) -> Result<bool, Malformed> {
     let header: [u8; IPV6_HLEN] = load(ctx, l3)?;
     if header[0] >> 4 != 6 {
         return Err(Malformed);
     }
-    let mut source = [0u8; 16];
-    source.copy_from_slice(&header[8..24]);
-    let mut destination = [0u8; 16];
-    destination.copy_from_slice(&header[24..40]);
+    segment.is_v6 = true;
+    segment.source.copy_from_slice(&header[8..24]);
+    segment.destination.addr.copy_from_slice(&header[24..40]);
     let end = l3 + IPV6_HLEN + usize::from(be16([header[4], header[5]]));
     let mut next = header[6];
     let mut offset = l3 + IPV6_HLEN;
@@ -314,25 +323,25 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Option<Segment>, Malformed> {
             IPPROTO_FRAGMENT => {
                 let ext: [u8; 4] = load(ctx, offset)?;
                 if be16([ext[2], ext[3]]) >> 3 != 0 {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 next = ext[0];
                 offset += 8;
             }
             // No next header, ESP, or a protocol that is not TCP.
-            _ => return Ok(None),
+            _ => return Ok(false),
         }
         if offset > end {
             return Err(Malformed);
         }
         if offset > MAX_HEADERS_LEN {
-            return Ok(None);
+            return Ok(false);
         }
     }
     if next != IPPROTO_TCP {
-        return Ok(None);
+        return Ok(false);
     }
-    tcp(ctx, offset, end - offset, Source::V6(source), destination)
+    tcp(ctx, offset, end - offset, segment)
 }
 
 /// The TCP header at `offset`, of which the datagram holds `len` bytes.
@@ -340,23 +349,18 @@ fn tcp(
     ctx: &XdpContext,
     offset: usize,
     len: usize,
-    source: Source,
-    destination: [u8; 16],
-) -> Result<Option<Segment>, Malformed> {
+    segment: &mut Segment,
+) -> Result<bool, Malformed> {
     // Real first fragments carry at least 8 bytes of it.
     if len < 4 {
         return Err(Malformed);
     }
     let ports: [u8; 4] = load(ctx, offset)?;
-    let flags = if len > TCP_FLAGS_OFFSET {
+    segment.destination.port = be16([ports[2], ports[3]]);
+    if len > TCP_FLAGS_OFFSET {
         let [flags] = load(ctx, offset + TCP_FLAGS_OFFSET)?;
-        Some(flags)
-    } else {
-        None
-    };
-    Ok(Some(Segment {
-        source,
-        destination: FrontendKey::new(destination, be16([ports[2], ports[3]])),
-        flags,
-    }))
+        segment.has_flags = true;
+        segment.flags = flags;
+    }
+    Ok(true)
 }

@@ -139,7 +139,7 @@ mod tests {
     #[test]
     fn round_robin_follows_the_weights_exactly() {
         let b = backend(Balance::RoundRobin, &[1, 2, 5]);
-        let pool = Pool::new(&b, 0);
+        let pool = Pool::fresh(b.servers.len(), 0);
         let mut counts = [0; 3];
         for n in 0..800 {
             counts[order(&pool, &b, client(n))[0]] += 1;
@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn round_robin_retries_the_others_in_turn() {
         let b = backend(Balance::RoundRobin, &[1, 1, 1]);
-        let pool = Pool::new(&b, 0);
+        let pool = Pool::fresh(b.servers.len(), 0);
         assert_eq!(order(&pool, &b, client(0)), [0, 1, 2]);
         assert_eq!(order(&pool, &b, client(0)), [1, 2, 0]);
     }
@@ -158,7 +158,7 @@ mod tests {
     #[test]
     fn least_connections_prefers_the_least_loaded_per_weight() {
         let b = backend(Balance::LeastConn, &[1, 2, 1]);
-        let pool = Pool::new(&b, 0);
+        let pool = Pool::fresh(b.servers.len(), 0);
         pool.servers[0].active.store(3, Ordering::Relaxed);
         pool.servers[1].active.store(4, Ordering::Relaxed); // 2 per unit of weight
         pool.servers[2].active.store(1, Ordering::Relaxed);
@@ -168,7 +168,7 @@ mod tests {
     #[test]
     fn source_keeps_a_client_on_its_server_and_spreads_clients() {
         let b = backend(Balance::Source, &[1, 1, 1, 1]);
-        let pool = Pool::new(&b, 0);
+        let pool = Pool::fresh(b.servers.len(), 0);
         let mut counts = [0; 4];
         for n in 0..4000 {
             let first = order(&pool, &b, client(n))[0];
@@ -195,7 +195,7 @@ mod tests {
     fn drained_full_and_down_servers_are_skipped() {
         let mut b = backend(Balance::RoundRobin, &[1, 1, 1, 1]);
         b.servers[3].max_connections = Some(1);
-        let pool = Pool::new(&b, 0);
+        let pool = Pool::fresh(b.servers.len(), 0);
         pool.servers[0].set_admin(AdminState::Drain);
         pool.servers[1].set_health(crate::pool::HealthView {
             state: crate::health::state::Health::Down,
@@ -213,7 +213,7 @@ mod tests {
     fn retries_bound_the_servers_tried() {
         let mut b = backend(Balance::RoundRobin, &[1; 6]);
         b.retries = 1;
-        let pool = Pool::new(&b, 0);
+        let pool = Pool::fresh(b.servers.len(), 0);
         assert_eq!(order(&pool, &b, client(0)).len(), 2);
     }
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
 mod xdp;
-pub use xdp::{SynLimit, Xdp, XdpMode};
+pub use xdp::{Xdp, XdpMode};
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,6 +36,12 @@ pub struct Global {
     pub bpf_pin_path: PathBuf,
     pub control_socket: PathBuf,
     pub dataplane: DataplaneMode,
+    /// Where Prometheus scrapes `/metrics`; none when absent.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long SIGTERM waits for open connections before closing them.
+    pub shutdown_timeout: Duration,
+    /// Leave the pinned maps in place at exit (a restart removes and recreates them).
+    pub keep_pins: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -145,6 +151,7 @@ pub struct Server {
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/kgate";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/kgate/kgate.sock";
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_HALF_CLOSED_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_QUEUE_LIMIT: u64 = 4 << 20;
@@ -250,6 +257,12 @@ struct GlobalSection {
     control_socket: Spanned<PathBuf>,
     #[serde(default)]
     dataplane: DataplaneMode,
+    #[serde(default)]
+    metrics_listen: Option<Spanned<Address>>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    shutdown_timeout: Option<Duration>,
+    #[serde(default)]
+    keep_pins: bool,
 }
 
 impl Default for GlobalSection {
@@ -258,6 +271,9 @@ impl Default for GlobalSection {
             bpf_pin_path: default_pin_path(),
             control_socket: default_control_socket(),
             dataplane: DataplaneMode::default(),
+            metrics_listen: None,
+            shutdown_timeout: None,
+            keep_pins: false,
         }
     }
 }
@@ -517,6 +533,9 @@ impl GlobalSection {
             bpf_pin_path: self.bpf_pin_path.into_inner(),
             control_socket: self.control_socket.into_inner(),
             dataplane: self.dataplane,
+            metrics_listen: self.metrics_listen.map(|a| a.into_inner().0),
+            shutdown_timeout: self.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
+            keep_pins: self.keep_pins,
         })
     }
 }

@@ -21,6 +21,7 @@ use crate::{
     admission::Refusal,
     balance,
     config::Backend,
+    daemon::Daemon,
     dataplane::{Timeouts, Transfer},
     gateway::Gateway,
     proxy_header, upstream,
@@ -38,7 +39,13 @@ enum Outcome {
     ServerFailed(std::io::Error),
 }
 
-pub async fn handle(gateway: Arc<Gateway>, frontend: usize, client: TcpStream, peer: SocketAddr) {
+pub async fn handle(
+    daemon: &Daemon,
+    gateway: Arc<Gateway>,
+    frontend: usize,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let load = &gateway.loads[frontend];
     let frontend = &gateway.config.frontends[frontend];
@@ -54,7 +61,7 @@ pub async fn handle(gateway: Arc<Gateway>, frontend: usize, client: TcpStream, p
             let order = balance::order(pool, backend, peer.ip().to_canonical());
             match upstream::connect(backend, &order).await {
                 None => {
-                    pool.no_server.fetch_add(1, Ordering::Relaxed);
+                    pool.counters.no_server.fetch_add(1, Ordering::Relaxed);
                     Outcome::NoServer
                 }
                 Some(upstream::Upstream { mut stream, server }) => {
@@ -69,7 +76,7 @@ pub async fn handle(gateway: Arc<Gateway>, frontend: usize, client: TcpStream, p
                                 idle: frontend.idle_timeout,
                                 half_closed: frontend.half_closed_timeout,
                             };
-                            let transfer = gateway
+                            let transfer = daemon
                                 .dataplane
                                 .relay(
                                     &client,

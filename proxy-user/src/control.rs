@@ -1,5 +1,5 @@
-//! The control socket: a Unix stream socket where `kgate server set` (and later
-//! commands) reach the running daemon. One request line, one reply line: `ok ...` or
+//! The control socket: a Unix stream socket where `kgate reload` and `kgate server
+//! set` reach the running daemon. One request line, one reply line: `ok ...` or
 //! `error: ...`. Only root (the socket's owner) may connect.
 
 use std::{
@@ -15,7 +15,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{gateway::Gateway, pool::AdminState};
+use crate::{daemon::Daemon, pool::AdminState};
 
 /// Longest request accepted.
 const MAX_REQUEST: usize = 1024;
@@ -42,11 +42,11 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(gateway: Arc<Gateway>, listener: UnixListener) {
+pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(answer(gateway.clone(), stream));
+                tokio::spawn(answer(daemon.clone(), stream));
             }
             Err(e) => {
                 warn!("control socket: accept failed: {e}");
@@ -56,12 +56,12 @@ pub async fn serve(gateway: Arc<Gateway>, listener: UnixListener) {
     }
 }
 
-async fn answer(gateway: Arc<Gateway>, stream: UnixStream) {
+async fn answer(daemon: Arc<Daemon>, stream: UnixStream) {
     let (reader, mut writer) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(reader).take(MAX_REQUEST as u64);
     let reply = match reader.read_line(&mut line).await {
-        Ok(_) => execute(&gateway, line.trim()),
+        Ok(_) => execute(&daemon, line.trim()).await,
         Err(e) => Err(format!("unreadable request: {e}")),
     };
     let reply = match reply {
@@ -71,21 +71,23 @@ async fn answer(gateway: Arc<Gateway>, stream: UnixStream) {
     let _ = writer.write_all(reply.as_bytes()).await;
 }
 
-fn execute(gateway: &Gateway, request: &str) -> Result<String, String> {
+async fn execute(daemon: &Arc<Daemon>, request: &str) -> Result<String, String> {
     let words: Vec<&str> = request.split_whitespace().collect();
     match words.as_slice() {
+        ["reload"] => daemon.reload().await,
         ["server", "set", name, state] => {
             let state: AdminState = state.parse()?;
+            let gateway = daemon.gateway();
             let (b, s) = gateway.server(name).ok_or_else(|| {
                 format!("no server `{name}`: give BACKEND/SERVER as in the configuration")
             })?;
             gateway.pools[b].servers[s].set_admin(state);
-            gateway.changed.notify_one();
+            daemon.changed.notify_one();
             info!(server = %name, "set to {state} by the operator");
             Ok(format!("{name} {state}"))
         }
         _ => Err(format!(
-            "unknown request `{request}`: expected `server set BACKEND/SERVER ready|drain|maint`"
+            "unknown request `{request}`: expected `reload` or `server set BACKEND/SERVER ready|drain|maint`"
         )),
     }
 }
@@ -99,7 +101,7 @@ pub fn request(path: &PathBuf, request: &str) -> anyhow::Result<String> {
             path.display()
         )
     })?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     writeln!(stream, "{request}")?;
     let mut reply = String::new();
     std::io::BufReader::new(stream).read_line(&mut reply)?;

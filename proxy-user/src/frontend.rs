@@ -1,12 +1,10 @@
-//! Listening on a frontend's addresses and accepting clients.
+//! Listening on a frontend's addresses (accepting is the daemon's: a reload may hand
+//! an address to another frontend).
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tracing::warn;
-
-use crate::{conn, gateway::Gateway};
 
 const LISTEN_BACKLOG: i32 = 4096;
 
@@ -26,23 +24,4 @@ pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&address.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
-}
-
-/// Accepts clients of frontend `frontend` on `listener` forever, a task each.
-pub async fn serve(gateway: Arc<Gateway>, frontend: usize, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                tokio::spawn(conn::handle(gateway.clone(), frontend, client, peer));
-            }
-            Err(e) => {
-                // Out of file descriptors or memory: back off instead of spinning.
-                warn!(
-                    frontend = %gateway.config.frontends[frontend].name,
-                    "accept failed: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
 }

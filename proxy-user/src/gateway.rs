@@ -1,47 +1,111 @@
-//! What every connection shares while kgate runs: the configuration, the data plane,
-//! each backend's pool of servers, and the counters.
+//! One configuration at run time: its frontends, and each backend's pool of servers.
+//! A reload builds a new gateway, carrying over the run-time state of what did not
+//! change; connections keep the gateway they started with.
 
-use std::sync::atomic::Ordering;
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
 
 use tracing::info;
 
-use crate::{admission::FrontendLoad, config::Config, dataplane::Dataplane, pool::Pool};
+use crate::{
+    admission::FrontendLoad,
+    config::Config,
+    pool::{Pool, ServerRuntime, Slots, SlotsFull},
+};
 
 pub struct Gateway {
     pub config: Config,
-    pub dataplane: Dataplane,
     /// One per backend, in the order of `config.backends`.
     pub pools: Vec<Pool>,
     /// One per frontend, in the order of `config.frontends`.
-    pub loads: Vec<FrontendLoad>,
-    /// Signalled when a server's state changes, so it is published at once.
-    pub changed: tokio::sync::Notify,
+    pub loads: Vec<Arc<FrontendLoad>>,
+    /// The frontend listening on each address.
+    by_address: HashMap<SocketAddr, usize>,
 }
 
 impl Gateway {
-    pub fn new(config: Config, dataplane: Dataplane) -> Gateway {
-        let mut next_slot = 0;
-        let pools = config
-            .backends
-            .iter()
-            .map(|backend| {
-                let pool = Pool::new(backend, next_slot);
-                next_slot += backend.servers.len() as u32;
-                pool
-            })
-            .collect();
+    /// The gateway for `config`. What `previous` had under the same names keeps its
+    /// run-time state: frontends their connection counts, backends their counters,
+    /// servers (same address too) their state, counters and map slot.
+    pub fn build(
+        config: Config,
+        previous: Option<&Gateway>,
+        slots: &mut Slots,
+    ) -> Result<Gateway, SlotsFull> {
         let loads = config
             .frontends
             .iter()
-            .map(|_| FrontendLoad::default())
+            .map(|f| {
+                previous
+                    .and_then(|p| p.frontend(&f.name))
+                    .map(|i| previous.unwrap().loads[i].clone())
+                    .unwrap_or_default()
+            })
             .collect();
-        Gateway {
+        let mut kept = Vec::new();
+        let mut pools = Vec::with_capacity(config.backends.len());
+        for backend in &config.backends {
+            let old = previous.and_then(|p| {
+                let b = p
+                    .config
+                    .backends
+                    .iter()
+                    .position(|o| o.name == backend.name)?;
+                Some((&p.config.backends[b], &p.pools[b]))
+            });
+            let counters = old
+                .map(|(_, pool)| pool.counters.clone())
+                .unwrap_or_default();
+            let mut servers = Vec::with_capacity(backend.servers.len());
+            for server in &backend.servers {
+                let same = old.and_then(|(b, pool)| {
+                    let s = b.servers.iter().position(|o| o.name == server.name)?;
+                    (b.servers[s].address == server.address).then(|| pool.servers[s].clone())
+                });
+                let runtime = match same {
+                    Some(runtime) => runtime,
+                    None => Arc::new(ServerRuntime::new(slots.take()?)),
+                };
+                kept.push(runtime.slot);
+                servers.push(runtime);
+            }
+            pools.push(Pool::new(servers, counters));
+        }
+        // Servers of the previous gateway that are gone give their slot back once
+        // their last connection ends.
+        if let Some(previous) = previous {
+            for pool in &previous.pools {
+                for runtime in &pool.servers {
+                    if !kept.contains(&runtime.slot) {
+                        slots.retire(runtime.clone());
+                    }
+                }
+            }
+        }
+        let by_address = config
+            .frontends
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| f.listen.iter().map(move |&a| (a, i)))
+            .collect();
+        Ok(Gateway {
             config,
-            dataplane,
             pools,
             loads,
-            changed: tokio::sync::Notify::new(),
-        }
+            by_address,
+        })
+    }
+
+    pub fn frontend(&self, name: &str) -> Option<usize> {
+        self.config.frontends.iter().position(|f| f.name == name)
+    }
+
+    /// The frontend that listens on `address`.
+    pub fn frontend_at(&self, address: SocketAddr) -> Option<usize> {
+        self.by_address.get(&address).copied()
     }
 
     /// Finds `BACKEND/SERVER`.
@@ -72,7 +136,7 @@ impl Gateway {
         for (backend, pool) in self.config.backends.iter().zip(&self.pools) {
             info!(
                 backend = %backend.name,
-                no_server = pool.no_server.load(Ordering::Relaxed),
+                no_server = pool.counters.no_server.load(Ordering::Relaxed),
                 "backend totals"
             );
             for (server, runtime) in backend.servers.iter().zip(&pool.servers) {

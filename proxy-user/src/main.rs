@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod conn;
 mod control;
+mod daemon;
 mod dataplane;
 mod frontend;
 mod gateway;
@@ -22,6 +23,7 @@ mod proxy_header;
 mod publish;
 mod sockopt;
 mod upstream;
+mod xdp;
 
 use std::{io::IsTerminal, process::ExitCode};
 

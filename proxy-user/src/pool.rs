@@ -5,12 +5,14 @@ use std::{
     fmt,
     str::FromStr,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
 };
 
-use crate::{config::Backend, health::state::Health};
+use proxy_common::MAX_SERVERS;
+
+use crate::health::state::Health;
 
 /// What the operator set with `kgate server set`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,7 +89,7 @@ pub struct ServerRuntime {
 }
 
 impl ServerRuntime {
-    fn new(slot: u32) -> ServerRuntime {
+    pub fn new(slot: u32) -> ServerRuntime {
         ServerRuntime {
             slot,
             admin: AtomicU8::new(AdminState::Ready as u8),
@@ -145,22 +147,81 @@ impl ServerRuntime {
 /// A backend's servers, in configuration order.
 #[derive(Debug)]
 pub struct Pool {
-    pub servers: Vec<ServerRuntime>,
+    pub servers: Vec<Arc<ServerRuntime>>,
     /// Smooth weighted round robin: each server's current weight.
     pub(crate) round_robin: Mutex<Vec<i64>>,
+    pub counters: Arc<BackendCounters>,
+}
+
+/// A backend's counters, kept across reloads.
+#[derive(Debug, Default)]
+pub struct BackendCounters {
     /// Clients closed at once because no server could take them.
     pub no_server: AtomicU64,
 }
 
 impl Pool {
-    /// `first_slot` is the `servers` map slot of the backend's first server.
-    pub fn new(backend: &Backend, first_slot: u32) -> Pool {
+    pub fn new(servers: Vec<Arc<ServerRuntime>>, counters: Arc<BackendCounters>) -> Pool {
         Pool {
-            servers: (0..backend.servers.len())
-                .map(|i| ServerRuntime::new(first_slot + i as u32))
-                .collect(),
-            round_robin: Mutex::new(vec![0; backend.servers.len()]),
-            no_server: AtomicU64::new(0),
+            round_robin: Mutex::new(vec![0; servers.len()]),
+            servers,
+            counters,
         }
+    }
+
+    /// A pool of new servers in slots `first_slot..`, for tests.
+    #[cfg(test)]
+    pub fn fresh(servers: usize, first_slot: u32) -> Pool {
+        Pool::new(
+            (0..servers as u32)
+                .map(|i| Arc::new(ServerRuntime::new(first_slot + i)))
+                .collect(),
+            Arc::default(),
+        )
+    }
+}
+
+/// The slots of the pinned `servers` map: each server has one for as long as it
+/// exists or has connections.
+#[derive(Debug, Default)]
+pub struct Slots {
+    next: u32,
+    free: Vec<u32>,
+    /// Removed servers, until their last connection ends.
+    retiring: Vec<Arc<ServerRuntime>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("more than {MAX_SERVERS} servers in all: kgate can publish that many at most")]
+pub struct SlotsFull;
+
+impl Slots {
+    pub fn take(&mut self) -> Result<u32, SlotsFull> {
+        if let Some(slot) = self.free.pop() {
+            return Ok(slot);
+        }
+        if self.next as usize >= MAX_SERVERS {
+            return Err(SlotsFull);
+        }
+        self.next += 1;
+        Ok(self.next - 1)
+    }
+
+    pub fn retire(&mut self, runtime: Arc<ServerRuntime>) {
+        self.retiring.push(runtime);
+    }
+
+    /// Frees and returns the slots of retired servers nothing holds any more.
+    pub fn collect(&mut self) -> Vec<u32> {
+        let mut freed = Vec::new();
+        self.retiring.retain(|runtime| {
+            let held = Arc::strong_count(runtime) > 1;
+            if !held {
+                freed.push(runtime.slot);
+            }
+            held
+        });
+        self.free.extend(&freed);
+        freed
     }
 }

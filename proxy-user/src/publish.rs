@@ -6,16 +6,20 @@ use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 use proxy_common::ServerEntry;
 use tracing::warn;
 
-use crate::{gateway::Gateway, maps::ServerMaps};
+use crate::{daemon::Daemon, gateway::Gateway, maps::ServerMaps};
 
 /// How often counters are published; state changes are published at once.
 const PERIOD: Duration = Duration::from_secs(1);
 
 /// Publishes every server now, then every [`PERIOD`] and after every state change.
-pub async fn run(gateway: Arc<Gateway>, maps: Arc<ServerMaps>) {
+pub async fn run(daemon: Arc<Daemon>) {
+    let Some(maps) = &daemon.server_maps else {
+        return;
+    };
     let mut failed = false;
     loop {
-        match publish_all(&gateway, &maps) {
+        let freed = daemon.collect_slots().await;
+        match publish_all(&daemon.gateway(), maps, &freed) {
             Ok(()) => failed = false,
             // Once per failure streak: the next period tries again.
             Err(e) if !failed => {
@@ -26,12 +30,20 @@ pub async fn run(gateway: Arc<Gateway>, maps: Arc<ServerMaps>) {
         }
         tokio::select! {
             _ = tokio::time::sleep(PERIOD) => {}
-            _ = gateway.changed.notified() => {}
+            _ = daemon.changed.notified() => {}
         }
     }
 }
 
-pub fn publish_all(gateway: &Gateway, maps: &ServerMaps) -> Result<(), crate::maps::MapError> {
+/// Writes every server of `gateway`, and empties the slots in `freed`.
+pub fn publish_all(
+    gateway: &Gateway,
+    maps: &ServerMaps,
+    freed: &[u32],
+) -> Result<(), crate::maps::MapError> {
+    for &slot in freed {
+        maps.clear(slot)?;
+    }
     for (backend_id, (backend, pool)) in gateway
         .config
         .backends

@@ -9,6 +9,7 @@
 //! - [`postfix`]: a real, private Postfix (postscreen behind PROXY v2) in a namespace.
 //! - [`smtp`]: a small SMTP client, and the byte sequences of kgate's health checks.
 //! - [`sockmap`]: counts the entries of kgate's pinned sock hashes.
+//! - [`xdp`]: reads the XDP counters and runs `kgate block`.
 //!
 //! Everything here needs root (network namespaces); tests start with
 //! [`lab::skip_without_root`], the only allowed reason to skip.
@@ -20,5 +21,6 @@ pub mod postfix;
 pub mod rig;
 pub mod smtp;
 pub mod sockmap;
+pub mod xdp;
 
 mod proc;

@@ -23,8 +23,9 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A lab with kgate running in front of `backends` servers.
 pub struct Rig {
-    pub lab: Lab,
+    // Dropped first: kgate stops by SIGTERM (and logs its totals) before the lab goes.
     pub kgate: Kgate,
+    pub lab: Lab,
     pub dataplane: &'static str,
     fds_at_start: usize,
 }
@@ -55,6 +56,27 @@ impl Rig {
         backend_keys: &str,
         server_keys: &[&str],
     ) -> Rig {
+        Rig::start_with_sections(
+            dataplane,
+            backends,
+            frontend_keys,
+            backend_keys,
+            server_keys,
+            |_| String::new(),
+        )
+    }
+
+    /// Like [`Rig::start_with_servers`], with top-level tables (`[xdp]`, say) at the end
+    /// of the config: `sections` makes them once the lab exists, so they can name its
+    /// interfaces and files in its temp directory.
+    pub fn start_with_sections(
+        dataplane: &'static str,
+        backends: usize,
+        frontend_keys: &str,
+        backend_keys: &str,
+        server_keys: &[&str],
+        sections: impl FnOnce(&Lab) -> String,
+    ) -> Rig {
         let lab = Lab::new(backends);
         let mut config = global_section(&lab, dataplane);
         config.push_str(&format!(
@@ -80,6 +102,7 @@ proxy_protocol = "v2"
                 server_keys.get(i).unwrap_or(&"")
             ));
         }
+        config.push_str(&sections(&lab));
         let kgate = Kgate::start(&lab, &config);
         assert!(
             kgate.log().contains(&format!("dataplane=\"{dataplane}\"")),

@@ -1,6 +1,8 @@
 //! The `kgate` command line: one file per subcommand.
 
+mod block;
 mod check;
+mod reload;
 mod run;
 mod server;
 mod status;
@@ -55,9 +57,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Makes the running kgate re-read its configuration file and apply what changed,
+    /// without dropping connections. A file that does not validate changes nothing:
+    /// the reason is printed and the exit code is 1.
+    ///
+    /// Example: kgate reload
+    Reload {
+        /// The configuration file, for `control_socket`.
+        #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
+        config: PathBuf,
+        /// The control socket (instead of the configuration's `control_socket`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Changes a server at run time.
     #[command(subcommand)]
     Server(ServerCommand),
+    /// Blocks source prefixes in XDP, before they reach a socket ([xdp] in the config).
+    #[command(subcommand)]
+    Block(block::BlockCommand),
 }
 
 #[derive(Subcommand)]
@@ -90,12 +108,14 @@ impl Cli {
                 pin_path,
                 json,
             } => status::status(&config, pin_path, json),
+            Command::Reload { config, socket } => reload::reload(&config, socket),
             Command::Server(ServerCommand::Set {
                 server,
                 state,
                 config,
                 socket,
             }) => server::set(&config, socket, &server, &state),
+            Command::Block(command) => block::block(command),
         }
     }
 }

@@ -1,4 +1,7 @@
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -7,12 +10,11 @@ use tracing::{info, warn};
 use crate::{
     config::{Config, DataplaneMode, Global},
     control,
+    daemon::Daemon,
     dataplane::Dataplane,
-    frontend,
-    gateway::Gateway,
-    health,
     maps::{Bpf, MapsError, ServerMaps},
     publish,
+    xdp::EarlyDrop,
 };
 
 pub fn run(path: &Path) -> anyhow::Result<()> {
@@ -21,61 +23,70 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(serve(config))
+        .block_on(serve(config, path.to_owned()))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let kernel = load_kernel_side(&config.global)?;
-
-    // Bind everything before accepting anything: a gateway that serves half of its
-    // frontends is worse than one that refuses to start.
-    let mut listeners = Vec::new();
-    for (index, frontend) in config.frontends.iter().enumerate() {
-        for &address in &frontend.listen {
-            let listener = frontend::bind(address).with_context(|| {
-                format!(
-                    "frontend `{}` cannot listen on {address}: is the address configured on \
-                     this host, and is no other program listening on it?",
-                    frontend.name
-                )
-            })?;
-            listeners.push((index, listener));
-        }
-    }
+async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    let mut kernel = load_kernel_side(&config.global)?;
+    // XDP before the listeners: no client gets in ahead of the blocklist.
+    let early_drop = EarlyDrop::start(&config, &mut kernel.bpf)?;
     let control_listener = control::bind(&config.global.control_socket).with_context(|| {
         format!(
             "cannot create the control socket {}: set control_socket to a path kgate may create",
             config.global.control_socket.display()
         )
     })?;
-    let control_path = config.global.control_socket.clone();
+    let global = config.global.clone();
+    let (daemon, listeners) =
+        Daemon::new(config, path, kernel.dataplane, kernel.servers, early_drop)?;
+    daemon.start(listeners).await;
+    tokio::spawn(control::serve(daemon.clone(), control_listener));
+    tokio::spawn(publish::run(daemon.clone()));
+    info!(dataplane = daemon.dataplane.name(), "kgate ready");
 
-    let gateway = Arc::new(Gateway::new(config, kernel.dataplane));
-    for (index, listener) in listeners {
-        tokio::spawn(frontend::serve(gateway.clone(), index, listener));
-    }
-    tokio::spawn(control::serve(gateway.clone(), control_listener));
-    let (stop_checks, checks_stopped) = tokio::sync::watch::channel(false);
-    health::wiring::start(&gateway, &checks_stopped);
-    if let Some(servers) = kernel.servers {
-        tokio::spawn(publish::run(gateway.clone(), Arc::new(servers)));
-    }
-    info!(dataplane = gateway.dataplane.name(), "kgate ready");
-
+    let mut hangup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM: stopping"),
-        _ = interrupt.recv() => info!("SIGINT: stopping"),
+    let grace = loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                if let Err(e) = daemon.reload().await {
+                    warn!("reload failed, the running configuration stays: {e}");
+                }
+            }
+            _ = terminate.recv() => {
+                info!(
+                    open = daemon.open_connections(),
+                    "SIGTERM: no new connections; waiting up to {:?} for the open ones",
+                    global.shutdown_timeout
+                );
+                break global.shutdown_timeout;
+            }
+            _ = interrupt.recv() => {
+                info!("SIGINT: stopping now");
+                break Duration::ZERO;
+            }
+        }
+    };
+    let left = daemon.shut_down(grace).await;
+    if left > 0 {
+        info!("closing {left} connections still open");
     }
-    let _ = stop_checks.send(true);
-    gateway.log_totals();
-    gateway.dataplane.log_totals();
-    // Connection tasks still hold the gateway: unpin now rather than when they end.
-    if let Some(bpf) = &kernel.bpf {
-        bpf.unpin();
+    daemon.gateway().log_totals();
+    daemon.dataplane.log_totals();
+    if let Some(early_drop) = &daemon.early_drop {
+        early_drop.log_totals();
     }
-    let _ = std::fs::remove_file(&control_path);
+    if let Some(bpf) = &mut kernel.bpf {
+        if global.keep_pins {
+            bpf.keep_pins();
+        } else {
+            // Connection tasks still hold the maps: unpin now rather than at their end.
+            bpf.unpin();
+        }
+    }
+    let _ = std::fs::remove_file(&global.control_socket);
     Ok(())
 }
 

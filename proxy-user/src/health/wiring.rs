@@ -1,10 +1,10 @@
-//! Runs a [`Monitor`] for every checked server of the configuration and feeds its
+//! Runs a [`Monitor`] for every checked server of the current gateway and feeds its
 //! results to the server's run-time state (balancing, `kgate status`).
 //!
 //! A server in maint is not checked: its monitor is stopped while it is in maint and
 //! started afresh (unchecked, so usable) when it leaves maint.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
@@ -14,34 +14,79 @@ use super::{
 };
 use crate::{
     config::{CheckType, HealthConfig, Server},
+    daemon::Daemon,
     gateway::Gateway,
-    pool::{AdminState, HealthView},
+    pool::{AdminState, HealthView, ServerRuntime},
 };
 
 /// How often a server's watcher looks at the operator's state (maint or not).
 const ADMIN_POLL: Duration = Duration::from_millis(200);
 
-/// Starts the checks of every server whose backend has them. They stop when
-/// `shutdown` turns true.
-pub fn start(gateway: &Arc<Gateway>, shutdown: &watch::Receiver<bool>) {
-    for (b, backend) in gateway.config.backends.iter().enumerate() {
+/// The checks of one server: stopped when dropped.
+pub struct Watcher {
+    runtime: Arc<ServerRuntime>,
+    /// What the checks are: a reload that changes it restarts them.
+    fingerprint: String,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Makes the running checks those of `gateway`: starts them for new servers and for
+/// servers whose check changed, stops them for servers that are gone, and leaves the
+/// others running.
+pub fn update(
+    daemon: &Arc<Daemon>,
+    gateway: &Gateway,
+    watchers: &mut HashMap<(String, String), Watcher>,
+) {
+    let mut wanted = HashMap::new();
+    for (backend, pool) in gateway.config.backends.iter().zip(&gateway.pools) {
         let Some(kind) = check_kind(backend.health.check) else {
             continue;
         };
-        for (s, server) in backend.servers.iter().enumerate() {
+        for (server, runtime) in backend.servers.iter().zip(&pool.servers) {
             let spec = spec(kind, &backend.health, server);
             let settings = settings(&backend.health);
-            let name = format!("{}/{}", backend.name, server.name);
-            tokio::spawn(watch_server(
-                gateway.clone(),
-                (b, s),
-                name,
-                spec,
-                settings,
-                shutdown.clone(),
-            ));
+            let fingerprint = format!("{spec:?} {settings:?}");
+            let key = (backend.name.clone(), server.name.clone());
+            let unchanged = watchers
+                .get(&key)
+                .is_some_and(|w| Arc::ptr_eq(&w.runtime, runtime) && w.fingerprint == fingerprint);
+            let watcher = match watchers.remove(&key) {
+                Some(watcher) if unchanged => watcher,
+                _ => {
+                    let (stop, stopped) = watch::channel(false);
+                    let name = format!("{}/{}", backend.name, server.name);
+                    tokio::spawn(watch_server(
+                        daemon.clone(),
+                        runtime.clone(),
+                        name,
+                        spec,
+                        settings,
+                        stopped,
+                    ));
+                    Watcher {
+                        runtime: runtime.clone(),
+                        fingerprint,
+                        stop,
+                    }
+                }
+            };
+            wanted.insert(key, watcher);
         }
     }
+    // The rest are dropped, which stops them.
+    *watchers = wanted;
+}
+
+/// Stops every check (at shutdown).
+pub fn stop_all(watchers: &mut HashMap<(String, String), Watcher>) {
+    watchers.clear();
 }
 
 fn check_kind(check: CheckType) -> Option<CheckKind> {
@@ -80,26 +125,25 @@ fn settings(health: &HealthConfig) -> HealthSettings {
 /// Keeps one server's monitor running outside maint and copies its snapshots into the
 /// server's state.
 async fn watch_server(
-    gateway: Arc<Gateway>,
-    (b, s): (usize, usize),
+    daemon: Arc<Daemon>,
+    runtime: Arc<ServerRuntime>,
     name: String,
     spec: CheckSpec,
     settings: HealthSettings,
-    mut shutdown: watch::Receiver<bool>,
+    mut stopped: watch::Receiver<bool>,
 ) {
-    let runtime = &gateway.pools[b].servers[s];
     let mut running: Option<(Monitor, watch::Receiver<ServerHealthSnapshot>)> = None;
     loop {
         let in_maint = runtime.admin() == AdminState::Maint;
         match (&mut running, in_maint) {
             (None, false) => {
-                let changed = gateway.clone();
+                let changed = daemon.clone();
                 let monitor = Monitor::spawn(
                     name.clone(),
                     spec.clone(),
                     settings.clone(),
                     move |_| changed.changed.notify_one(),
-                    shutdown.clone(),
+                    stopped.clone(),
                 );
                 let snapshots = monitor.subscribe();
                 runtime.set_health(view(&snapshots.borrow()));
@@ -108,7 +152,7 @@ async fn watch_server(
             (Some(_), true) => {
                 running = None;
                 runtime.set_health(HealthView::unchecked());
-                gateway.changed.notify_one();
+                daemon.changed.notify_one();
             }
             _ => {}
         }
@@ -125,7 +169,7 @@ async fn watch_server(
                 }
             }
             _ = tokio::time::sleep(ADMIN_POLL) => {}
-            _ = shutdown.changed() => return,
+            _ = stopped.changed() => return,
         }
     }
 }

@@ -4,10 +4,11 @@
 //!
 //! [`Bpf`] owns the object (its programs and their attachments) and the pins; each
 //! feature takes its maps from it: [`Bpf::splice`] for the data plane,
-//! [`Bpf::servers`] for what `kgate status` shows.
+//! [`Bpf::servers`] for what `kgate status` shows, [`Bpf::xdp`] for early drop.
 
 mod servers;
 mod splice;
+mod xdp;
 
 use std::{
     fs, io,
@@ -26,6 +27,7 @@ use tracing::{info, warn};
 
 pub use servers::{ServerMaps, read_published};
 pub use splice::SpliceMaps;
+pub use xdp::{Attached, Blocklist, XdpMaps};
 
 /// The eBPF object, built by build.rs from proxy-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -43,6 +45,11 @@ const PINS: &[&str] = &[
     names::SPLICE_STATS_PIN,
     names::SERVERS_PIN,
     names::SERVER_BYTES_PIN,
+    // Not the blocklists: those are kept (maps/xdp.rs).
+    proxy_common::xdp::maps::FRONTENDS_PIN,
+    proxy_common::xdp::maps::CONFIG_PIN,
+    proxy_common::xdp::maps::SYN_RATE_PIN,
+    proxy_common::xdp::maps::STATS_PIN,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -72,23 +79,30 @@ pub struct Bpf {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     pins: Vec<PathBuf>,
+    /// Why the XDP program did not load, reported by [`Bpf::xdp`] only: a kernel
+    /// that rejects it can still run the splice.
+    xdp_load_error: Option<MapsError>,
 }
 
 impl Bpf {
     /// Loads the object and its programs (nothing attached yet) and prepares `pin_dir`.
     /// Must run inside a tokio runtime: the programs' log records are forwarded by a task.
     pub fn load(pin_dir: &Path) -> Result<Bpf, MapsError> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        xdp::reuse_kept_pins(&mut loader, pin_dir);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         forward_ebpf_logs(&mut ebpf);
         // Every program loads before any map is taken out of `ebpf` (the other order
         // fails with EBADF for BTF maps in aya 0.14).
         let splice: &mut SkSkb = program(&mut ebpf, programs::SPLICE)?;
         splice.load().map_err(program_error(programs::SPLICE))?;
+        let xdp_load_error = xdp::load_program(&mut ebpf).err();
         prepare_pin_dir(pin_dir)?;
         Ok(Bpf {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             pins: Vec::new(),
+            xdp_load_error,
         })
     }
 
@@ -102,6 +116,12 @@ impl Bpf {
         })?;
         self.pins.push(path);
         Ok(map)
+    }
+
+    /// Leaves the pins in place when this object drops (`keep_pins`); the next start
+    /// replaces them.
+    pub fn keep_pins(&mut self) {
+        self.pins.clear();
     }
 
     /// Removes the pins, so nothing outlives this process. Idempotent.

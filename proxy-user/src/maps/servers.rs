@@ -10,7 +10,7 @@ use super::{Bpf, MapError, MapsError, map_error};
 
 pub struct ServerMaps {
     entries: std::sync::Mutex<Array<MapData, ServerEntry>>,
-    bytes: PerCpuArray<MapData, ServerBytes>,
+    bytes: std::sync::Mutex<PerCpuArray<MapData, ServerBytes>>,
 }
 
 impl Bpf {
@@ -20,7 +20,7 @@ impl Bpf {
         let bytes = self.take_pinned(names::SERVER_BYTES, names::SERVER_BYTES_PIN)?;
         Ok(ServerMaps {
             entries: std::sync::Mutex::new(entries.try_into().map_err(map_error(names::SERVERS))?),
-            bytes: bytes.try_into().map_err(map_error(names::SERVER_BYTES))?,
+            bytes: std::sync::Mutex::new(bytes.try_into().map_err(map_error(names::SERVER_BYTES))?),
         })
     }
 }
@@ -31,9 +31,18 @@ impl ServerMaps {
         super::lock(&self.entries).set(slot, entry, 0)
     }
 
+    /// Empties `slot` (a removed server's), so that a new server there starts at zero.
+    pub fn clear(&self, slot: u32) -> Result<(), MapError> {
+        super::lock(&self.entries).set(slot, ServerEntry::default(), 0)?;
+        let mut bytes = super::lock(&self.bytes);
+        let cpus = bytes.get(&slot, 0)?.len();
+        let zeros = aya::maps::PerCpuValues::try_from(vec![ServerBytes::default(); cpus])?;
+        bytes.set(slot, zeros, 0)
+    }
+
     /// Bytes the splice program moved for the server in `slot`, all CPUs together.
     pub fn spliced_bytes(&self, slot: u32) -> Result<ServerBytes, MapError> {
-        let per_cpu = self.bytes.get(&slot, 0)?;
+        let per_cpu = super::lock(&self.bytes).get(&slot, 0)?;
         Ok(per_cpu
             .iter()
             .fold(ServerBytes::default(), |acc, b| ServerBytes {
@@ -55,11 +64,11 @@ pub fn read_published(pin_dir: &Path) -> Result<Vec<ServerEntry>, MapsError> {
         .map_err(map_error(names::SERVERS))?;
     let mut entries = Vec::new();
     for slot in 0..MAX_SERVERS as u32 {
+        // Slots of removed servers are empty until a new server takes them.
         let entry = array.get(&slot, 0).map_err(map_error(names::SERVERS))?;
-        if entry.in_use == 0 {
-            break;
+        if entry.in_use == 1 {
+            entries.push(entry);
         }
-        entries.push(entry);
     }
     Ok(entries)
 }

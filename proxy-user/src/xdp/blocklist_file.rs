@@ -19,24 +19,26 @@ use super::prefix::{Prefix, PrefixError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlocklistFileError {
-    #[error("{path}: cannot read the blocklist file: {source}")]
+    // The causes are part of the message, not `source`s: printed with `{:#}`, a
+    // source would repeat them.
+    #[error("{path}: cannot read the blocklist file: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path}:{line}: {source}; fix or remove that line")]
+    #[error("{path}:{line}: {error}; fix or remove that line")]
     Invalid {
         path: PathBuf,
         line: usize,
-        source: PrefixError,
+        error: PrefixError,
     },
 }
 
 /// Reads and parses the file at `path`.
 pub fn read(path: &Path) -> Result<BTreeSet<Prefix>, BlocklistFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| BlocklistFileError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| BlocklistFileError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     parse(&text, path)
 }
@@ -51,10 +53,10 @@ pub fn parse(text: &str, path: &Path) -> Result<BTreeSet<Prefix>, BlocklistFileE
         }
         let prefix = content
             .parse()
-            .map_err(|source| BlocklistFileError::Invalid {
+            .map_err(|error| BlocklistFileError::Invalid {
                 path: path.to_owned(),
                 line: index + 1,
-                source,
+                error,
             })?;
         prefixes.insert(prefix);
     }

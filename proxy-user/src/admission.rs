@@ -20,6 +20,11 @@ pub struct FrontendLoad {
     per_source: Mutex<HashMap<IpAddr, u32>>,
     /// Clients closed at once because a limit was reached.
     pub refused: AtomicU64,
+    /// Clients admitted.
+    pub admitted: AtomicU64,
+    /// Bytes from and to the clients, added when each connection ends.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
 }
 
 /// Why a client was closed at once.
@@ -54,9 +59,12 @@ impl FrontendLoad {
 
     pub fn admit(&self, frontend: &Frontend, source: IpAddr) -> Result<Admitted<'_>, Refusal> {
         let result = self.try_admit(frontend, source);
-        if result.is_err() {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-        }
+        let counter = if result.is_ok() {
+            &self.admitted
+        } else {
+            &self.refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         result
     }
 

@@ -86,6 +86,10 @@ pub async fn handle(
                                     timeouts,
                                 )
                                 .await;
+                            load.bytes_in
+                                .fetch_add(transfer.from_client, Ordering::Relaxed);
+                            load.bytes_out
+                                .fetch_add(transfer.from_server, Ordering::Relaxed);
                             runtime
                                 .copied_in
                                 .fetch_add(transfer.copied_from_client, Ordering::Relaxed);

@@ -18,6 +18,7 @@ mod frontend;
 mod gateway;
 mod health;
 mod maps;
+mod metrics;
 mod pool;
 mod proxy_header;
 mod publish;

@@ -86,6 +86,8 @@ pub struct ServerRuntime {
     /// connection); the eBPF program counts the spliced ones.
     pub copied_in: AtomicU64,
     pub copied_out: AtomicU64,
+    pub checks_passed: AtomicU64,
+    pub checks_failed: AtomicU64,
 }
 
 impl ServerRuntime {
@@ -99,6 +101,8 @@ impl ServerRuntime {
             total: AtomicU64::new(0),
             copied_in: AtomicU64::new(0),
             copied_out: AtomicU64::new(0),
+            checks_passed: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
         }
     }
 

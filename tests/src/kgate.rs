@@ -284,7 +284,6 @@ impl Kgate {
         self.exit_status
     }
 
-    /// The pin directory of this kgate (`pin_path_for(lab)`).
     /// `kgate status --json` for this kgate's pinned maps, parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = Command::new(kgate_bin())
@@ -300,6 +299,15 @@ impl Kgate {
         serde_json::from_slice(&out.stdout).expect("kgate status --json prints JSON")
     }
 
+    /// `kgate reload` through this kgate's control socket.
+    pub fn reload(&self) -> std::process::Output {
+        Command::new(kgate_bin())
+            .args(["reload", "--socket"])
+            .arg(&self.control_socket)
+            .output()
+            .expect("running kgate reload")
+    }
+
     /// `kgate server set SERVER STATE` through this kgate's control socket.
     pub fn server_set(&self, server: &str, state: &str) -> std::process::Output {
         Command::new(kgate_bin())
@@ -309,6 +317,7 @@ impl Kgate {
             .expect("running kgate server set")
     }
 
+    /// The pin directory of this kgate (`pin_path_for(lab)`).
     pub fn pin_path(&self) -> PathBuf {
         self.pin_path.clone()
     }

@@ -12,8 +12,9 @@ use crate::{
     control,
     daemon::Daemon,
     dataplane::Dataplane,
+    frontend,
     maps::{Bpf, MapsError, ServerMaps},
-    publish,
+    metrics, publish,
     xdp::EarlyDrop,
 };
 
@@ -36,12 +37,21 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
             config.global.control_socket.display()
         )
     })?;
+    let metrics_listener = match config.global.metrics_listen {
+        None => None,
+        Some(address) => Some(frontend::bind(address).with_context(|| {
+            format!("cannot serve metrics on {address}: set metrics_listen to a free local address")
+        })?),
+    };
     let global = config.global.clone();
     let (daemon, listeners) =
         Daemon::new(config, path, kernel.dataplane, kernel.servers, early_drop)?;
     daemon.start(listeners).await;
     tokio::spawn(control::serve(daemon.clone(), control_listener));
     tokio::spawn(publish::run(daemon.clone()));
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(metrics::serve(daemon.clone(), listener));
+    }
     info!(dataplane = daemon.dataplane.name(), "kgate ready");
 
     let mut hangup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;

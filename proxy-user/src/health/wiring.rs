@@ -165,7 +165,14 @@ async fn watch_server(
         tokio::select! {
             changed = snapshot_changed => {
                 if changed && let Some((_, snapshots)) = &running {
-                    runtime.set_health(view(&snapshots.borrow()));
+                    let snapshot = snapshots.borrow().clone();
+                    // A new snapshot follows each finished check.
+                    let counter = match snapshot.health.last() {
+                        Some(Ok(())) => &runtime.checks_passed,
+                        _ => &runtime.checks_failed,
+                    };
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    runtime.set_health(view(&snapshot));
                 }
             }
             _ = tokio::time::sleep(ADMIN_POLL) => {}

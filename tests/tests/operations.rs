@@ -1,0 +1,411 @@
+//! Operating kgate: reloads that change everything but drop nothing, a reload with a
+//! broken file, a graceful SIGTERM, and the Prometheus metrics.
+
+use std::{
+    fs,
+    hash::Hasher,
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    backend::{TcpServer, read_proxy_header},
+    kgate::{Kgate, global_section},
+    lab::{Lab, skip_without_root},
+    rig::{IO_TIMEOUT, Rng, connect, set_timeouts},
+};
+
+/// A config with frontends `(name, port)` on the gateway, all to backend `mail`
+/// with the lab's backends `servers` (indexes).
+fn config(lab: &Lab, extra_global: &str, frontends: &[(&str, u16)], servers: &[usize]) -> String {
+    let mut text = global_section(lab, "sockmap");
+    text.push_str(extra_global);
+    for (name, port) in frontends {
+        text.push_str(&format!(
+            "\n[[frontends]]\nname = \"{name}\"\nlisten = [\"{}:{port}\"]\nbackend = \"mail\"\n",
+            lab.gateway().v4()
+        ));
+    }
+    text.push_str("\n[[backends]]\nname = \"mail\"\nconnect_timeout = \"1s\"\n");
+    for &i in servers {
+        text.push_str(&format!(
+            "[[backends.servers]]\nname = \"node{i}\"\naddress = \"{}:2525\"\n",
+            lab.backend(i).v4()
+        ));
+    }
+    text
+}
+
+fn at(lab: &Lab, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(lab.gateway().v4()), port)
+}
+
+/// Echoes everything back after the PROXY header, until the client closes.
+fn echo(lab: &Lab, i: usize) -> TcpServer {
+    TcpServer::start(
+        lab.backend(i),
+        SocketAddr::new(lab.backend(i).v4().into(), 2525),
+        |mut s| {
+            set_timeouts(&s);
+            if read_proxy_header(&mut s).is_err() {
+                return;
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        },
+    )
+}
+
+/// Whether a client can open a session on `frontend` and have a byte echoed.
+fn answers(frontend: SocketAddr) -> bool {
+    let Ok(mut c) = TcpStream::connect_timeout(&frontend, Duration::from_secs(2)) else {
+        return false;
+    };
+    set_timeouts(&c);
+    let mut byte = [0u8];
+    c.write_all(b"?").is_ok() && c.read_exact(&mut byte).is_ok() && byte == *b"?"
+}
+
+/// Frontends (name, port) and the lab backends in the pool.
+type Layout = (&'static [(&'static str, u16)], &'static [usize]);
+
+#[test]
+fn a_busy_connection_survives_ten_reloads_that_add_and_remove_servers_and_frontends() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(3);
+    let _servers: Vec<_> = (0..3).map(|i| echo(&lab, i)).collect();
+    let layouts: [Layout; 2] = [
+        (&[("smtp", 2525)], &[0, 1]),
+        // node0, which carries the busy connection, leaves the configuration here.
+        (&[("smtp", 2525), ("submission", 2587)], &[1, 2]),
+    ];
+    let mut kgate = Kgate::start(&lab, &config(&lab, "", layouts[0].0, layouts[0].1));
+    let (smtp, submission) = (at(&lab, 2525), at(&lab, 2587));
+
+    // One connection moves data both ways for the whole test.
+    let busy = lab.client().spawn(move || {
+        let mut c = connect(smtp);
+        let mut reader = c.try_clone().unwrap();
+        let started = Instant::now();
+        let receiver = thread::spawn(move || {
+            let mut hasher = std::hash::DefaultHasher::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                let n = reader.read(&mut buf).unwrap();
+                if n == 0 {
+                    return (total, hasher.finish());
+                }
+                hasher.write(&buf[..n]);
+                total += n as u64;
+            }
+        });
+        let mut rng = Rng(99);
+        let mut hasher = std::hash::DefaultHasher::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        let mut sent = 0u64;
+        while started.elapsed() < Duration::from_secs(30) {
+            rng.fill(&mut chunk);
+            c.write_all(&chunk).unwrap();
+            hasher.write(&chunk);
+            sent += chunk.len() as u64;
+            thread::sleep(Duration::from_millis(5));
+        }
+        c.shutdown(Shutdown::Write).unwrap();
+        let received = receiver.join().unwrap();
+        ((sent, hasher.finish()), received)
+    });
+
+    for reload in 1..=10 {
+        thread::sleep(Duration::from_millis(2500));
+        let (frontends, servers) = layouts[reload % 2];
+        fs::write(kgate.config_path(), config(&lab, "", frontends, servers)).unwrap();
+        let out = kgate.reload();
+        assert!(
+            out.status.success(),
+            "reload {reload}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let with_submission = frontends.len() == 2;
+        let (smtp_answers, submission_answers) = lab
+            .client()
+            .run(move || (answers(smtp), answers(submission)));
+        assert!(smtp_answers, "reload {reload}: smtp stopped answering");
+        assert_eq!(
+            submission_answers, with_submission,
+            "reload {reload}: a new frontend accepts, a removed one refuses"
+        );
+    }
+    let (sent, received) = busy.join().expect("the busy connection failed");
+    assert!(
+        sent.0 > 10 << 20,
+        "the connection moved only {} bytes",
+        sent.0
+    );
+    assert_eq!(
+        sent, received,
+        "every byte came back, in order, across the reloads"
+    );
+    assert_eq!(kgate.log().matches("reloaded:").count(), 10);
+    kgate.stop();
+    assert!(kgate.exit_status().unwrap().success());
+}
+
+#[test]
+fn a_reload_with_a_broken_file_keeps_the_old_configuration_and_says_why() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(1);
+    let _server = echo(&lab, 0);
+    let good = config(&lab, "", &[("smtp", 2525)], &[0]);
+    let mut kgate = Kgate::start(&lab, &good);
+    let smtp = at(&lab, 2525);
+
+    // A typo, and a frontend on a port another program holds: neither may change anything.
+    let typo = good.replace("connect_timeout", "connect_timout");
+    fs::write(kgate.config_path(), &typo).unwrap();
+    let out = kgate.reload();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(said.contains("unknown field `connect_timout`"), "{said}");
+    assert!(
+        said.contains(&format!("{}:", kgate.config_path().display())),
+        "{said}"
+    );
+    assert!(
+        lab.client().run(move || answers(smtp)),
+        "the old configuration serves"
+    );
+
+    let squatter = lab
+        .gateway()
+        .run(|| std::net::TcpListener::bind("127.0.0.1:2999").unwrap());
+    let busy_port = good.replace(
+        "[[backends]]",
+        "[[frontends]]\nname = \"squatted\"\nlisten = [\"127.0.0.1:2999\"]\nbackend = \"mail\"\n\n[[backends]]",
+    );
+    fs::write(kgate.config_path(), &busy_port).unwrap();
+    let out = kgate.reload();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot listen on 127.0.0.1:2999"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(squatter);
+
+    // SIGHUP reads the file too, and logs why it could not apply it.
+    fs::write(kgate.config_path(), &typo).unwrap();
+    kgate.signal(libc::SIGHUP);
+    assert!(kgate.wait_for_log("reload failed", Duration::from_secs(5)));
+    assert!(lab.client().run(move || answers(smtp)));
+    assert!(!kgate.log().contains("reloaded:"));
+}
+
+#[test]
+fn sigterm_lets_open_connections_finish_then_exits_0_and_leaves_no_pins() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(1);
+    // The server answers each request a second after it comes, then closes.
+    let _server = TcpServer::start(
+        lab.backend(0),
+        SocketAddr::new(lab.backend(0).v4().into(), 2525),
+        |mut s| {
+            set_timeouts(&s);
+            read_proxy_header(&mut s).unwrap();
+            let mut request = [0u8; 5];
+            s.read_exact(&mut request).unwrap();
+            thread::sleep(Duration::from_secs(1));
+            s.write_all(b"250 done\r\n").unwrap();
+        },
+    );
+    let mut kgate = Kgate::start(
+        &lab,
+        &config(
+            &lab,
+            "shutdown_timeout = \"10s\"\n",
+            &[("smtp", 2525)],
+            &[0],
+        ),
+    );
+    let smtp = at(&lab, 2525);
+    let pins = kgate.pin_path();
+    assert!(pins.join("peers").exists());
+
+    let session = lab.client().spawn(move || {
+        let mut c = connect(smtp);
+        c.write_all(b"DATA\n").unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        reply
+    });
+    thread::sleep(Duration::from_millis(300));
+    let stopping = Instant::now();
+    kgate.signal(libc::SIGTERM);
+    assert!(kgate.wait_for_log("SIGTERM", Duration::from_secs(2)));
+    let refused = lab
+        .client()
+        .run(move || TcpStream::connect_timeout(&smtp, Duration::from_secs(2)).map(|_| ()));
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionRefused),
+        "no new connection after SIGTERM"
+    );
+    assert_eq!(
+        session.join().unwrap(),
+        "250 done\r\n",
+        "the open session finished"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kgate.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "kgate still runs after its last connection"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let took = stopping.elapsed();
+    kgate.stop();
+    assert!(
+        kgate.exit_status().unwrap().success(),
+        "{:?}",
+        kgate.exit_status()
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "exited {took:?} after SIGTERM"
+    );
+    let left: Vec<_> = fs::read_dir(&pins)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    // Only the blocklists stay pinned (kept across restarts), and only with [xdp].
+    assert!(left.is_empty(), "pins left behind: {left:?}");
+}
+
+#[test]
+fn metrics_parse_and_count_the_traffic() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(2);
+    let _servers: Vec<_> = (0..2).map(|i| echo(&lab, i)).collect();
+    let kgate = Kgate::start(
+        &lab,
+        &config(
+            &lab,
+            "metrics_listen = \"127.0.0.1:9464\"\n",
+            &[("smtp", 2525)],
+            &[0, 1],
+        ),
+    );
+    let smtp = at(&lab, 2525);
+    // Six sessions, each sending 1000 bytes and getting them back.
+    lab.client().run(move || {
+        for _ in 0..6 {
+            let mut c = connect(smtp);
+            c.write_all(&[b'x'; 1000]).unwrap();
+            let mut back = vec![0u8; 1000];
+            c.read_exact(&mut back).unwrap();
+        }
+    });
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let scrape = loop {
+        let text = lab.gateway().run(|| {
+            let mut c = TcpStream::connect("127.0.0.1:9464").unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: kgate\r\n\r\n")
+                .unwrap();
+            let mut response = String::new();
+            c.read_to_string(&mut response).unwrap();
+            response
+        });
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+            .expect("the Prometheus text format");
+        // Counters are added when a connection ends, just after the client sees it end.
+        if value(&scrape, "kgate_frontend_bytes_in_total", &[]) == 6000.0
+            || Instant::now() > deadline
+        {
+            break scrape;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let smtp_frontend = [("frontend", "smtp")];
+    assert_eq!(
+        value(&scrape, "kgate_frontend_connections_total", &smtp_frontend),
+        6.0
+    );
+    assert_eq!(
+        value(&scrape, "kgate_frontend_bytes_in_total", &smtp_frontend),
+        6000.0
+    );
+    assert_eq!(
+        value(&scrape, "kgate_frontend_bytes_out_total", &smtp_frontend),
+        6000.0
+    );
+    assert_eq!(
+        value(&scrape, "kgate_frontend_refused_total", &smtp_frontend),
+        0.0
+    );
+    assert_eq!(
+        value(&scrape, "kgate_frontend_active_connections", &smtp_frontend),
+        0.0
+    );
+    let per_server: Vec<f64> = ["node0", "node1"]
+        .iter()
+        .map(|s| value(&scrape, "kgate_server_connections_total", &[("server", s)]))
+        .collect();
+    assert_eq!(per_server, [3.0, 3.0], "round robin");
+    let bytes_in: f64 = ["node0", "node1"]
+        .iter()
+        .map(|s| value(&scrape, "kgate_server_bytes_in_total", &[("server", s)]))
+        .sum();
+    assert_eq!(
+        bytes_in, 6000.0,
+        "spliced bytes counted per server in-kernel"
+    );
+    assert_eq!(
+        value(&scrape, "kgate_server_up", &[("server", "node0")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "kgate_server_state",
+            &[("server", "node1"), ("state", "unchecked")]
+        ),
+        1.0
+    );
+    assert_eq!(value(&scrape, "kgate_backend_no_server_total", &[]), 0.0);
+    drop(kgate);
+}
+
+/// The value of the sample of `name` whose labels include `labels`; panics unless
+/// exactly one matches.
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<_> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .collect();
+    assert_eq!(matching.len(), 1, "{name} {labels:?}: {matching:?}");
+    match matching[0].value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        ref other => panic!("{name}: {other:?}"),
+    }
+}

@@ -20,6 +20,7 @@ mod health;
 mod maps;
 mod metrics;
 mod pool;
+mod privileges;
 mod proxy_header;
 mod publish;
 mod sockopt;

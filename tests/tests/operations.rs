@@ -409,3 +409,51 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
         ref other => panic!("{name}: {other:?}"),
     }
 }
+
+#[test]
+fn after_start_kgate_keeps_only_the_capabilities_it_needs_and_hides_its_state() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(1);
+    let _server = echo(&lab, 0);
+    let kgate = Kgate::start(&lab, &config(&lab, "", &[("smtp", 2525)], &[0]));
+    let smtp = at(&lab, 2525);
+    // Traffic wakes every runtime thread, which then drops its own capabilities.
+    lab.client().run(move || {
+        for _ in 0..20 {
+            assert!(answers(smtp));
+        }
+    });
+    // CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12), CAP_BPF (39).
+    let kept: u64 = (1 << 10) | (1 << 12) | (1 << 39);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let threads: Vec<(String, u64)> = fs::read_dir(format!("/proc/{}/task", kgate.pid()))
+            .unwrap()
+            .flatten()
+            .filter_map(|task| {
+                let status = fs::read_to_string(task.path().join("status")).ok()?;
+                let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+                Some((
+                    task.file_name().to_string_lossy().into_owned(),
+                    u64::from_str_radix(eff.trim(), 16).ok()?,
+                ))
+            })
+            .collect();
+        if threads.iter().all(|(_, eff)| *eff == kept) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "threads with other capabilities than {kept:x}: {threads:x?}"
+        );
+        lab.client().run(move || answers(smtp));
+        thread::sleep(Duration::from_millis(100));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&kgate.pin_path()), 0o700, "pin directory");
+    let control = std::path::PathBuf::from(format!("/run/kgate-test-{}.sock", lab.unique_name()));
+    assert_eq!(mode(&control), 0o600, "control socket");
+}

@@ -14,7 +14,7 @@ use crate::{
     dataplane::Dataplane,
     frontend,
     maps::{Bpf, MapsError, ServerMaps},
-    metrics, publish,
+    metrics, privileges, publish,
     xdp::EarlyDrop,
 };
 
@@ -22,6 +22,8 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(privileges::on_thread_activity)
+        .on_thread_unpark(privileges::on_thread_activity)
         .build()
         .context("starting the async runtime")?
         .block_on(serve(config, path.to_owned()))
@@ -52,6 +54,7 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     if let Some(listener) = metrics_listener {
         tokio::spawn(metrics::serve(daemon.clone(), listener));
     }
+    privileges::drop_now();
     info!(dataplane = daemon.dataplane.name(), "kgate ready");
 
     let mut hangup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;

@@ -181,6 +181,9 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), MapsError> {
         info!("mounted a bpf filesystem on {BPF_FS_ROOT}");
     }
     fs::create_dir_all(pin_dir).map_err(pin_error)?;
+    // The maps say who connects where: root's business only.
+    fs::set_permissions(pin_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(pin_error)?;
     if !is_bpf_fs(pin_dir) {
         return Err(pin_error(io::Error::other(format!(
             "{} is not on a bpf filesystem: mount one with `mount -t bpf bpf DIR` or set \

@@ -110,6 +110,10 @@ fn a_blocked_source_cannot_connect_while_another_can_and_unblocking_works_at_onc
         (3, 0),
         "{counters:?}"
     );
+    // kgate status shows the same counters.
+    let status = rig.kgate.status();
+    assert_eq!(status["xdp"]["dropped_blocklist"], 3, "{status}");
+    assert_eq!(status["xdp"]["dropped_syn_rate"], 0, "{status}");
     // bpftool shows the counters by name (BTF).
     let dump = Command::new("bpftool")
         .args(["map", "dump", "pinned"])

@@ -16,10 +16,30 @@ pub fn status(config: &Path, pin_path: Option<PathBuf>, json: bool) -> anyhow::R
             pin_path.display()
         )
     })?;
+    // Pinned only when the configuration has an [xdp] section.
+    let xdp = maps::read_xdp_stats(&pin_path).ok();
     if json {
-        println!("{}", to_json(&servers));
+        let mut value = to_json(&servers);
+        if let Some(x) = &xdp {
+            value["xdp"] = serde_json::json!({
+                "passed": x.passed,
+                "dropped_blocklist": x.dropped_blocklist,
+                "dropped_syn_rate": x.dropped_syn_rate,
+                "malformed": x.malformed,
+            });
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("JSON of strings and numbers")
+        );
     } else {
         print!("{}", table(&servers));
+        if let Some(x) = &xdp {
+            println!(
+                "\nxdp: passed {}, dropped by blocklist {}, dropped by SYN rate {}, malformed (passed) {}",
+                x.passed, x.dropped_blocklist, x.dropped_syn_rate, x.malformed
+            );
+        }
     }
     Ok(())
 }
@@ -83,7 +103,7 @@ fn table(servers: &[ServerEntry]) -> String {
     out
 }
 
-fn to_json(servers: &[ServerEntry]) -> String {
+fn to_json(servers: &[ServerEntry]) -> serde_json::Value {
     let items: Vec<serde_json::Value> = servers
         .iter()
         .map(|e| {
@@ -102,6 +122,5 @@ fn to_json(servers: &[ServerEntry]) -> String {
             })
         })
         .collect();
-    serde_json::to_string_pretty(&serde_json::json!({ "servers": items }))
-        .expect("JSON of strings and numbers")
+    serde_json::json!({ "servers": items })
 }

@@ -231,7 +231,6 @@ impl XdpMaps {
 
 /// The counters of the XDP program of the kgate whose maps are pinned under
 /// `pin_dir`, summed over CPUs: for `kgate status`, from another process.
-#[allow(dead_code, reason = "for `kgate status`, which does not show XDP yet")]
 pub fn read_xdp_stats(pin_dir: &Path) -> Result<XdpStats, MapsError> {
     let path = pin_dir.join(names::STATS_PIN);
     let data = MapData::from_pin(&path).map_err(map_error(names::STATS))?;

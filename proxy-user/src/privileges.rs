@@ -6,7 +6,8 @@
 //! its maps (CAP_BPF, CAP_NET_ADMIN, for kernels that restrict BPF to them); nothing
 //! else. Capabilities belong to each thread, so every runtime thread drops its own
 //! as soon as it runs after [`drop_now`]: [`on_thread_activity`] is the runtime's
-//! thread hook.
+//! thread hook. (An idle blocking-pool thread keeps its set until it next runs or
+//! exits after tokio's keep-alive of 10 s.)
 
 use std::{
     cell::Cell,
@@ -51,9 +52,14 @@ pub fn on_thread_activity() {
 fn drop_in_this_thread() -> Result<(), caps::errors::CapsError> {
     let permitted = caps::read(None, CapSet::Permitted)?;
     let kept: CapsHashSet = KEPT.into_iter().filter(|c| permitted.contains(c)).collect();
-    for cap in caps::read(None, CapSet::Bounding)? {
-        if !kept.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap)?;
+    // Shrinking the bounding set takes CAP_SETPCAP, which a systemd unit may not
+    // grant (it bounds the set itself); the effective and permitted sets are what
+    // matter to a running process.
+    if permitted.contains(&Capability::CAP_SETPCAP) {
+        for cap in caps::read(None, CapSet::Bounding)? {
+            if !kept.contains(&cap) {
+                caps::drop(None, CapSet::Bounding, cap)?;
+            }
         }
     }
     caps::set(None, CapSet::Inheritable, &CapsHashSet::new())?;

@@ -1,4 +1,4 @@
-//! kgate's tasks: `cargo xtask build-ebpf | build | test | demo`.
+//! kgate's tasks: `cargo xtask build-ebpf | build | test | demo | deb`.
 //!
 //! Every command installs what it needs first (see `setup`), so on a fresh machine
 //! `cargo xtask test` or `cargo xtask demo` is the only command to type. This crate
@@ -6,6 +6,7 @@
 
 mod build;
 mod build_ebpf;
+mod deb;
 mod demo;
 mod setup;
 mod test;
@@ -18,7 +19,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "Build, test and demo kgate"
+    about = "Build, test, demo and package kgate"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,6 +32,7 @@ enum Command {
     Build(build::Options),
     Test(test::Options),
     Demo(demo::Options),
+    Deb(deb::Options),
 }
 
 /// Prints an error as its message and causes, one a line: what to do comes first.
@@ -55,6 +57,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Build(options) => build::run(options),
         Command::Test(options) => test::run(options),
         Command::Demo(options) => demo::run(options),
+        Command::Deb(options) => deb::run(options),
     }
 }
 

@@ -5,6 +5,7 @@
 //!   against the nightly's own LLVM). Needed by anything that builds `kgate`, because
 //!   proxy-user's build script compiles the eBPF object.
 //! - [`debian_packages`]: the programs the tests and the demo run ([`DEBIAN_PACKAGES`]).
+//! - [`cargo_deb`]: cargo-deb, for the Debian package (`cargo xtask deb`, and its test).
 //!
 //! It also owns the workspace paths and the `Command`s for cargo, so that every child
 //! process sees the same PATH (with cargo's bin dir, where `bpf-linker` is installed).
@@ -75,6 +76,15 @@ pub const DEBIAN_PACKAGES: &[DebianPackage] = &[
     DebianPackage::new(
         "swaks",
         "SMTP sessions from the lab's client namespace, through kgate to Postfix",
+    ),
+    DebianPackage::new(
+        "systemd",
+        "`systemd-analyze verify` and `security --offline` check kgate's unit in the packaging \
+         test (it runs no systemd; installing the package starts nothing in a container)",
+    ),
+    DebianPackage::new(
+        "dpkg-dev",
+        "`dpkg-shlibdeps`: cargo-deb computes the Debian package's Depends with it",
     ),
 ];
 
@@ -305,6 +315,58 @@ fn find_nightly_llvm(lib_dir: &Path) -> anyhow::Result<(PathBuf, u32)> {
             lib_dir.display()
         )
     })
+}
+
+/// The cargo-deb release `cargo xtask deb` and the packaging test use (pinned, like
+/// the eBPF crates: a newer one may need a newer rustc).
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// Makes sure `cargo deb` works: installs cargo-deb with `cargo install` when missing
+/// (about a minute). Only `cargo xtask deb` and `cargo xtask test` (for
+/// tests/tests/packaging.rs) need it.
+pub fn cargo_deb(env: &Env) -> anyhow::Result<()> {
+    if let Some(path) = env.find("cargo-deb") {
+        let version = output(env.cargo().args(["deb", "--version"])).with_context(|| {
+            format!(
+                "{} does not start: reinstall it with `cargo install cargo-deb --locked \
+                 --force --version {CARGO_DEB_VERSION}`",
+                path.display()
+            )
+        })?;
+        println!("setup: cargo-deb: {} ({})", path.display(), version.trim());
+        return Ok(());
+    }
+    println!("setup: cargo-deb: missing (it builds the Debian package), installing");
+    let started = Instant::now();
+    run(env.cargo().args([
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--version",
+        CARGO_DEB_VERSION,
+    ]))
+    .with_context(|| {
+        format!(
+            "installing cargo-deb failed (see cargo's output above): try `cargo install \
+             cargo-deb --locked --version {CARGO_DEB_VERSION}`"
+        )
+    })?;
+    let path = env.find("cargo-deb").ok_or_else(|| {
+        anyhow!(
+            "`cargo install cargo-deb` succeeded but cargo-deb is not in {}: put cargo's bin \
+             dir on PATH",
+            cargo_home()
+                .map(|h| h.join("bin"))
+                .unwrap_or_default()
+                .display()
+        )
+    })?;
+    println!(
+        "setup: cargo-deb: installed {CARGO_DEB_VERSION} at {} in {:.0?}",
+        path.display(),
+        started.elapsed()
+    );
+    Ok(())
 }
 
 /// rustfmt and clippy for the toolchain that runs xtask (CI checks format and lints).

@@ -31,6 +31,8 @@ const DEFAULT_TEST_THREADS: &str = "--test-threads=2";
 pub fn run(options: Options) -> anyhow::Result<ExitCode> {
     let env = setup::toolchain()?;
     setup::debian_packages(NotRoot::Skip)?;
+    // tests/tests/packaging.rs builds the Debian package.
+    setup::cargo_deb(&env)?;
 
     if setup::is_ci() {
         setup::lint_components(&env)?;

@@ -70,7 +70,7 @@ impl EarlyDrop {
         if bpf.is_none() {
             let loaded = Bpf::load(&config.global.bpf_pin_path).context(
                 "[xdp] is configured, but eBPF cannot load here: run kgate as root (or with \
-                 CAP_BPF and CAP_NET_ADMIN), or remove the [xdp] section",
+                 CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON), or remove the [xdp] section",
             )?;
             *bpf = Some(loaded);
         }
@@ -299,7 +299,9 @@ fn attach_error(interface: &str, mode: XdpMode, error: anyhow::Error) -> anyhow:
             "another XDP program is attached to {interface}: remove it (`ip link set dev \
              {interface} xdp off`) or leave {interface} out of [xdp] interfaces"
         ),
-        _ => "kgate needs root (or CAP_BPF and CAP_NET_ADMIN) to attach XDP".to_owned(),
+        _ => {
+            "kgate needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) to attach XDP".to_owned()
+        }
     };
     error.context(format!("attaching XDP to {interface} failed: {hint}"))
 }

@@ -2,9 +2,14 @@
 //! real client address and then splices the connection in the kernel (eBPF sockmap).
 //!
 //! A connection flows through the modules in this order: `config` -> `frontend`
-//! (accept) -> `balance` (pick a server) -> `upstream` (connect) -> `proxy_header` ->
-//! `dataplane` (splice or copy) -> `conn` (lifecycle and log line). `maps` is the
-//! only module that talks to aya.
+//! (listen) -> `daemon` (accept) -> `admission` (limits) -> `balance` (pick a server of
+//! the `pool`) -> `upstream` (connect) -> `proxy_header` -> `dataplane` (splice or
+//! copy) -> `conn` (lifecycle and log line).
+//!
+//! Beside it: `health` (checks), `gateway` (one configuration at run time, replaced by
+//! a reload), `control` (the control socket), `publish` (server state into the pinned
+//! map), `metrics`, `xdp` (early drop), `privileges`, `cli/`. `maps` is the only
+//! module that talks to aya.
 
 mod admission;
 mod balance;

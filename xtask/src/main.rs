@@ -1,9 +1,10 @@
-//! kgate's tasks: `cargo xtask build-ebpf | build | test | demo | deb`.
+//! kgate's tasks: `cargo xtask build-ebpf | build | test | demo | deb | bench`.
 //!
 //! Every command installs what it needs first (see `setup`), so on a fresh machine
 //! `cargo xtask test` or `cargo xtask demo` is the only command to type. This crate
 //! must not depend on proxy-user: it has to build before bpf-linker exists.
 
+mod bench;
 mod build;
 mod build_ebpf;
 mod deb;
@@ -33,6 +34,7 @@ enum Command {
     Test(test::Options),
     Demo(demo::Options),
     Deb(deb::Options),
+    Bench(bench::Options),
 }
 
 /// Prints an error as its message and causes, one a line: what to do comes first.
@@ -58,6 +60,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Test(options) => test::run(options),
         Command::Demo(options) => demo::run(options),
         Command::Deb(options) => deb::run(options),
+        Command::Bench(options) => bench::run(options),
     }
 }
 

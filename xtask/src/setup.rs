@@ -64,6 +64,11 @@ pub const DEBIAN_PACKAGES: &[DebianPackage] = &[
     ),
     DebianPackage::new("socat", "plain TCP clients and servers in the lab"),
     DebianPackage::new(
+        "haproxy",
+        "`cargo xtask bench` measures kgate against HAProxy in TCP mode (`send-proxy-v2`, \
+         `option splice-auto`), run in the lab's gateway; the system service is not used",
+    ),
+    DebianPackage::new(
         "procps",
         "`sysctl` (forwarding in the lab gateway), `ps`/`pkill` for lab processes",
     ),

@@ -4,6 +4,10 @@
 //!
 //! Memory is the machine's MemAvailable, so these tests run one at a time (a lock)
 //! and cargo runs this file's tests apart from the other files'.
+//!
+//! The bound is off by default (see `DEFAULT_QUEUE_LIMIT` in config.rs: its
+//! pass-and-forward path reordered bytes under heavy two-way load); these tests set
+//! it, and move bytes one way at a time.
 
 use std::{
     hash::Hasher,

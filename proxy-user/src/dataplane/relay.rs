@@ -163,19 +163,25 @@ impl<'a> Flow<'a> {
     /// `from` is readable: data to copy, its FIN, or an error.
     fn on_readable(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
         if self.copying() {
-            self.copy()?;
+            self.copy(splice)?;
             self.try_resume_splicing(splice)
         } else {
             self.check_spliced_source(splice)
         }
     }
 
-    fn copy(&mut self) -> Result<(), Fault> {
+    fn copy(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
         if self.buf.is_empty() {
             self.buf = vec![0; COPY_BUFFER];
         }
         for _ in 0..COPY_BURST {
             match self.from.try_read(&mut self.buf) {
+                Ok(0) if self.passed_bytes_to_come(splice)? => {
+                    // The FIN is in, but bytes the program passed before it still wait
+                    // in the kernel's backlog: poll for them.
+                    self.pressure = Pressure::Draining;
+                    return Ok(());
+                }
                 Ok(0) => {
                     self.eof = true;
                     return self.on_copied_eof();
@@ -240,6 +246,12 @@ impl<'a> Flow<'a> {
             SockRef::from(from).peek(&mut byte)
         });
         match peeked {
+            // Nothing readable and the FIN in; but passed bytes may still be on their
+            // way from the kernel's backlog to the socket's queue: then not yet EOF.
+            Ok(0) if self.passed_bytes_to_come(splice)? => {
+                self.pressure = Pressure::Draining;
+                self.check_drained(splice)
+            }
             Ok(0) => {
                 self.eof = true;
                 self.note_received()?;
@@ -253,6 +265,17 @@ impl<'a> Flow<'a> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(Fault::Source(e)),
         }
+    }
+
+    /// Whether the program passed bytes that kgate has not read yet.
+    fn passed_bytes_to_come(&self, splice: Option<&Splice>) -> Result<bool, Fault> {
+        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
+            return Ok(false);
+        };
+        let counters = splice
+            .counters(cookie)
+            .map_err(|e| Fault::Source(io::Error::other(e)))?;
+        Ok(counters.passed > self.consumed)
     }
 
     fn note_received(&mut self) -> Result<(), Fault> {

@@ -102,7 +102,7 @@ impl<'a> Splice<'a> {
 
     fn grant_after(&self, counters: FlowCounters, direction: u32) -> FlowGrant {
         FlowGrant {
-            redirect_until: counters.redirected + self.queue_limit,
+            redirect_until: counters.redirected.saturating_add(self.queue_limit),
             resume_at_passed: counters.passed,
             server_slot: self.server_slot,
             direction,

@@ -224,16 +224,7 @@ fn ensure_bpf_linker(env: &Env) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     install_bpf_linker(env)?;
-    let path = env.find("bpf-linker").ok_or_else(|| {
-        anyhow!(
-            "`cargo install bpf-linker` succeeded but bpf-linker is not in {}: put cargo's bin \
-             dir on PATH",
-            cargo_home()
-                .map(|h| h.join("bin"))
-                .unwrap_or_default()
-                .display()
-        )
-    })?;
+    let path = installed(env, "bpf-linker")?;
     // bpf-linker loads the nightly's libLLVM, which `rustup run nightly` puts on the
     // library path (rustc runs it the same way).
     let version = output(env.nightly("bpf-linker").arg("--version")).with_context(|| {
@@ -356,16 +347,7 @@ pub fn cargo_deb(env: &Env) -> anyhow::Result<()> {
              cargo-deb --locked --version {CARGO_DEB_VERSION}`"
         )
     })?;
-    let path = env.find("cargo-deb").ok_or_else(|| {
-        anyhow!(
-            "`cargo install cargo-deb` succeeded but cargo-deb is not in {}: put cargo's bin \
-             dir on PATH",
-            cargo_home()
-                .map(|h| h.join("bin"))
-                .unwrap_or_default()
-                .display()
-        )
-    })?;
+    let path = installed(env, "cargo-deb")?;
     println!(
         "setup: cargo-deb: installed {CARGO_DEB_VERSION} at {} in {:.0?}",
         path.display(),
@@ -604,4 +586,18 @@ fn display(cmd: &Command) -> String {
         .chain(cmd.get_args().map(quote))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Where `cargo install` put `tool`, or an error saying to put cargo's bin dir on PATH.
+fn installed(env: &Env, tool: &str) -> anyhow::Result<PathBuf> {
+    env.find(tool).ok_or_else(|| {
+        anyhow!(
+            "`cargo install {tool}` succeeded but {tool} is not in {}: put cargo's bin dir \
+             on PATH",
+            cargo_home()
+                .map(|h| h.join("bin"))
+                .unwrap_or_default()
+                .display()
+        )
+    })
 }

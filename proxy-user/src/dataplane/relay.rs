@@ -33,7 +33,10 @@ use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream, time::sleep_until};
 use tracing::debug;
 
-use super::{Mode, Path, Timeouts, sockmap::Splice};
+use super::{
+    Mode, Path, Timeouts,
+    sockmap::{Splice, kick},
+};
 use crate::sockopt;
 
 /// Bytes a copying direction holds at most: what it read and could not write yet.
@@ -98,6 +101,9 @@ enum Fault {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pressure {
     Splicing,
+    /// Bytes the program has not seen yet sit in the socket: the verdict was run
+    /// again over them; look once more at the next drain poll.
+    Kicked,
     Draining,
     Forwarding,
 }
@@ -147,7 +153,9 @@ impl<'a> Flow<'a> {
 
     /// Whether to wait for `from` to be readable.
     fn wants_to_read(&self) -> bool {
-        !self.eof && self.pending.is_empty() && self.pressure != Pressure::Draining
+        !self.eof
+            && self.pending.is_empty()
+            && !matches!(self.pressure, Pressure::Draining | Pressure::Kicked)
     }
 
     /// Whether to wait for `to` to be writable: copied bytes are waiting.
@@ -157,7 +165,8 @@ impl<'a> Flow<'a> {
 
     /// Whether the drain timer must run for this direction.
     fn wants_drain_poll(&self) -> bool {
-        self.pressure == Pressure::Draining || self.waiting_for_fin_drain()
+        matches!(self.pressure, Pressure::Draining | Pressure::Kicked)
+            || self.waiting_for_fin_drain()
     }
 
     /// `from` is readable: data to copy, its FIN, or an error.
@@ -258,9 +267,17 @@ impl<'a> Flow<'a> {
                 self.try_finish()
             }
             // Bytes the program passed: the direction is over its bound.
-            Ok(_) => {
+            Ok(_) if self.passed_bytes_to_come(splice)? => {
                 self.pressure = Pressure::Draining;
                 self.check_drained(splice)
+            }
+            // Bytes the program has not seen (they came in while the socket was being
+            // read): reading them would put them ahead of bytes already redirected, so
+            // run the verdict over them instead.
+            Ok(_) => {
+                kick(from);
+                self.pressure = Pressure::Kicked;
+                Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(Fault::Source(e)),
@@ -337,6 +354,10 @@ impl<'a> Flow<'a> {
 
     /// The drain timer fired.
     fn on_drain_poll(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
+        if self.pressure == Pressure::Kicked {
+            self.pressure = Pressure::Splicing;
+            return self.check_spliced_source(splice);
+        }
         if self.pressure == Pressure::Draining {
             self.check_drained(splice)?;
             if self.pressure == Pressure::Forwarding {

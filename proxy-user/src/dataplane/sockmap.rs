@@ -163,7 +163,7 @@ impl<'a> Splice<'a> {
 }
 
 /// Runs the verdict over bytes already queued on a spliced socket.
-fn kick(socket: &TcpStream) {
+pub fn kick(socket: &TcpStream) {
     if let Err(e) = sockopt::set_receive_low_watermark(socket.as_fd(), 1) {
         debug!("SO_RCVLOWAT: {e}");
     }

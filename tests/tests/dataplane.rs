@@ -149,6 +149,19 @@ fn session_id(first_bytes: &[u8]) -> usize {
         .expect("a numeric session id")
 }
 
+/// Reads exactly `expected`, closes the client's side, and expects the server to
+/// close with nothing more.
+fn expect_reply_then_eof(c: &mut std::net::TcpStream, expected: &[u8], id: usize) {
+    let mut reply = vec![0u8; expected.len()];
+    c.read_exact(&mut reply)
+        .unwrap_or_else(|e| panic!("session {id}: no reply: {e}"));
+    assert_eq!(reply, expected, "session {id}");
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "session {id}: bytes after the reply");
+}
+
 const BANNER_LEN: usize = 300;
 const REQUEST_LEN: usize = 700;
 
@@ -182,17 +195,7 @@ fn server_speaks_first_on_a_thousand_connections(dataplane: &'static str) {
         assert!(banner.starts_with(b"220 "), "session {id}: {banner:?}");
         c.write_all(&session_payload(id, "client", REQUEST_LEN))
             .unwrap();
-        let mut reply = vec![0u8; REQUEST_LEN];
-        c.read_exact(&mut reply).unwrap();
-        assert_eq!(
-            reply,
-            session_payload(id, "server", REQUEST_LEN),
-            "session {id}"
-        );
-        c.shutdown(Shutdown::Write).unwrap();
-        let mut rest = Vec::new();
-        c.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
+        expect_reply_then_eof(&mut c, &session_payload(id, "server", REQUEST_LEN), id);
     });
     let lines = rig.connection_lines(CONNECTIONS);
     rig.assert_paths(&lines);
@@ -220,18 +223,7 @@ fn client_speaks_first_on_a_thousand_connections(dataplane: &'static str) {
         let mut c = connect(frontend);
         c.write_all(&session_payload(id, "client", REQUEST_LEN))
             .unwrap();
-        let mut reply = vec![0u8; BANNER_LEN];
-        c.read_exact(&mut reply)
-            .unwrap_or_else(|e| panic!("session {id}: no reply: {e}"));
-        assert_eq!(
-            reply,
-            session_payload(id, "server", BANNER_LEN),
-            "session {id}"
-        );
-        c.shutdown(Shutdown::Write).unwrap();
-        let mut rest = Vec::new();
-        c.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
+        expect_reply_then_eof(&mut c, &session_payload(id, "server", BANNER_LEN), id);
     });
     let lines = rig.connection_lines(CONNECTIONS);
     rig.assert_paths(&lines);

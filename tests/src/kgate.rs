@@ -110,7 +110,12 @@ impl Kgate {
 
     /// Like [`Kgate::start`], as user and group `nobody`: no privilege to load eBPF.
     pub fn start_unprivileged(lab: &Lab, config_toml: &str) -> Kgate {
-        Kgate::spawn(lab, &kgate_bin(), config_toml, Some(NOBODY))
+        // The checkout may sit under a directory only root can enter (mktemp -d makes
+        // 0700 ones): `nobody` runs a copy from the lab's directory (made 0755 below).
+        let bin = lab.temp_dir().join("kgate");
+        fs::copy(kgate_bin(), &bin)
+            .unwrap_or_else(|e| panic!("copying kgate to {}: {e}", bin.display()));
+        Kgate::spawn(lab, &bin, config_toml, Some(NOBODY))
     }
 
     fn spawn(lab: &Lab, bin: &Path, config_toml: &str, user: Option<u32>) -> Kgate {

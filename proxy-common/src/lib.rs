@@ -61,6 +61,48 @@ pub struct FlowCounters {
     pub redirected: u64,
     /// Bytes passed to the socket's own receive queue, for userspace to forward.
     pub passed: u64,
+    /// Bytes cut off the head of skbs because the program had handled them already
+    /// (see [`FlowCounters::overlap`]).
+    pub trimmed: u64,
+    /// Bytes dropped because their repeated head could not be cut off: the stream
+    /// has a hole, and userspace resets the connection.
+    pub lost: u64,
+    /// TCP sequence number just past the last byte the program handled.
+    pub next_seq: u32,
+    /// 1 once `next_seq` holds a sequence number (0 before the socket's first skb).
+    pub seq_known: u32,
+}
+
+impl FlowCounters {
+    /// How many bytes at the head of an skb holding `len` bytes from sequence number
+    /// `seq` on were in an earlier skb already.
+    ///
+    /// TCP queues a retransmitted segment that partly overlaps bytes it already has
+    /// (and moves such segments from its out-of-order queue) without cutting the
+    /// overlap off: `recvmsg` skips it by sequence number, but the kernel hands a
+    /// stream verdict program whole skbs (`tcp_read_skb`). Forwarded as they are, the
+    /// overlapping bytes would reach the peer twice.
+    pub fn overlap(&self, seq: u32, len: u32) -> u32 {
+        if self.seq_known == 0 {
+            return 0;
+        }
+        // Serial-number arithmetic: positive when `seq` is before `next_seq`.
+        let behind = self.next_seq.wrapping_sub(seq) as i32;
+        if behind <= 0 {
+            0
+        } else {
+            (behind as u32).min(len)
+        }
+    }
+
+    /// Records that the bytes up to `end_seq` (exclusive) have been handled.
+    pub fn handled_up_to(&mut self, end_seq: u32) {
+        let ahead = end_seq.wrapping_sub(self.next_seq) as i32;
+        if self.seq_known == 0 || ahead > 0 {
+            self.next_seq = end_seq;
+            self.seq_known = 1;
+        }
+    }
 }
 
 /// How far the verdict program may redirect one socket's bytes. Written only by
@@ -148,6 +190,12 @@ pub struct SpliceStats {
     pub redirect_failures: u64,
     /// Bytes passed to userspace because their direction was over its bound.
     pub passed_bytes: u64,
+    /// Bytes a retransmission repeated in an skb, cut off before it was handled.
+    pub trimmed_bytes: u64,
+    /// Skbs whose repeated head could not be cut off; their connection is reset.
+    pub trim_failures: u64,
+    /// Skbs whose TCP control block did not add up (sequence numbers not checked).
+    pub unsequenced_skbs: u64,
 }
 
 impl SpliceStats {
@@ -160,6 +208,9 @@ impl SpliceStats {
                 redirected_bytes: acc.redirected_bytes + s.redirected_bytes,
                 redirect_failures: acc.redirect_failures + s.redirect_failures,
                 passed_bytes: acc.passed_bytes + s.passed_bytes,
+                trimmed_bytes: acc.trimmed_bytes + s.trimmed_bytes,
+                trim_failures: acc.trim_failures + s.trim_failures,
+                unsequenced_skbs: acc.unsequenced_skbs + s.unsequenced_skbs,
             })
     }
 }
@@ -188,7 +239,11 @@ mod tests {
             resume_at_passed: 10,
             ..FlowGrant::default()
         };
-        let counters = |redirected, passed| FlowCounters { redirected, passed };
+        let counters = |redirected, passed| FlowCounters {
+            redirected,
+            passed,
+            ..FlowCounters::default()
+        };
         assert!(grant.allows(&counters(0, 10), 100));
         assert!(!grant.allows(&counters(1, 10), 100), "over the bound");
         assert!(
@@ -199,5 +254,35 @@ mod tests {
             !grant.allows(&counters(0, 9), 1),
             "passed bytes of an older grant"
         );
+    }
+
+    #[test]
+    fn only_bytes_before_the_next_sequence_number_overlap() {
+        let mut flow = FlowCounters::default();
+        assert_eq!(flow.overlap(1000, 100), 0, "nothing seen yet");
+        flow.handled_up_to(1100);
+        assert_eq!(flow.overlap(1100, 100), 0, "the next bytes");
+        assert_eq!(
+            flow.overlap(1050, 100),
+            50,
+            "a retransmission half repeated"
+        );
+        assert_eq!(flow.overlap(900, 100), 100, "all of it repeated");
+        assert_eq!(flow.overlap(1200, 100), 0, "after a gap (not expected)");
+        flow.handled_up_to(1150);
+        assert_eq!(flow.next_seq, 1150);
+        flow.handled_up_to(1120);
+        assert_eq!(flow.next_seq, 1150, "never moves back");
+    }
+
+    #[test]
+    fn sequence_numbers_wrap_around() {
+        let mut flow = FlowCounters::default();
+        flow.handled_up_to(u32::MAX - 9);
+        assert_eq!(flow.overlap(u32::MAX - 19, 100), 10);
+        flow.handled_up_to(20);
+        assert_eq!(flow.next_seq, 20, "past the wrap is ahead");
+        assert_eq!(flow.overlap(10, 100), 10);
+        assert_eq!(flow.overlap(u32::MAX - 4, 10), 10);
     }
 }

@@ -78,6 +78,15 @@ fn try_splice(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: this socket's skbs are handled one at a time, and only this program
     // writes its counters; the grant is replaced whole by userspace, never torn.
     let (counters, grant) = unsafe { (&mut *counters, *grant) };
+    let len = match skip_repeated_bytes(ctx, counters, stats) {
+        Ok(0) => return Ok(sk_action::SK_DROP),
+        Ok(len) => u64::from(len),
+        Err(()) => {
+            counters.lost += len;
+            stats.trim_failures += 1;
+            return Err(sk_action::SK_DROP);
+        }
+    };
     if !grant.allows(counters, len) {
         counters.passed += len;
         stats.passed_bytes += len;
@@ -108,6 +117,53 @@ fn try_splice(ctx: &SkBuffContext) -> Result<u32, u32> {
         );
         Err(sk_action::SK_DROP)
     }
+}
+
+/// TCP's FIN flag in `tcp_skb_cb::tcp_flags`.
+const TCP_FIN: u32 = 0x01;
+/// The most `bpf_skb_adjust_room` cuts off a stream verdict program's skb at once.
+const MAX_TRIM_STEP: u32 = 0xfff;
+/// Enough steps for the largest overlap TCP can queue (at most a receive buffer, far
+/// less in practice: a retransmitted segment).
+const MAX_TRIM_STEPS: u32 = 1024;
+
+/// Cuts off the head of the skb that earlier skbs already carried (see
+/// [`FlowCounters::overlap`]) and returns how many bytes are left.
+fn skip_repeated_bytes(
+    ctx: &SkBuffContext,
+    counters: &mut FlowCounters,
+    stats: &mut SpliceStats,
+) -> Result<u32, ()> {
+    // A stream verdict program's cb[] is the start of skb->cb, where TCP keeps the
+    // skb's control block: seq, end_seq, then (in cb[3]'s low byte) the TCP flags.
+    let cb = ctx.skb.cb();
+    let (seq, end_seq, flags) = (cb[0], cb[1], cb[3] & 0xff);
+    let data_end = end_seq.wrapping_sub(flags & TCP_FIN);
+    let len = ctx.len();
+    if data_end.wrapping_sub(seq) != len {
+        // Not TCP's control block (never seen): nothing to go by.
+        stats.unsequenced_skbs += 1;
+        return Ok(len);
+    }
+    let mut repeated = counters.overlap(seq, len);
+    counters.handled_up_to(data_end);
+    if repeated == 0 {
+        return Ok(len);
+    }
+    counters.trimmed += u64::from(repeated);
+    stats.trimmed_bytes += u64::from(repeated);
+    for _ in 0..MAX_TRIM_STEPS {
+        if repeated == 0 {
+            break;
+        }
+        let step = repeated.min(MAX_TRIM_STEP);
+        ctx.adjust_room(-(step as i32), 0, 0).map_err(|_| ())?;
+        repeated -= step;
+    }
+    if repeated != 0 {
+        return Err(());
+    }
+    Ok(ctx.len())
 }
 
 #[cfg(not(test))]

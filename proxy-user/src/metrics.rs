@@ -284,6 +284,20 @@ impl Collector for Gauges {
                 Counter,
                 [(Labels::new(), stats.passed_bytes)],
             )?;
+            family(
+                &mut encoder,
+                "kgate_splice_trimmed_bytes",
+                "Bytes of retransmitted segments the eBPF program had forwarded already, cut off",
+                Counter,
+                [(Labels::new(), stats.trimmed_bytes)],
+            )?;
+            family(
+                &mut encoder,
+                "kgate_splice_trim_failures",
+                "Segments whose repeated bytes could not be cut off (their connection is reset)",
+                Counter,
+                [(Labels::new(), stats.trim_failures)],
+            )?;
         }
         if let Some(early_drop) = &daemon.early_drop
             && let Ok(stats) = early_drop.stats()

@@ -8,6 +8,7 @@
 //!   server and a mock mail server.
 //! - [`postfix`]: a real, private Postfix (postscreen behind PROXY v2) in a namespace.
 //! - [`smtp`]: a small SMTP client, and the byte sequences of kgate's health checks.
+//! - [`rawtcp`]: a hand-made TCP client that sends overlapping retransmissions.
 //! - [`sockmap`]: counts the entries of kgate's pinned sock hashes.
 //! - [`xdp`]: reads the XDP counters and runs `kgate block`.
 //!
@@ -18,6 +19,7 @@ pub mod backend;
 pub mod kgate;
 pub mod lab;
 pub mod postfix;
+pub mod rawtcp;
 pub mod rig;
 pub mod smtp;
 pub mod sockmap;

@@ -64,6 +64,11 @@ pub const DEBIAN_PACKAGES: &[DebianPackage] = &[
     ),
     DebianPackage::new("socat", "plain TCP clients and servers in the lab"),
     DebianPackage::new(
+        "nftables",
+        "`nft` keeps the client namespace's kernel from resetting the hand-made TCP \
+         connection of tests/src/rawtcp.rs",
+    ),
+    DebianPackage::new(
         "haproxy",
         "`cargo xtask bench` measures kgate against HAProxy in TCP mode (`send-proxy-v2`, \
          `option splice-auto`), run in the lab's gateway; the system service is not used",

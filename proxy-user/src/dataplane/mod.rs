@@ -66,6 +66,9 @@ impl Dataplane {
                     redirected_bytes = stats.redirected_bytes,
                     redirect_failures = stats.redirect_failures,
                     passed_bytes = stats.passed_bytes,
+                    trimmed_bytes = stats.trimmed_bytes,
+                    trim_failures = stats.trim_failures,
+                    unsequenced_skbs = stats.unsequenced_skbs,
                     "splice totals"
                 ),
                 Err(e) => warn!("reading the splice counters: {e}"),

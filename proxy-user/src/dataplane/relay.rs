@@ -31,7 +31,7 @@ use std::{fmt, io, net::Shutdown, os::fd::AsFd, time::Duration};
 
 use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream, time::sleep_until};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     Mode, Path, Timeouts,
@@ -366,7 +366,28 @@ impl<'a> Flow<'a> {
             }
             return Ok(());
         }
+        if self.waiting_for_fin_drain() {
+            self.check_for_hole(splice)?;
+        }
         self.try_finish()
+    }
+
+    /// Bytes the program dropped (a repeated head it could not cut off, see
+    /// `FlowCounters::overlap`) never reach `to`, so the FIN would wait for them
+    /// forever: the stream is broken, and the connection is reset instead.
+    fn check_for_hole(&self, splice: Option<&Splice>) -> Result<(), Fault> {
+        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
+            return Ok(());
+        };
+        let lost = splice
+            .counters(cookie)
+            .map_err(|e| Fault::Source(io::Error::other(e)))?
+            .lost;
+        if lost > 0 {
+            warn!("the splice dropped {lost} bytes it could not deduplicate: resetting");
+            return Err(Fault::Source(io::Error::other("bytes lost in the splice")));
+        }
+        Ok(())
     }
 
     /// After a spliced `from`'s FIN: passes it on once every byte before it is in

@@ -68,6 +68,42 @@ impl Pattern {
     }
 }
 
+impl Pattern {
+    /// What `wrong` (received where byte `at` of the window at `start` belonged) is:
+    /// bytes of the pattern from elsewhere (a repeat, a gap, another stream's bytes)
+    /// or nothing sent at all.
+    fn explain(&self, wrong: &[u8], start: usize, at: u64) -> String {
+        const PROBE: usize = 32;
+        if wrong.len() < PROBE {
+            return "too few bytes left in the read to tell where they come from".into();
+        }
+        let probe = &wrong[..PROBE];
+        let Some(found) = self.0[..PATTERN_LEN + PROBE]
+            .windows(PROBE)
+            .position(|w| w == probe)
+        else {
+            return "they are nowhere in the pattern".into();
+        };
+        let expected = (start as u64 + at) % PATTERN_LEN as u64;
+        let shift = (found as i64 - expected as i64).rem_euclid(PATTERN_LEN as i64);
+        let shift = if shift > PATTERN_LEN as i64 / 2 {
+            shift - PATTERN_LEN as i64
+        } else {
+            shift
+        };
+        let streams: Vec<String> = (0..8u64)
+            .flat_map(|i| [(i, true), (i, false)])
+            .filter(|&(i, upload)| start_of(i, upload) == start)
+            .map(|(i, upload)| format!("stream {i} {}", if upload { "up" } else { "down" }))
+            .collect();
+        format!(
+            "the pattern at offset {found}, {shift:+} bytes from where this direction ({}) \
+             was; a positive shift skips bytes, a negative one repeats them",
+            streams.join(", ")
+        )
+    }
+}
+
 /// Where the window of `stream` starts, for one direction (distinct for every pair).
 fn start_of(stream: u64, upload: bool) -> usize {
     let n = stream * 2 + u64::from(upload);
@@ -116,9 +152,10 @@ fn receive(
                 .zip(pattern.window(start, got, n))
                 .position(|(a, b)| a != b)
                 .unwrap_or(0);
+            let at = got + bad as u64;
             bail!(
-                "byte {} of {len} differs from what was sent",
-                got + bad as u64
+                "byte {at} of {len} differs from what was sent ({})",
+                pattern.explain(&buf[bad..n], start, at)
             );
         }
         got += n as u64;
@@ -219,8 +256,14 @@ pub fn run(
     let client_done = Instant::now();
     let served = server.expect_served(streams, SERVER_GRACE);
     let cpu_after = CpuTimes::now()?;
-    client_result?;
-    served?;
+    // Both sides' errors: the first to fail is often the backend, the client only
+    // sees the reset that follows.
+    match (client_result, served) {
+        (Ok(()), Ok(())) => {}
+        (Err(client), Ok(())) => return Err(client),
+        (Ok(()), Err(server)) => return Err(server),
+        (Err(client), Err(server)) => bail!("{client:#}; and {server:#}"),
+    }
     let finished = done
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -23,6 +23,9 @@ pub mod maps {
     pub const FLOWS: &str = "KGATE_FLOWS";
     /// `GRANTS[cookie(x)]` = [`FlowGrant`](crate::FlowGrant): how far `x` may be spliced.
     pub const GRANTS: &str = "KGATE_GRANTS";
+    /// Ring buffer of socket cookies (`u64`) whose grant is half used
+    /// ([`FlowGrant::notify_at`](crate::FlowGrant::notify_at)); not pinned.
+    pub const GRANT_REQUESTS: &str = "KGATE_GRANT_REQ";
 
     /// `SERVERS[slot]` = [`ServerEntry`](crate::ServerEntry), published by userspace.
     pub const SERVERS: &str = "KGATE_SERVERS";
@@ -42,6 +45,10 @@ pub mod maps {
 pub mod programs {
     pub const SPLICE: &str = "kgate_splice";
 }
+
+/// Bytes of the grant request ring: 4,096 requests (8 bytes and an 8-byte header each)
+/// before userspace must have read one. A power of two and a multiple of the page.
+pub const GRANT_REQUEST_RING_BYTES: usize = 64 * 1024;
 
 /// Sockets each sock hash can hold: two per spliced connection.
 pub const MAX_SPLICED_SOCKETS: usize = 131_072;
@@ -67,6 +74,8 @@ pub struct FlowCounters {
     /// Bytes dropped because their repeated head could not be cut off: the stream
     /// has a hole, and userspace resets the connection.
     pub lost: u64,
+    /// The [`FlowGrant::notify_at`] the program last asked userspace about.
+    pub notified: u64,
     /// TCP sequence number just past the last byte the program handled.
     pub next_seq: u32,
     /// 1 once `next_seq` holds a sequence number (0 before the socket's first skb).
@@ -112,11 +121,17 @@ impl FlowCounters {
 /// passed byte, so nothing redirected can overtake one) and the redirected total stays
 /// within `redirect_until` (the per-direction bound on bytes queued in the kernel);
 /// otherwise it is passed, held back by TCP flow control until userspace forwards it.
+///
+/// Once `redirected` reaches `notify_at` the program asks userspace, once, for more
+/// (the socket's cookie in `GRANT_REQUESTS`): userspace extends `redirect_until` by
+/// what the peer has taken meanwhile, so a direction whose peer keeps up is never
+/// held back, and one whose peer does not stops at the bound.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowGrant {
     pub redirect_until: u64,
     pub resume_at_passed: u64,
+    pub notify_at: u64,
     /// The connection's server: its slot in `SERVERS` and `SERVER_BYTES`.
     pub server_slot: u32,
     /// [`FROM_CLIENT`] or [`FROM_SERVER`]: which way this socket's bytes go.
@@ -176,6 +191,15 @@ impl FlowGrant {
     pub fn allows(&self, counters: &FlowCounters, len: u64) -> bool {
         counters.passed == self.resume_at_passed && counters.redirected + len <= self.redirect_until
     }
+
+    /// Whether the program should ask for more now (and then records that it did).
+    pub fn wants_more(&self, counters: &mut FlowCounters) -> bool {
+        if counters.redirected < self.notify_at || counters.notified == self.notify_at {
+            return false;
+        }
+        counters.notified = self.notify_at;
+        true
+    }
 }
 
 /// Counters kept by the stream verdict program, per CPU.
@@ -196,6 +220,8 @@ pub struct SpliceStats {
     pub trim_failures: u64,
     /// Skbs whose TCP control block did not add up (sequence numbers not checked).
     pub unsequenced_skbs: u64,
+    /// Requests for a larger grant that did not fit in the ring.
+    pub grant_requests_lost: u64,
 }
 
 impl SpliceStats {
@@ -211,6 +237,7 @@ impl SpliceStats {
                 trimmed_bytes: acc.trimmed_bytes + s.trimmed_bytes,
                 trim_failures: acc.trim_failures + s.trim_failures,
                 unsequenced_skbs: acc.unsequenced_skbs + s.unsequenced_skbs,
+                grant_requests_lost: acc.grant_requests_lost + s.grant_requests_lost,
             })
     }
 }
@@ -253,6 +280,34 @@ mod tests {
         assert!(
             !grant.allows(&counters(0, 9), 1),
             "passed bytes of an older grant"
+        );
+    }
+
+    #[test]
+    fn the_program_asks_for_more_once_per_grant() {
+        let grant = FlowGrant {
+            redirect_until: 100,
+            notify_at: 50,
+            ..FlowGrant::default()
+        };
+        let mut counters = FlowCounters {
+            redirected: 49,
+            ..FlowCounters::default()
+        };
+        assert!(!grant.wants_more(&mut counters), "not halfway yet");
+        counters.redirected = 60;
+        assert!(grant.wants_more(&mut counters));
+        counters.redirected = 70;
+        assert!(!grant.wants_more(&mut counters), "asked already");
+        let extended = FlowGrant {
+            redirect_until: 160,
+            notify_at: 110,
+            ..grant
+        };
+        counters.redirected = 110;
+        assert!(
+            extended.wants_more(&mut counters),
+            "a new grant, a new request"
         );
     }
 

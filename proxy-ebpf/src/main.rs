@@ -17,15 +17,15 @@ mod xdp;
 
 use aya_ebpf::{
     bindings::sk_action,
-    btf_maps::{Array, HashMap, PerCpuArray, SockHash},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
     helpers::bpf_get_socket_cookie,
     macros::{btf_map, stream_verdict},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    FROM_CLIENT, FlowCounters, FlowGrant, MAX_SERVERS, MAX_SPLICED_SOCKETS, ServerBytes,
-    ServerEntry, SpliceStats,
+    FROM_CLIENT, FlowCounters, FlowGrant, GRANT_REQUEST_RING_BYTES, MAX_SERVERS,
+    MAX_SPLICED_SOCKETS, ServerBytes, ServerEntry, SpliceStats,
 };
 
 #[btf_map]
@@ -39,6 +39,9 @@ static KGATE_FLOWS: HashMap<u64, FlowCounters, MAX_SPLICED_SOCKETS> = HashMap::n
 
 #[btf_map]
 static KGATE_GRANTS: HashMap<u64, FlowGrant, MAX_SPLICED_SOCKETS> = HashMap::new();
+
+#[btf_map]
+static KGATE_GRANT_REQ: RingBuf<u64, GRANT_REQUEST_RING_BYTES> = RingBuf::new();
 
 #[btf_map]
 static KGATE_SPL_STATS: PerCpuArray<SpliceStats, 1> = PerCpuArray::new();
@@ -92,9 +95,15 @@ fn try_splice(ctx: &SkBuffContext) -> Result<u32, u32> {
         stats.passed_bytes += len;
         return Ok(sk_action::SK_PASS);
     }
+    let socket = cookie;
     let verdict = KGATE_PEERS.redirect_skb(ctx, &mut cookie, 0);
     if verdict == i64::from(sk_action::SK_PASS) {
         counters.redirected += len;
+        // A full ring only delays the request: the program passes bytes at the bound,
+        // which wakes userspace all the same.
+        if grant.wants_more(counters) && KGATE_GRANT_REQ.output(socket, 0).is_err() {
+            stats.grant_requests_lost += 1;
+        }
         stats.redirected_skbs += 1;
         stats.redirected_bytes += len;
         if let Some(bytes) = KGATE_SRV_BYTES.get_ptr_mut(grant.server_slot) {

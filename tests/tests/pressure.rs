@@ -5,9 +5,8 @@
 //! Memory is the machine's MemAvailable, so these tests run one at a time (a lock)
 //! and cargo runs this file's tests apart from the other files'.
 //!
-//! The bound is off by default (see `DEFAULT_QUEUE_LIMIT` in config.rs: its
-//! pass-and-forward path reordered bytes under heavy two-way load); these tests set
-//! it, and move bytes one way at a time.
+//! These tests set the bound explicitly (4 MiB, also the default) and move bytes one
+//! way at a time; the last one checks that a reader that keeps up is never held back.
 
 use std::{
     hash::Hasher,
@@ -41,6 +40,61 @@ on_both_dataplanes!(
     a_client_that_never_reads_holds_the_backend_back,
     two_hundred_held_connections_stay_within_their_bounds,
 );
+
+#[test]
+fn a_reader_that_keeps_up_is_spliced_throughout() {
+    if !tests::lab::skip_without_root() {
+        reader_that_keeps_up_is_spliced_throughout();
+    }
+}
+
+/// 16 times the default bound, at about 100 MB/s.
+const PACED_BYTES: usize = 64 << 20;
+const PACED_CHUNK: usize = 256 << 10;
+const PACED_PAUSE: Duration = Duration::from_millis(2);
+
+/// A backend that reads as fast as bytes come: the direction must never fall back to
+/// copying, however many times its bytes add up to the bound. Halfway through each
+/// grant the program asks for more, and kgate extends it by what the backend took;
+/// without that, the program would pass bytes to kgate every `queue_limit` bytes.
+fn reader_that_keeps_up_is_spliced_throughout() {
+    let _serial = one_at_a_time();
+    let mut rig = Rig::start("sockmap", 1);
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).expect("a PROXY header");
+        let (n, _) = receive_all(&mut s).expect("reading the paced bytes");
+        s.write_all(format!("{n}\r\n").as_bytes()).unwrap();
+    });
+    let frontend = rig.frontend_v4();
+    let reply = rig.lab.client().run(move || {
+        let mut c = connect(frontend);
+        let mut rng = Rng(11);
+        let mut chunk = vec![0u8; PACED_CHUNK];
+        for _ in 0..PACED_BYTES / PACED_CHUNK {
+            rng.fill(&mut chunk);
+            c.write_all(&chunk).unwrap();
+            thread::sleep(PACED_PAUSE);
+        }
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        reply
+    });
+    assert_eq!(reply, format!("{PACED_BYTES}\r\n"), "the backend's count");
+    let lines = rig.connection_lines(1);
+    assert!(lines[0].contains(" spliced "), "{}", lines[0]);
+    rig.kgate.stop();
+    let log = rig.kgate.log();
+    let totals = log
+        .lines()
+        .find(|l| l.contains("splice totals"))
+        .unwrap_or_else(|| panic!("no splice totals in the log:\n{log}"));
+    assert!(
+        totals.contains(" passed_bytes=0 "),
+        "bytes went through kgate instead of the splice: {totals}"
+    );
+}
 
 fn mem_available() -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();

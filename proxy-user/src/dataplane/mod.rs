@@ -69,6 +69,7 @@ impl Dataplane {
                     trimmed_bytes = stats.trimmed_bytes,
                     trim_failures = stats.trim_failures,
                     unsequenced_skbs = stats.unsequenced_skbs,
+                    grant_requests_lost = stats.grant_requests_lost,
                     "splice totals"
                 ),
                 Err(e) => warn!("reading the splice counters: {e}"),

@@ -22,6 +22,10 @@
 //!    program's `passed`), it grants a new bound with `resume_at_passed` = that count:
 //!    the program redirects again, and a byte passed meanwhile keeps it passing.
 //!
+//! A peer that keeps up never gets there: halfway through each grant the program asks
+//! for more, and kgate extends the bound to `queue_limit` bytes beyond those still
+//! queued for the target (`Splice::extend`).
+//!
 //! A copied direction reads into its own buffer and writes from it in userspace; it
 //! reads again only once the buffer is written out, so a slow reader holds back its
 //! own direction (TCP flow control does the rest) and never the other one. It passes
@@ -328,6 +332,27 @@ impl<'a> Flow<'a> {
         Ok(())
     }
 
+    /// The program asked for a larger grant: give one as large as the target's progress
+    /// allows, while nothing passed waits to be read (those must go first).
+    fn on_grant_request(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
+        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
+            return Ok(());
+        };
+        if self.pressure != Pressure::Splicing || self.eof {
+            return Ok(());
+        }
+        let counters = splice
+            .counters(cookie)
+            .map_err(|e| Fault::Source(io::Error::other(e)))?;
+        if counters.passed != self.consumed {
+            return Ok(());
+        }
+        let queued = (counters.redirected + self.copied).saturating_sub(self.written_to_target()?);
+        splice
+            .extend(cookie, counters, queued)
+            .map_err(|e| Fault::Source(io::Error::other(e)))
+    }
+
     /// Forwarding: once every passed byte has been read and written, the kernel may
     /// redirect again.
     fn try_resume_splicing(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
@@ -491,6 +516,10 @@ pub async fn run(
             // A socket past its FIN is no longer read; a reset still shows as an error.
             r = client.ready(Interest::ERROR), if up.eof => socket_error(client, r, Side::Client),
             r = server.ready(Interest::ERROR), if down.eof => socket_error(server, r, Side::Server),
+            () = grant_requested(splice) => up
+                .on_grant_request(splice)
+                .map_err(|f| (f, Side::Client))
+                .and_then(|()| down.on_grant_request(splice).map_err(|f| (f, Side::Server))),
             _ = tokio::time::sleep(drain_poll), if draining => {
                 drain_poll = (drain_poll * 2).min(DRAIN_POLL.1);
                 up.on_drain_poll(splice)
@@ -554,6 +583,14 @@ pub async fn run(
         copied_from_server: down.copied,
         end,
         path: Path::of(modes),
+    }
+}
+
+/// Completes when the program asks for a larger grant; never without a splice.
+async fn grant_requested(splice: Option<&Splice<'_>>) {
+    match splice {
+        Some(splice) => splice.grant_requested().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -17,16 +17,18 @@
 //!
 //! Each socket's flow state (`FLOWS`, `GRANTS`) is created before it joins `SPLICED`,
 //! with a grant of `queue_limit` bytes: the most one direction may have queued in the
-//! kernel before the program passes its bytes to userspace (see relay.rs).
+//! kernel before the program passes its bytes to userspace (see relay.rs). Halfway
+//! through a grant the program asks for more (`GRANT_REQUESTS`), and the relay extends
+//! it by what the peer has taken meanwhile.
 //!
 //! Leaving: entries are removed from `SPLICED` first, then from `PEERS` and the flow
 //! state, and only after the relay has seen every redirected byte reach the target's
 //! send queue.
 
-use std::os::fd::AsFd;
+use std::{os::fd::AsFd, sync::Arc};
 
 use socket2::SockRef;
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::Notify};
 use tracing::debug;
 
 use proxy_common::{FROM_CLIENT, FROM_SERVER, FlowCounters, FlowGrant};
@@ -50,6 +52,10 @@ pub struct Splice<'a> {
     flows: [Mode; 2],
     queue_limit: u64,
     server_slot: u32,
+    /// Woken when the program asks for a larger grant for either socket.
+    grant_requests: Arc<Notify>,
+    /// Whether `grant_requests` is registered for both cookies.
+    watching: bool,
 }
 
 impl<'a> Splice<'a> {
@@ -71,6 +77,8 @@ impl<'a> Splice<'a> {
             flows: [Mode::Copied; 2],
             queue_limit,
             server_slot,
+            grant_requests: Arc::default(),
+            watching: false,
         };
         if let Err(e) = splice.join(client, server) {
             debug!("connection copied instead of spliced: {e}");
@@ -91,19 +99,47 @@ impl<'a> Splice<'a> {
     /// Lets the program redirect socket `cookie`'s bytes again: up to `queue_limit`
     /// more, provided nothing more was passed since `counters` were read.
     pub fn grant(&self, cookie: u64, counters: FlowCounters) -> Result<(), MapError> {
-        let direction = if cookie == self.cookies[0] {
+        self.maps.set_grant(
+            cookie,
+            self.grant_after(counters, self.direction(cookie), self.queue_limit),
+        )
+    }
+
+    /// Answers the program's request for more: socket `cookie`'s direction may go on
+    /// until `queue_limit` bytes are queued, counting the `queued` ones (redirected,
+    /// not yet in the target's send queue). A peer that has fallen behind gets nothing
+    /// more, so the direction stops at its current bound. Only while nothing passed
+    /// waits to be read: the caller checks that `counters.passed` were all read.
+    pub fn extend(&self, cookie: u64, counters: FlowCounters, queued: u64) -> Result<(), MapError> {
+        let headroom = self.queue_limit.saturating_sub(queued);
+        if headroom < self.queue_limit / 4 {
+            return Ok(());
+        }
+        self.maps.set_grant(
+            cookie,
+            self.grant_after(counters, self.direction(cookie), headroom),
+        )
+    }
+
+    /// Completes when the program has asked for a larger grant for either socket.
+    pub async fn grant_requested(&self) {
+        self.grant_requests.notified().await;
+    }
+
+    fn direction(&self, cookie: u64) -> u32 {
+        if cookie == self.cookies[0] {
             FROM_CLIENT
         } else {
             FROM_SERVER
-        };
-        self.maps
-            .set_grant(cookie, self.grant_after(counters, direction))
+        }
     }
 
-    fn grant_after(&self, counters: FlowCounters, direction: u32) -> FlowGrant {
+    fn grant_after(&self, counters: FlowCounters, direction: u32, headroom: u64) -> FlowGrant {
         FlowGrant {
-            redirect_until: counters.redirected.saturating_add(self.queue_limit),
+            redirect_until: counters.redirected.saturating_add(headroom),
             resume_at_passed: counters.passed,
+            // Asking halfway leaves userspace time to answer before the bound.
+            notify_at: counters.redirected.saturating_add(headroom / 2),
             server_slot: self.server_slot,
             direction,
         }
@@ -132,9 +168,15 @@ impl<'a> Splice<'a> {
             .map_err(|e| format!("PEERS[server]: {e}"))?;
 
         // Flow state before the program can see a byte.
-        for (i, (key, direction)) in [(c, FROM_CLIENT), (b, FROM_SERVER)].into_iter().enumerate() {
+        for key in [c, b] {
             self.maps
-                .insert_flow(key, self.grant_after(FlowCounters::default(), direction))
+                .watch_grant_requests(key, self.grant_requests.clone());
+        }
+        self.watching = true;
+        for (i, (key, direction)) in [(c, FROM_CLIENT), (b, FROM_SERVER)].into_iter().enumerate() {
+            let grant = self.grant_after(FlowCounters::default(), direction, self.queue_limit);
+            self.maps
+                .insert_flow(key, grant)
                 .map_err(|e| format!("FLOWS: {e}"))?;
             self.flow_state[i] = true;
         }
@@ -185,6 +227,9 @@ impl Drop for Splice<'_> {
         for (cookie, has_state) in self.cookies.into_iter().zip(self.flow_state) {
             if has_state {
                 self.maps.remove_flow(cookie);
+            }
+            if self.watching {
+                self.maps.unwatch_grant_requests(cookie);
             }
         }
     }

@@ -205,7 +205,7 @@ impl Settings {
 
 /// The workloads, in the order each path runs them. Scale comes first, so that the
 /// proxy's memory is measured from a fresh start.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Workload {
     Scale,
     Bulk1,

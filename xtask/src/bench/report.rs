@@ -7,7 +7,7 @@ use std::{collections::HashMap, fmt::Write as _, fs, path::Path as FsPath};
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use super::{Figure, Record, Settings, proxy::Path, sys::Machine};
+use super::{Figure, Record, Settings, Workload, proxy::Path, sys::Machine};
 
 /// Where the README's generated section starts and ends.
 const README_START: &str = "<!-- bench:start (written by `cargo xtask bench`) -->";
@@ -57,6 +57,9 @@ impl Stat {
 /// Every figure's statistics per path, over the runs that passed their checks.
 pub struct Summary {
     stats: HashMap<(Figure, Path), Stat>,
+    /// Per workload, the share of the sockmap path's bytes the kernel spliced (the
+    /// rest went through kgate at the queue bound), in percent.
+    spliced_share: HashMap<Workload, Stat>,
 }
 
 impl Summary {
@@ -73,7 +76,30 @@ impl Summary {
             .into_iter()
             .filter_map(|(key, mut v)| Stat::of(&mut v).map(|s| (key, s)))
             .collect();
-        Summary { stats }
+        let mut shares: HashMap<Workload, Vec<f64>> = HashMap::new();
+        for record in records {
+            let Ok(outcome) = &record.outcome else {
+                continue;
+            };
+            let bytes = |key: &str| outcome.details.get(key).and_then(|v| v.as_f64());
+            if let (Some(spliced), Some(passed)) =
+                (bytes("spliced_bytes"), bytes("passed_to_userspace_bytes"))
+                && spliced + passed > 0.0
+            {
+                shares
+                    .entry(record.workload)
+                    .or_default()
+                    .push(100.0 * spliced / (spliced + passed));
+            }
+        }
+        let spliced_share = shares
+            .into_iter()
+            .filter_map(|(workload, mut v)| Stat::of(&mut v).map(|s| (workload, s)))
+            .collect();
+        Summary {
+            stats,
+            spliced_share,
+        }
     }
 
     pub fn get(&self, figure: Figure, path: Path) -> Option<Stat> {
@@ -328,6 +354,16 @@ fn body(context: &Context, summary: &Summary, targets: &[Target], image: &str) -
             }
             md.push('\n');
         }
+        if let Some(share) = summary.spliced_share.get(&workload) {
+            let _ = writeln!(
+                md,
+                "\nkgate sockmap spliced {} % of these bytes in the kernel ({}–{} %); kgate \
+                 copied the rest, passed to it at the queue bound.",
+                num(share.median),
+                num(share.min),
+                num(share.max)
+            );
+        }
         md.push('\n');
     }
 
@@ -506,6 +542,32 @@ pub fn json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spliced_share_comes_from_the_sockmap_runs_that_report_it() {
+        let run = |path, spliced: u64, passed: u64| Record {
+            rep: 0,
+            path,
+            workload: Workload::Bulk1,
+            seconds: 1.0,
+            outcome: Ok(super::super::Outcome {
+                figures: vec![],
+                details: json!({ "spliced_bytes": spliced, "passed_to_userspace_bytes": passed }),
+            }),
+        };
+        let summary = Summary::new(&[
+            run(Path::Sockmap, 25, 75),
+            run(Path::Sockmap, 100, 0),
+            run(Path::Sockmap, 50, 50),
+            Record {
+                outcome: Err("failed".into()),
+                ..run(Path::Sockmap, 0, 1)
+            },
+        ]);
+        let share = summary.spliced_share[&Workload::Bulk1];
+        assert_eq!((share.median, share.min, share.max), (50.0, 25.0, 100.0));
+        assert!(!summary.spliced_share.contains_key(&Workload::Bulk8));
+    }
 
     #[test]
     fn medians_of_odd_and_even_counts() {

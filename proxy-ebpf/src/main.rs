@@ -9,6 +9,9 @@
 //! userspace forwards them. The insertion order that makes this lossless, and the
 //! grant handshake, are written down in proxy-user/src/dataplane/sockmap.rs.
 //!
+//! Before either, bytes a retransmission repeats are cut off the skb: the kernel
+//! hands the program whole skbs, overlaps included (`skip_repeated_bytes`).
+//!
 //! The XDP early-drop program (blocklists, SYN rate limits) is in `xdp.rs`.
 #![no_std]
 #![no_main]

@@ -33,6 +33,7 @@
 
 use std::{fmt, io, net::Shutdown, os::fd::AsFd, time::Duration};
 
+use proxy_common::FlowCounters;
 use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream, time::sleep_until};
 use tracing::{debug, warn};
@@ -41,7 +42,7 @@ use super::{
     Mode, Path, Timeouts,
     sockmap::{Splice, kick},
 };
-use crate::sockopt;
+use crate::{maps::MapError, sockopt};
 
 /// Bytes a copying direction holds at most: what it read and could not write yet.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -288,15 +289,38 @@ impl<'a> Flow<'a> {
         }
     }
 
+    /// For a spliced direction: its source socket's cookie, and what the program has
+    /// done with the socket's bytes so far.
+    fn program_counters(
+        &self,
+        splice: Option<&Splice>,
+    ) -> Result<Option<(u64, FlowCounters)>, Fault> {
+        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
+            return Ok(None);
+        };
+        let counters = splice.counters(cookie).map_err(map_fault)?;
+        Ok(Some((cookie, counters)))
+    }
+
+    /// The splice, cookie and counters of a spliced direction once kgate has read
+    /// every byte the program passed: only then may the program redirect again, as no
+    /// redirected byte can overtake a passed one.
+    fn caught_up<'s, 'm>(
+        &self,
+        splice: Option<&'s Splice<'m>>,
+    ) -> Result<Option<(&'s Splice<'m>, u64, FlowCounters)>, Fault> {
+        let (Some(splice), Some((cookie, counters))) = (splice, self.program_counters(splice)?)
+        else {
+            return Ok(None);
+        };
+        Ok((counters.passed == self.consumed).then_some((splice, cookie, counters)))
+    }
+
     /// Whether the program passed bytes that kgate has not read yet.
     fn passed_bytes_to_come(&self, splice: Option<&Splice>) -> Result<bool, Fault> {
-        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
-            return Ok(false);
-        };
-        let counters = splice
-            .counters(cookie)
-            .map_err(|e| Fault::Source(io::Error::other(e)))?;
-        Ok(counters.passed > self.consumed)
+        Ok(self
+            .program_counters(splice)?
+            .is_some_and(|(_, counters)| counters.passed > self.consumed))
     }
 
     fn note_received(&mut self) -> Result<(), Fault> {
@@ -319,14 +343,10 @@ impl<'a> Flow<'a> {
 
     /// Draining: moves on to forwarding once every redirected byte is in `to`.
     fn check_drained(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
-        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
+        let Some((_, counters)) = self.program_counters(splice)? else {
             return Ok(());
         };
-        let redirected = splice
-            .counters(cookie)
-            .map_err(|e| Fault::Source(io::Error::other(e)))?
-            .redirected;
-        if self.written_to_target()? >= redirected + self.copied {
+        if self.written_to_target()? >= counters.redirected + self.copied {
             self.pressure = Pressure::Forwarding;
         }
         Ok(())
@@ -335,44 +355,28 @@ impl<'a> Flow<'a> {
     /// The program asked for a larger grant: give one as large as the target's progress
     /// allows, while nothing passed waits to be read (those must go first).
     fn on_grant_request(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
-        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
-            return Ok(());
-        };
         if self.pressure != Pressure::Splicing || self.eof {
             return Ok(());
         }
-        let counters = splice
-            .counters(cookie)
-            .map_err(|e| Fault::Source(io::Error::other(e)))?;
-        if counters.passed != self.consumed {
+        let Some((splice, cookie, counters)) = self.caught_up(splice)? else {
             return Ok(());
-        }
+        };
         let queued = (counters.redirected + self.copied).saturating_sub(self.written_to_target()?);
-        splice
-            .extend(cookie, counters, queued)
-            .map_err(|e| Fault::Source(io::Error::other(e)))
+        splice.extend(cookie, counters, queued).map_err(map_fault)
     }
 
     /// Forwarding: once every passed byte has been read and written, the kernel may
     /// redirect again.
     fn try_resume_splicing(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
-        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
-            return Ok(());
-        };
         if self.pressure != Pressure::Forwarding || self.eof || !self.pending.is_empty() {
             return Ok(());
         }
-        let counters = splice
-            .counters(cookie)
-            .map_err(|e| Fault::Source(io::Error::other(e)))?;
         // Passed bytes the program counted but kgate has not read yet are still on
         // their way to the queue: keep forwarding.
-        if counters.passed != self.consumed {
+        let Some((splice, cookie, counters)) = self.caught_up(splice)? else {
             return Ok(());
-        }
-        splice
-            .grant(cookie, counters)
-            .map_err(|e| Fault::Source(io::Error::other(e)))?;
+        };
+        splice.grant(cookie, counters).map_err(map_fault)?;
         self.pressure = Pressure::Splicing;
         Ok(())
     }
@@ -401,13 +405,9 @@ impl<'a> Flow<'a> {
     /// `FlowCounters::overlap`) never reach `to`, so the FIN would wait for them
     /// forever: the stream is broken, and the connection is reset instead.
     fn check_for_hole(&self, splice: Option<&Splice>) -> Result<(), Fault> {
-        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
-            return Ok(());
-        };
-        let lost = splice
-            .counters(cookie)
-            .map_err(|e| Fault::Source(io::Error::other(e)))?
-            .lost;
+        let lost = self
+            .program_counters(splice)?
+            .map_or(0, |(_, counters)| counters.lost);
         if lost > 0 {
             warn!("the splice dropped {lost} bytes it could not deduplicate: resetting");
             return Err(Fault::Source(io::Error::other("bytes lost in the splice")));
@@ -584,6 +584,12 @@ pub async fn run(
         end,
         path: Path::of(modes),
     }
+}
+
+/// A map operation of the splice failed: the direction's source is no longer known
+/// to the program, so it is treated as failed.
+fn map_fault(error: MapError) -> Fault {
+    Fault::Source(io::Error::other(error))
 }
 
 /// Completes when the program asks for a larger grant; never without a splice.

@@ -66,9 +66,7 @@ impl Pattern {
         let offset = offset as usize;
         &self.0[offset..offset + len]
     }
-}
 
-impl Pattern {
     /// What `wrong` (received where byte `at` of the window at `start` belonged) is:
     /// bytes of the pattern from elsewhere (a repeat, a gap, another stream's bytes)
     /// or nothing sent at all.
@@ -316,6 +314,21 @@ fn splice_stats(path: &std::path::Path) -> anyhow::Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wrong_byte_is_explained_as_a_repeat_or_a_skip() {
+        let pattern = Pattern::new();
+        let start = start_of(0, true);
+        let repeated = pattern.window(start, 900, 64);
+        let said = pattern.explain(repeated, start, 1000);
+        assert!(
+            said.contains("-100 bytes") && said.contains("stream 0 up"),
+            "{said}"
+        );
+        let skipped = pattern.window(start, 1100, 64);
+        assert!(pattern.explain(skipped, start, 1000).contains("+100 bytes"));
+        assert!(pattern.explain(&[0xAA; 64], start, 0).contains("nowhere"));
+    }
 
     #[test]
     fn windows_are_contiguous_and_wrap_around_the_pattern() {

@@ -181,7 +181,10 @@ impl<'a> Splice<'a> {
             self.flow_state[i] = true;
         }
 
-        // Step 4, then step 5 for each socket that joined.
+        // Step 4, then step 5 for each socket that joined. Both join before either is
+        // kicked: a banner the server's kick releases could otherwise reach the
+        // client, and the client's FIN come back, before the client joins, and a
+        // socket that has its FIN cannot join (the direction would be copied).
         self.maps
             .insert_spliced(b, server)
             .map_err(|e| format!("SPLICED[server]: {e}"))?;
@@ -190,17 +193,22 @@ impl<'a> Splice<'a> {
             written_base: to_client,
             cookie: b,
         };
-        kick(server);
-        self.maps
+        let client_joined = self
+            .maps
             .insert_spliced(c, client)
-            .map_err(|e| format!("SPLICED[client]: {e}"))?;
-        self.spliced[0] = true;
-        self.flows[0] = Mode::Spliced {
-            written_base: to_server,
-            cookie: c,
-        };
-        kick(client);
-        Ok(())
+            .map_err(|e| format!("SPLICED[client]: {e}"));
+        if client_joined.is_ok() {
+            self.spliced[0] = true;
+            self.flows[0] = Mode::Spliced {
+                written_base: to_server,
+                cookie: c,
+            };
+        }
+        kick(server);
+        if client_joined.is_ok() {
+            kick(client);
+        }
+        client_joined
     }
 }
 

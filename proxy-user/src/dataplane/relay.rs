@@ -35,7 +35,11 @@ use std::{fmt, io, net::Shutdown, os::fd::AsFd, time::Duration};
 
 use proxy_common::FlowCounters;
 use socket2::SockRef;
-use tokio::{io::Interest, net::TcpStream, time::sleep_until};
+use tokio::{
+    io::{Interest, Ready},
+    net::TcpStream,
+    time::sleep_until,
+};
 use tracing::{debug, warn};
 
 use super::{
@@ -496,58 +500,61 @@ pub async fn run(
         if !draining {
             drain_poll = DRAIN_POLL.0;
         }
+        // One readiness future per socket and one timer: each is part of every
+        // connection's task, so every one of them costs memory per connection.
+        let client_interest = interest(&up, &down);
+        let server_interest = interest(&down, &up);
+        let drain_at = draining.then(|| tokio::time::Instant::now() + drain_poll);
+        let wake_at = drain_at.map_or(idle_check, |at| at.min(idle_check));
         let result = tokio::select! {
-            r = client.readable(), if up.wants_to_read() => match r {
-                Ok(()) => up.on_readable(splice).map_err(|f| (f, Side::Client)),
-                Err(e) => Err((Fault::Source(e), Side::Client)),
-            },
-            r = server.readable(), if down.wants_to_read() => match r {
-                Ok(()) => down.on_readable(splice).map_err(|f| (f, Side::Server)),
-                Err(e) => Err((Fault::Source(e), Side::Server)),
-            },
-            r = server.writable(), if up.wants_to_write() => match r {
-                Ok(()) => up.on_writable(splice).map_err(|f| (f, Side::Client)),
-                Err(e) => Err((Fault::Target(e), Side::Client)),
-            },
-            r = client.writable(), if down.wants_to_write() => match r {
-                Ok(()) => down.on_writable(splice).map_err(|f| (f, Side::Server)),
-                Err(e) => Err((Fault::Target(e), Side::Server)),
-            },
-            // A socket past its FIN is no longer read; a reset still shows as an error.
-            r = client.ready(Interest::ERROR), if up.eof => socket_error(client, r, Side::Client),
-            r = server.ready(Interest::ERROR), if down.eof => socket_error(server, r, Side::Server),
+            r = client.ready(client_interest.unwrap_or(Interest::READABLE)),
+                if client_interest.is_some() =>
+            {
+                on_socket_ready(client, r, Side::Client, &mut up, &mut down, splice)
+            }
+            r = server.ready(server_interest.unwrap_or(Interest::READABLE)),
+                if server_interest.is_some() =>
+            {
+                on_socket_ready(server, r, Side::Server, &mut down, &mut up, splice)
+            }
             () = grant_requested(splice) => up
                 .on_grant_request(splice)
                 .map_err(|f| (f, Side::Client))
                 .and_then(|()| down.on_grant_request(splice).map_err(|f| (f, Side::Server))),
-            _ = tokio::time::sleep(drain_poll), if draining => {
-                drain_poll = (drain_poll * 2).min(DRAIN_POLL.1);
-                up.on_drain_poll(splice)
-                    .map_err(|f| (f, Side::Client))
-                    .and_then(|()| down.on_drain_poll(splice).map_err(|f| (f, Side::Server)))
-            },
-            _ = sleep_until(idle_check) => {
-                let limit = if first_fin.is_some() { timeouts.half_closed } else { timeouts.idle };
-                match idle_for(client, server) {
-                    Some(idle) if idle < limit => {
-                        idle_check = tokio::time::Instant::now() + (limit - idle);
-                        Ok(())
+            () = sleep_until(wake_at) => {
+                let now = tokio::time::Instant::now();
+                let drained = match drain_at {
+                    Some(at) if now >= at => {
+                        drain_poll = (drain_poll * 2).min(DRAIN_POLL.1);
+                        up.on_drain_poll(splice)
+                            .map_err(|f| (f, Side::Client))
+                            .and_then(|()| down.on_drain_poll(splice).map_err(|f| (f, Side::Server)))
                     }
-                    _ => {
-                        for socket in [client, server] {
-                            let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
+                    _ => Ok(()),
+                };
+                if drained.is_ok() && now >= idle_check {
+                    let limit = if first_fin.is_some() { timeouts.half_closed } else { timeouts.idle };
+                    match idle_for(client, server) {
+                        Some(idle) if idle < limit => {
+                            idle_check = now + (limit - idle);
                         }
-                        let end = if first_fin.is_some() { End::HalfClosedTimeout } else { End::IdleTimeout };
-                        return Transfer {
-                            from_client: up.bytes(),
-                            from_server: down.bytes(),
-                            copied_from_client: up.copied,
-                            copied_from_server: down.copied,
-                            end,
-                            path: Path::of(modes),
-                        };
+                        _ => {
+                            for socket in [client, server] {
+                                let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
+                            }
+                            let end = if first_fin.is_some() { End::HalfClosedTimeout } else { End::IdleTimeout };
+                            return Transfer {
+                                from_client: up.bytes(),
+                                from_server: down.bytes(),
+                                copied_from_client: up.copied,
+                                copied_from_server: down.copied,
+                                end,
+                                path: Path::of(modes),
+                            };
+                        }
                     }
                 }
+                drained
             },
         };
         if let Err(fault) = result {
@@ -590,6 +597,44 @@ pub async fn run(
 /// to the program, so it is treated as failed.
 fn map_fault(error: MapError) -> Fault {
     Fault::Source(io::Error::other(error))
+}
+
+/// What to wait for on one socket: bytes for the direction `reading` from it (past
+/// that direction's FIN only an error, as a reset still shows as one), and room for
+/// the direction `writing` to it. None when nothing.
+fn interest(reading: &Flow, writing: &Flow) -> Option<Interest> {
+    [
+        (reading.wants_to_read(), Interest::READABLE),
+        (reading.eof, Interest::ERROR),
+        (writing.wants_to_write(), Interest::WRITABLE),
+    ]
+    .into_iter()
+    .filter(|&(wanted, _)| wanted)
+    .map(|(_, interest)| interest)
+    .reduce(|all, interest| all | interest)
+}
+
+/// `socket` is ready for some of what [`interest`] asked: the direction reading from
+/// it and the one writing to it each take their part. `side` is the socket's side.
+fn on_socket_ready(
+    socket: &TcpStream,
+    ready: io::Result<Ready>,
+    side: Side,
+    reading: &mut Flow,
+    writing: &mut Flow,
+    splice: Option<&Splice>,
+) -> Result<(), (Fault, Side)> {
+    let ready = ready.map_err(|e| (Fault::Source(e), side))?;
+    if reading.eof && ready.is_error() {
+        return socket_error(socket, side);
+    }
+    if reading.wants_to_read() && (ready.is_readable() || ready.is_read_closed()) {
+        reading.on_readable(splice).map_err(|f| (f, side))?;
+    }
+    if writing.wants_to_write() && (ready.is_writable() || ready.is_write_closed()) {
+        writing.on_writable(splice).map_err(|f| (f, side.other()))?;
+    }
+    Ok(())
 }
 
 /// Completes when the program asks for a larger grant; never without a splice.
@@ -635,17 +680,11 @@ impl Side {
     }
 }
 
-fn socket_error(
-    socket: &TcpStream,
-    ready: io::Result<tokio::io::Ready>,
-    side: Side,
-) -> Result<(), (Fault, Side)> {
-    let error = match ready {
-        Err(e) => e,
-        Ok(_) => match socket.take_error() {
-            Ok(Some(e)) | Err(e) => e,
-            Ok(None) => io::Error::from(io::ErrorKind::ConnectionReset),
-        },
+/// A socket past its FIN reported an error: the one it holds, or a reset.
+fn socket_error(socket: &TcpStream, side: Side) -> Result<(), (Fault, Side)> {
+    let error = match socket.take_error() {
+        Ok(Some(e)) | Err(e) => e,
+        Ok(None) => io::Error::from(io::ErrorKind::ConnectionReset),
     };
     Err((Fault::Source(error), side))
 }

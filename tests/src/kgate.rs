@@ -236,6 +236,21 @@ impl Kgate {
         self.log.lock().text.clone()
     }
 
+    /// A field of the "splice totals" line kgate logs when it stops (sockmap plane):
+    /// `redirected_bytes`, `passed_bytes`, `trimmed_bytes`, ... Panics when missing.
+    pub fn splice_total(&self, field: &str) -> u64 {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("splice totals"))
+            .unwrap_or_else(|| panic!("no splice totals in the log:\n{log}"));
+        let prefix = format!("{field}=");
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(&prefix))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in: {line}"))
+    }
+
     /// Waits until the log contains `needle`. False on timeout, or at once when kgate
     /// has closed its output (exited) without writing it.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {

@@ -302,30 +302,15 @@ fn a_partly_repeated_segment_reaches_the_backend_once(dataplane: &'static str) {
     rig.assert_clean();
     if dataplane == "sockmap" {
         rig.kgate.stop();
-        let log = rig.kgate.log();
         assert_eq!(
-            splice_total(&log, "trimmed_bytes"),
-            (FIRST_SEGMENT_END - REPEAT_FROM) as u64,
-            "{log}"
+            rig.kgate.splice_total("trimmed_bytes"),
+            (FIRST_SEGMENT_END - REPEAT_FROM) as u64
         );
     }
 }
 
 /// The raw client's port (the namespace is the test's own).
 const RAW_CLIENT_PORT: u16 = 40_123;
-
-/// A field of the "splice totals" line kgate logs when it stops.
-fn splice_total(log: &str, field: &str) -> u64 {
-    let line = log
-        .lines()
-        .find(|l| l.contains("splice totals"))
-        .unwrap_or_else(|| panic!("no splice totals in the log:\n{log}"));
-    let prefix = format!("{field}=");
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix(&prefix))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in: {line}"))
-}
 
 /// `streams` connections at once, each moving `bytes` of random data both ways at the
 /// same time; checks lengths, checksums and each connection's log line.

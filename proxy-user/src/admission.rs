@@ -6,7 +6,7 @@ use std::{
     fmt,
     net::IpAddr,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
 };
@@ -47,8 +47,8 @@ impl fmt::Display for Refusal {
 
 /// A client's place in its frontend's counts; given back on drop.
 #[derive(Debug)]
-pub struct Admitted<'a> {
-    load: &'a FrontendLoad,
+pub struct Admitted {
+    load: Arc<FrontendLoad>,
     source: Option<IpAddr>,
 }
 
@@ -57,7 +57,11 @@ impl FrontendLoad {
         self.active.load(Ordering::Relaxed)
     }
 
-    pub fn admit(&self, frontend: &Frontend, source: IpAddr) -> Result<Admitted<'_>, Refusal> {
+    pub fn admit(
+        self: &Arc<Self>,
+        frontend: &Frontend,
+        source: IpAddr,
+    ) -> Result<Admitted, Refusal> {
         let result = self.try_admit(frontend, source);
         let counter = if result.is_ok() {
             &self.admitted
@@ -68,7 +72,11 @@ impl FrontendLoad {
         result
     }
 
-    fn try_admit(&self, frontend: &Frontend, source: IpAddr) -> Result<Admitted<'_>, Refusal> {
+    fn try_admit(
+        self: &Arc<Self>,
+        frontend: &Frontend,
+        source: IpAddr,
+    ) -> Result<Admitted, Refusal> {
         let max = frontend.max_connections.unwrap_or(u32::MAX);
         self.active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -76,7 +84,7 @@ impl FrontendLoad {
             })
             .map_err(|_| Refusal::MaxConnections(max))?;
         let mut admitted = Admitted {
-            load: self,
+            load: self.clone(),
             source: None,
         };
         if let Some(max) = frontend.max_connections_per_source {
@@ -93,7 +101,7 @@ impl FrontendLoad {
     }
 }
 
-impl Drop for Admitted<'_> {
+impl Drop for Admitted {
     fn drop(&mut self) {
         if let Some(source) = self.source {
             let mut per_source = self
@@ -132,7 +140,7 @@ mod tests {
 
     #[test]
     fn the_connection_over_max_connections_is_refused_and_counted() {
-        let load = FrontendLoad::default();
+        let load = Arc::new(FrontendLoad::default());
         let f = frontend(Some(2), None);
         let a = load.admit(&f, "192.0.2.1".parse().unwrap()).unwrap();
         let _b = load.admit(&f, "192.0.2.2".parse().unwrap()).unwrap();
@@ -148,7 +156,7 @@ mod tests {
 
     #[test]
     fn each_source_has_its_own_limit_and_a_refusal_gives_the_slot_back() {
-        let load = FrontendLoad::default();
+        let load = Arc::new(FrontendLoad::default());
         let f = frontend(Some(10), Some(1));
         let one: IpAddr = "192.0.2.1".parse().unwrap();
         let first = load.admit(&f, one).unwrap();

@@ -18,12 +18,13 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::info;
 
 use crate::{
-    admission::Refusal,
+    admission::{Admitted, Refusal},
     balance,
     config::Backend,
-    daemon::Daemon,
+    daemon::Open,
     dataplane::{Timeouts, Transfer},
     gateway::Gateway,
+    pool::Pool,
     proxy_header, upstream,
 };
 
@@ -39,79 +40,122 @@ enum Outcome {
     ServerFailed(std::io::Error),
 }
 
+/// What a connection carries from accept to its log line, wherever it is relayed: a
+/// parked connection keeps it while no task runs for it.
+pub struct Ending {
+    /// Held for its drop: the daemon counts the connection open until then.
+    _open: Open,
+    gateway: Arc<Gateway>,
+    frontend: usize,
+    /// The server, once connected: counted active until the log line.
+    server: Option<usize>,
+    peer: SocketAddr,
+    started: Instant,
+    /// Held for its drop, which gives the frontend's slot back.
+    _admitted: Option<Admitted>,
+}
+
+impl Ending {
+    fn pool(&self) -> &Pool {
+        &self.gateway.pools[self.gateway.config.frontends[self.frontend].backend]
+    }
+
+    fn set_server(&mut self, server: usize) {
+        let runtime = &self.pool().servers[server];
+        runtime.total.fetch_add(1, Ordering::Relaxed);
+        runtime.active.fetch_add(1, Ordering::Relaxed);
+        self.server = Some(server);
+    }
+
+    /// The relay is over: counts its bytes and logs it.
+    pub fn relayed(self, transfer: Transfer) {
+        let load = &self.gateway.loads[self.frontend];
+        load.bytes_in
+            .fetch_add(transfer.from_client, Ordering::Relaxed);
+        load.bytes_out
+            .fetch_add(transfer.from_server, Ordering::Relaxed);
+        if let Some(server) = self.server {
+            let runtime = &self.pool().servers[server];
+            runtime
+                .copied_in
+                .fetch_add(transfer.copied_from_client, Ordering::Relaxed);
+            runtime
+                .copied_out
+                .fetch_add(transfer.copied_from_server, Ordering::Relaxed);
+        }
+        self.log(Outcome::Relayed(transfer));
+    }
+
+    fn log(self, outcome: Outcome) {
+        let frontend = &self.gateway.config.frontends[self.frontend];
+        let backend = &self.gateway.config.backends[frontend.backend];
+        let server_name = match self.server {
+            Some(server) => {
+                self.pool().servers[server]
+                    .active
+                    .fetch_sub(1, Ordering::Relaxed);
+                backend.servers[server].name.as_str()
+            }
+            None => "-",
+        };
+        info!(
+            target: "kgate::conn",
+            "{} {} {}/{server_name} {outcome} {}ms",
+            self.peer,
+            frontend.name,
+            backend.name,
+            self.started.elapsed().as_millis(),
+        );
+    }
+}
+
 pub async fn handle(
-    daemon: &Daemon,
+    open: Open,
     gateway: Arc<Gateway>,
     frontend: usize,
     client: TcpStream,
     peer: SocketAddr,
 ) {
-    let started = Instant::now();
+    let daemon = open.daemon().clone();
+    let mut ending = Ending {
+        _open: open,
+        gateway: gateway.clone(),
+        frontend,
+        server: None,
+        peer,
+        started: Instant::now(),
+        _admitted: None,
+    };
     let load = &gateway.loads[frontend];
     let frontend = &gateway.config.frontends[frontend];
     let backend_index = frontend.backend;
     let backend = &gateway.config.backends[backend_index];
 
-    let mut server_name = "-";
-    let outcome = match load.admit(frontend, peer.ip().to_canonical()) {
-        Err(refusal) => Outcome::Refused(refusal),
-        Ok(_admitted) => {
-            let _ = client.set_nodelay(true);
-            let pool = &gateway.pools[backend_index];
-            let order = balance::order(pool, backend, peer.ip().to_canonical());
-            match upstream::connect(backend, &order).await {
-                None => {
-                    pool.counters.no_server.fetch_add(1, Ordering::Relaxed);
-                    Outcome::NoServer
-                }
-                Some(upstream::Upstream { mut stream, server }) => {
-                    server_name = &backend.servers[server].name;
-                    let runtime = &pool.servers[server];
-                    runtime.total.fetch_add(1, Ordering::Relaxed);
-                    runtime.active.fetch_add(1, Ordering::Relaxed);
-                    let outcome = match send_header(&mut stream, backend, &client, peer).await {
-                        Err(e) => Outcome::ServerFailed(e),
-                        Ok(()) => {
-                            let timeouts = Timeouts {
-                                idle: frontend.idle_timeout,
-                                half_closed: frontend.half_closed_timeout,
-                            };
-                            let transfer = daemon
-                                .dataplane
-                                .relay(
-                                    &client,
-                                    &stream,
-                                    backend.queue_limit,
-                                    runtime.slot,
-                                    timeouts,
-                                )
-                                .await;
-                            load.bytes_in
-                                .fetch_add(transfer.from_client, Ordering::Relaxed);
-                            load.bytes_out
-                                .fetch_add(transfer.from_server, Ordering::Relaxed);
-                            runtime
-                                .copied_in
-                                .fetch_add(transfer.copied_from_client, Ordering::Relaxed);
-                            runtime
-                                .copied_out
-                                .fetch_add(transfer.copied_from_server, Ordering::Relaxed);
-                            Outcome::Relayed(transfer)
-                        }
-                    };
-                    runtime.active.fetch_sub(1, Ordering::Relaxed);
-                    outcome
-                }
-            }
-        }
+    match load.admit(frontend, peer.ip().to_canonical()) {
+        Err(refusal) => return ending.log(Outcome::Refused(refusal)),
+        Ok(admitted) => ending._admitted = Some(admitted),
+    }
+    let _ = client.set_nodelay(true);
+    let pool = &gateway.pools[backend_index];
+    let order = balance::order(pool, backend, peer.ip().to_canonical());
+    let Some(upstream::Upstream { mut stream, server }) = upstream::connect(backend, &order).await
+    else {
+        pool.counters.no_server.fetch_add(1, Ordering::Relaxed);
+        return ending.log(Outcome::NoServer);
     };
-    info!(
-        target: "kgate::conn",
-        "{peer} {} {}/{server_name} {outcome} {}ms",
-        frontend.name,
-        backend.name,
-        started.elapsed().as_millis(),
-    );
+    ending.set_server(server);
+    if let Err(e) = send_header(&mut stream, backend, &client, peer).await {
+        return ending.log(Outcome::ServerFailed(e));
+    }
+    let timeouts = Timeouts {
+        idle: frontend.idle_timeout,
+        half_closed: frontend.half_closed_timeout,
+    };
+    let slot = pool.servers[server].slot;
+    daemon
+        .dataplane
+        .relay(client, stream, backend.queue_limit, slot, timeouts, ending)
+        .await;
 }
 
 async fn send_header(

@@ -213,6 +213,21 @@ impl Daemon {
     }
 }
 
+/// A client connection, counted open (for a graceful shutdown) until dropped.
+pub struct Open(Arc<Daemon>);
+
+impl Open {
+    pub fn daemon(&self) -> &Arc<Daemon> {
+        &self.0
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Bound listeners, not accepting yet.
 pub type Listeners = Vec<(SocketAddr, TcpListener)>;
 
@@ -249,11 +264,8 @@ async fn accept(daemon: Arc<Daemon>, address: SocketAddr, listener: TcpListener)
                     continue;
                 };
                 daemon.connections.fetch_add(1, Ordering::AcqRel);
-                let daemon = daemon.clone();
-                tokio::spawn(async move {
-                    conn::handle(&daemon, gateway, frontend, client, peer).await;
-                    daemon.connections.fetch_sub(1, Ordering::AcqRel);
-                });
+                let open = Open(daemon.clone());
+                tokio::spawn(conn::handle(open, gateway, frontend, client, peer));
             }
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning.

@@ -267,8 +267,17 @@ impl Collector for Gauges {
             }),
         )?;
 
-        if let Dataplane::Sockmap(maps) = &daemon.dataplane
-            && let Ok(stats) = maps.stats()
+        if let Dataplane::Sockmap(sockmap) = &daemon.dataplane {
+            family(
+                &mut encoder,
+                "kgate_parked_connections",
+                "Spliced connections with nothing to do, watched without a task of their own",
+                Gauge,
+                [(Labels::new(), sockmap.parking.parked() as u64)],
+            )?;
+        }
+        if let Dataplane::Sockmap(sockmap) = &daemon.dataplane
+            && let Ok(stats) = sockmap.maps.stats()
         {
             family(
                 &mut encoder,

@@ -1,6 +1,6 @@
-//! Socket options no crate wraps: TCP_INFO, SIOCOUTQ and SO_RCVLOWAT. Once a
-//! connection is spliced, userspace sees none of its bytes; these counters are how it
-//! still knows how far each direction has got.
+//! Socket options and calls no crate wraps: TCP_INFO, SIOCOUTQ, SO_RCVLOWAT and a
+//! zero-timeout poll. Once a connection is spliced, userspace sees none of its bytes;
+//! these counters are how it still knows how far each direction has got.
 
 use std::{io, mem, os::fd::AsFd, os::fd::AsRawFd, time::Duration};
 
@@ -75,6 +75,21 @@ pub fn set_receive_low_watermark(socket: impl AsFd, bytes: libc::c_int) -> io::R
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Whether the socket is readable, at its end, or failed, as poll(2) says right now.
+/// Unlike a read or SO_ERROR, this leaves a pending error for the next reader.
+pub fn has_events(socket: impl AsFd) -> io::Result<bool> {
+    let mut poll = libc::pollfd {
+        fd: socket.as_fd().as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, valid for the call; a zero timeout never blocks.
+    match unsafe { libc::poll(&mut poll, 1, 0) } {
+        -1 => Err(io::Error::last_os_error()),
+        ready => Ok(ready > 0),
+    }
 }
 
 #[cfg(test)]

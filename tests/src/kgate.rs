@@ -7,7 +7,7 @@
 
 use std::env;
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -79,6 +79,43 @@ pub fn global_section(lab: &Lab, dataplane: &str) -> String {
         pin_path_for(lab).display().to_string(),
         control_socket_for(lab).display().to_string(),
     )
+}
+
+/// Scrapes kgate's `/metrics` at `address` (its `metrics_listen`, in the gateway
+/// namespace).
+pub fn scrape_metrics(lab: &Lab, address: &str) -> prometheus_parse::Scrape {
+    let address = address.to_owned();
+    let text = lab.gateway().run(move || {
+        let mut c = std::net::TcpStream::connect(&address).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: kgate\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        c.read_to_string(&mut response).unwrap();
+        response
+    });
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // prometheus-parse does not take an empty label set (`name{} 1`), which the text
+    // format allows and kgate writes for its unlabelled series.
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.replacen("{} ", " ", 1))))
+        .expect("the Prometheus text format")
+}
+
+/// The value of the one sample of `name` with `labels` (among others) in `scrape`.
+pub fn metric_value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<_> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .collect();
+    assert_eq!(matching.len(), 1, "{name} {labels:?}: {matching:?}");
+    match matching[0].value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        ref other => panic!("{name}: {other:?}"),
+    }
 }
 
 /// A running kgate. Dropping it stops kgate and removes its pin directory and control

@@ -11,7 +11,7 @@ use std::{
 };
 
 use crate::{
-    kgate::{Kgate, global_section},
+    kgate::{Kgate, global_section, metric_value, scrape_metrics},
     lab::Lab,
     sockmap::sock_hash_len,
 };
@@ -19,6 +19,8 @@ use crate::{
 pub const FRONTEND_PORT: u16 = 2525;
 pub const BACKEND_PORT: u16 = 2525;
 /// No test socket waits longer than this for a byte: a hang becomes a failure.
+/// Where the rig's kgate serves its metrics, in the gateway namespace.
+const METRICS: &str = "127.0.0.1:9464";
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A lab with kgate running in front of `backends` servers.
@@ -79,6 +81,7 @@ impl Rig {
     ) -> Rig {
         let lab = Lab::new(backends);
         let mut config = global_section(&lab, dataplane);
+        config.push_str(&format!("metrics_listen = \"{METRICS}\"\n"));
         config.push_str(&format!(
             r#"
 [[frontends]]
@@ -115,6 +118,23 @@ proxy_protocol = "v2"
             kgate,
             dataplane,
             fds_at_start,
+        }
+    }
+
+    /// The value of metric `name` (with no labels of its own) right now.
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_value(&scrape_metrics(&self.lab, METRICS), name, &[])
+    }
+
+    /// Waits (up to 10 s) for metric `name` to reach `value`; returns its last value.
+    pub fn wait_for_metric(&self, name: &str, value: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.metric(name);
+            if now == value || Instant::now() > deadline {
+                return now;
+            }
+            thread::sleep(Duration::from_millis(50));
         }
     }
 

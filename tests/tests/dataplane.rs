@@ -548,3 +548,120 @@ fn a_server_that_answers_and_closes_at_once_is_carried_intact(dataplane: &'stati
     );
     rig.assert_clean();
 }
+
+/// Spliced connections that wait (an SMTP client between commands, an IMAP IDLE)
+/// leave their tasks for the parking, where one watcher looks after all of them. Each
+/// must come back for whatever its relay has to do: bytes beyond the bound, a FIN, a
+/// reset; and must go on moving bytes in the kernel meanwhile.
+#[test]
+fn sockmap_held_connections_park_and_wake_for_bulk_fins_and_resets() {
+    if tests::lab::skip_without_root() {
+        return;
+    }
+    const HELD: usize = 20;
+    const BULK: usize = 16 << 20;
+    let rig = Rig::start("sockmap", 1);
+    // Echoes until the client's FIN, then closes; records how each connection ended.
+    let server_saw: Arc<Mutex<Vec<ErrorKind>>> = Arc::default();
+    let _server = {
+        let server_saw = server_saw.clone();
+        TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), move |mut s| {
+            set_timeouts(&s);
+            read_proxy_header(&mut s).expect("a PROXY header");
+            s.write_all(b"220 ready\r\n").unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let ended = loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break ErrorKind::UnexpectedEof,
+                    Ok(n) => {
+                        if let Err(e) = s.write_all(&buf[..n]) {
+                            break e.kind();
+                        }
+                    }
+                    Err(e) => break e.kind(),
+                }
+            };
+            server_saw.lock().unwrap().push(ended);
+        })
+    };
+    let frontend = rig.frontend_v4();
+    let clients: Vec<std::net::TcpStream> = rig.lab.client().run(move || {
+        (0..HELD)
+            .map(|_| {
+                let mut c = connect(frontend);
+                let mut banner = [0u8; 11];
+                c.read_exact(&mut banner).unwrap();
+                c
+            })
+            .collect()
+    });
+    let parked = "kgate_parked_connections";
+    assert_eq!(rig.wait_for_metric(parked, HELD as f64), HELD as f64);
+
+    // A line each way on every parked connection.
+    let clients = rig.lab.client().run(move || {
+        for (i, mut c) in clients.iter().enumerate() {
+            let line = format!("NOOP {i}\r\n");
+            c.write_all(line.as_bytes()).unwrap();
+            let mut echo = vec![0u8; line.len()];
+            c.read_exact(&mut echo).unwrap();
+            assert_eq!(echo, line.as_bytes(), "connection {i}");
+        }
+        clients
+    });
+    assert_eq!(rig.wait_for_metric(parked, HELD as f64), HELD as f64);
+
+    // Four bounds each way through a parked connection: the program's grant requests,
+    // or the bytes it passes at the bound, wake it.
+    let clients = rig.lab.client().run(move || {
+        let mut writer = clients[0].try_clone().unwrap();
+        let sending = thread::spawn(move || send_random(&mut writer, 5, BULK));
+        let mut reader = clients[0].try_clone().unwrap();
+        let mut rng = Rng(5);
+        let (mut expected, mut got) = (vec![0u8; 256 * 1024], vec![0u8; 256 * 1024]);
+        for at in (0..BULK).step_by(expected.len()) {
+            rng.fill(&mut expected);
+            reader.read_exact(&mut got).unwrap();
+            assert!(got == expected, "the echo differs within bytes {at}..");
+        }
+        sending.join().unwrap();
+        clients
+    });
+    assert_eq!(rig.wait_for_metric(parked, HELD as f64), HELD as f64);
+
+    // Half the clients end with a FIN, half with a reset, all while parked.
+    rig.lab.client().run(move || {
+        for (i, c) in clients.into_iter().enumerate() {
+            if i % 2 == 0 {
+                c.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                (&c).read_to_end(&mut rest).unwrap();
+                assert!(rest.is_empty(), "connection {i} got {rest:?} after its FIN");
+            } else {
+                socket_reset(c);
+            }
+        }
+    });
+    let lines = rig.connection_lines(HELD);
+    rig.assert_paths(&lines);
+    let closed = lines.iter().filter(|l| l.contains("end=\"client closed\""));
+    let reset = lines.iter().filter(|l| l.contains("end=\"client reset\""));
+    assert_eq!(
+        (closed.count(), reset.count()),
+        (HELD / 2, HELD / 2),
+        "{lines:#?}"
+    );
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while server_saw.lock().unwrap().len() < HELD && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut saw = server_saw.lock().unwrap().clone();
+    saw.sort_by_key(|kind| format!("{kind:?}"));
+    let expected: Vec<_> = [ErrorKind::ConnectionReset; HELD / 2]
+        .into_iter()
+        .chain([ErrorKind::UnexpectedEof; HELD / 2])
+        .collect();
+    assert_eq!(saw, expected, "how the server saw the connections end");
+    assert_eq!(rig.metric(parked), 0.0);
+    rig.assert_clean();
+}

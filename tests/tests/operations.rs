@@ -12,7 +12,7 @@ use std::{
 
 use tests::{
     backend::{TcpServer, read_proxy_header},
-    kgate::{Kgate, global_section},
+    kgate::{Kgate, global_section, metric_value, scrape_metrics},
     lab::{Lab, skip_without_root},
     rig::{IO_TIMEOUT, Rng, connect, set_timeouts},
 };
@@ -322,20 +322,9 @@ fn metrics_parse_and_count_the_traffic() {
     });
     let deadline = Instant::now() + IO_TIMEOUT;
     let scrape = loop {
-        let text = lab.gateway().run(|| {
-            let mut c = TcpStream::connect("127.0.0.1:9464").unwrap();
-            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: kgate\r\n\r\n")
-                .unwrap();
-            let mut response = String::new();
-            c.read_to_string(&mut response).unwrap();
-            response
-        });
-        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
-            .expect("the Prometheus text format");
+        let scrape = scrape_metrics(&lab, "127.0.0.1:9464");
         // Counters are added when a connection ends, just after the client sees it end.
-        if value(&scrape, "kgate_frontend_bytes_in_total", &[]) == 6000.0
+        if metric_value(&scrape, "kgate_frontend_bytes_in_total", &[]) == 6000.0
             || Instant::now() > deadline
         {
             break scrape;
@@ -344,71 +333,59 @@ fn metrics_parse_and_count_the_traffic() {
     };
     let smtp_frontend = [("frontend", "smtp")];
     assert_eq!(
-        value(&scrape, "kgate_frontend_connections_total", &smtp_frontend),
+        metric_value(&scrape, "kgate_frontend_connections_total", &smtp_frontend),
         6.0
     );
     assert_eq!(
-        value(&scrape, "kgate_frontend_bytes_in_total", &smtp_frontend),
+        metric_value(&scrape, "kgate_frontend_bytes_in_total", &smtp_frontend),
         6000.0
     );
     assert_eq!(
-        value(&scrape, "kgate_frontend_bytes_out_total", &smtp_frontend),
+        metric_value(&scrape, "kgate_frontend_bytes_out_total", &smtp_frontend),
         6000.0
     );
     assert_eq!(
-        value(&scrape, "kgate_frontend_refused_total", &smtp_frontend),
+        metric_value(&scrape, "kgate_frontend_refused_total", &smtp_frontend),
         0.0
     );
     assert_eq!(
-        value(&scrape, "kgate_frontend_active_connections", &smtp_frontend),
+        metric_value(&scrape, "kgate_frontend_active_connections", &smtp_frontend),
         0.0
     );
     let per_server: Vec<f64> = ["node0", "node1"]
         .iter()
-        .map(|s| value(&scrape, "kgate_server_connections_total", &[("server", s)]))
+        .map(|s| metric_value(&scrape, "kgate_server_connections_total", &[("server", s)]))
         .collect();
     assert_eq!(per_server, [3.0, 3.0], "round robin");
     let bytes_in: f64 = ["node0", "node1"]
         .iter()
-        .map(|s| value(&scrape, "kgate_server_bytes_in_total", &[("server", s)]))
+        .map(|s| metric_value(&scrape, "kgate_server_bytes_in_total", &[("server", s)]))
         .sum();
     assert_eq!(
         bytes_in, 6000.0,
         "spliced bytes counted per server in-kernel"
     );
     assert_eq!(
-        value(&scrape, "kgate_server_up", &[("server", "node0")]),
+        metric_value(&scrape, "kgate_server_up", &[("server", "node0")]),
         1.0
     );
     assert_eq!(
-        value(
+        metric_value(
             &scrape,
             "kgate_server_state",
             &[("server", "node1"), ("state", "unchecked")]
         ),
         1.0
     );
-    assert_eq!(value(&scrape, "kgate_backend_no_server_total", &[]), 0.0);
+    assert_eq!(
+        metric_value(&scrape, "kgate_backend_no_server_total", &[]),
+        0.0
+    );
     drop(kgate);
 }
 
 /// The value of the sample of `name` whose labels include `labels`; panics unless
 /// exactly one matches.
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let matching: Vec<_> = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .collect();
-    assert_eq!(matching.len(), 1, "{name} {labels:?}: {matching:?}");
-    match matching[0].value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => v,
-        ref other => panic!("{name}: {other:?}"),
-    }
-}
 
 #[test]
 fn after_start_kgate_keeps_only_the_capabilities_it_needs_and_hides_its_state() {

@@ -44,7 +44,16 @@ on_both_dataplanes!(
 #[test]
 fn a_reader_that_keeps_up_is_spliced_throughout() {
     if !tests::lab::skip_without_root() {
-        reader_that_keeps_up_is_spliced_throughout();
+        reader_that_keeps_up_is_spliced_throughout(false);
+    }
+}
+
+/// The same once the connection has waited long enough to be parked: the first grant
+/// request must bring it back in time.
+#[test]
+fn a_parked_connection_that_starts_streaming_is_spliced_throughout() {
+    if !tests::lab::skip_without_root() {
+        reader_that_keeps_up_is_spliced_throughout(true);
     }
 }
 
@@ -57,7 +66,7 @@ const PACED_PAUSE: Duration = Duration::from_millis(2);
 /// copying, however many times its bytes add up to the bound. Halfway through each
 /// grant the program asks for more, and kgate extends it by what the backend took;
 /// without that, the program would pass bytes to kgate every `queue_limit` bytes.
-fn reader_that_keeps_up_is_spliced_throughout() {
+fn reader_that_keeps_up_is_spliced_throughout(parked_first: bool) {
     let _serial = one_at_a_time();
     let mut rig = Rig::start("sockmap", 1);
     let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
@@ -67,8 +76,13 @@ fn reader_that_keeps_up_is_spliced_throughout() {
         s.write_all(format!("{n}\r\n").as_bytes()).unwrap();
     });
     let frontend = rig.frontend_v4();
+    let c = rig.lab.client().run(move || connect(frontend));
+    if parked_first {
+        let parked = rig.wait_for_metric("kgate_parked_connections", 1.0);
+        assert_eq!(parked, 1.0, "the waiting connection was not parked");
+    }
     let reply = rig.lab.client().run(move || {
-        let mut c = connect(frontend);
+        let mut c = c;
         let mut rng = Rng(11);
         let mut chunk = vec![0u8; PACED_CHUNK];
         for _ in 0..PACED_BYTES / PACED_CHUNK {

@@ -11,7 +11,7 @@ use crate::{
     config::{Config, DataplaneMode, Global},
     control,
     daemon::Daemon,
-    dataplane::Dataplane,
+    dataplane::{Dataplane, Sockmap},
     frontend,
     maps::{Bpf, MapsError, ServerMaps},
     metrics, privileges, publish,
@@ -116,7 +116,12 @@ fn load_kernel_side(global: &Global) -> anyhow::Result<KernelSide> {
     let load = || -> Result<KernelSide, MapsError> {
         let mut bpf = Bpf::load(&global.bpf_pin_path)?;
         let dataplane = if splice {
-            Dataplane::Sockmap(Box::new(bpf.splice()?))
+            let (maps, requests) = bpf.splice()?;
+            let sockmap = Sockmap::start(maps, requests).map_err(|source| MapsError::Poll {
+                name: "parked connections",
+                source,
+            })?;
+            Dataplane::Sockmap(sockmap)
         } else {
             Dataplane::Userspace
         };

@@ -6,20 +6,22 @@
 //! either spliced or copied, so a connection the kernel refuses to splice (a socket
 //! that already got its FIN, say) is still carried, by copying.
 
+mod parking;
 mod relay;
 mod sockmap;
 
-use std::{fmt, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 pub use relay::Transfer;
+pub use sockmap::Sockmap;
 
-use crate::maps::SpliceMaps;
+use crate::conn::Ending;
 
 pub enum Dataplane {
-    Sockmap(Box<SpliceMaps>),
+    Sockmap(Arc<Sockmap>),
     Userspace,
 }
 
@@ -32,36 +34,38 @@ impl Dataplane {
     }
 
     /// Carries `client` <-> `server` until both sides have closed, one has reset, or
-    /// the connection idled out. `queue_limit` bounds the bytes one spliced direction
-    /// may have queued in the kernel; `server_slot` is where the eBPF program counts
-    /// the server's spliced bytes.
+    /// the connection idled out; then `ending` logs it. `queue_limit` bounds the bytes
+    /// one spliced direction may have queued in the kernel; `server_slot` is where the
+    /// eBPF program counts the server's spliced bytes. Returns early when the
+    /// connection is parked: the rest happens in the task that resumes it.
     pub async fn relay(
         &self,
-        client: &TcpStream,
-        server: &TcpStream,
+        client: TcpStream,
+        server: TcpStream,
         queue_limit: u64,
         server_slot: u32,
         timeouts: Timeouts,
-    ) -> Transfer {
-        match self {
-            Dataplane::Sockmap(maps) => {
-                let splice = sockmap::Splice::start(maps, client, server, queue_limit, server_slot);
-                let transfer =
-                    relay::run(client, server, splice.flows(), Some(&splice), timeouts).await;
-                // Leave the maps before the sockets close.
-                drop(splice);
-                transfer
-            }
-            Dataplane::Userspace => {
-                relay::run(client, server, [Mode::Copied; 2], None, timeouts).await
-            }
-        }
+        ending: Ending,
+    ) {
+        let splice = match self {
+            Dataplane::Sockmap(sockmap) => Some(sockmap::Splice::start(
+                sockmap.clone(),
+                &client,
+                &server,
+                queue_limit,
+                server_slot,
+            )),
+            Dataplane::Userspace => None,
+        };
+        relay::Relay::new(client, server, splice, timeouts, ending)
+            .run()
+            .await;
     }
 
     /// Logs the data plane's totals; called once at shutdown.
     pub fn log_totals(&self) {
-        if let Dataplane::Sockmap(maps) = self {
-            match maps.stats() {
+        if let Dataplane::Sockmap(sockmap) = self {
+            match sockmap.maps.stats() {
                 Ok(stats) => info!(
                     redirected_bytes = stats.redirected_bytes,
                     redirect_failures = stats.redirect_failures,

@@ -38,15 +38,16 @@ use socket2::SockRef;
 use tokio::{
     io::{Interest, Ready},
     net::TcpStream,
-    time::sleep_until,
+    time::{Instant, sleep_until},
 };
 use tracing::{debug, warn};
 
 use super::{
     Mode, Path, Timeouts,
+    parking::PARK_AFTER,
     sockmap::{Splice, kick},
 };
-use crate::{maps::MapError, sockopt};
+use crate::{conn::Ending, maps::MapError, sockopt};
 
 /// Bytes a copying direction holds at most: what it read and could not write yet.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -117,10 +118,10 @@ enum Pressure {
     Forwarding,
 }
 
-/// One direction of a connection.
-struct Flow<'a> {
-    from: &'a TcpStream,
-    to: &'a TcpStream,
+/// Where one direction of a connection is: all of it but the sockets and the copy
+/// buffer, so it can wait while the connection is parked.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowState {
     mode: Mode,
     pressure: Pressure,
     /// `from` has sent its FIN.
@@ -131,40 +132,64 @@ struct Flow<'a> {
     consumed: u64,
     /// Bytes kgate wrote to `to`.
     copied: u64,
-    /// Bytes read and not written yet: `buf[pending]`.
-    buf: Vec<u8>,
-    pending: std::ops::Range<usize>,
     /// Bytes `from` received before its FIN (spliced mode, once `eof`).
     received: u64,
 }
 
-impl<'a> Flow<'a> {
-    fn new(from: &'a TcpStream, to: &'a TcpStream, mode: Mode) -> Self {
-        Flow {
-            from,
-            to,
+impl FlowState {
+    fn new(mode: Mode) -> Self {
+        FlowState {
             mode,
             pressure: Pressure::Splicing,
             eof: false,
             done: false,
             consumed: 0,
             copied: 0,
-            buf: Vec::new(),
-            pending: 0..0,
             received: 0,
         }
+    }
+}
+
+/// One direction of a connection.
+struct Flow<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    state: FlowState,
+    /// Bytes read and not written yet: `buf[pending]`.
+    buf: Vec<u8>,
+    pending: std::ops::Range<usize>,
+}
+
+impl<'a> Flow<'a> {
+    fn new(from: &'a TcpStream, to: &'a TcpStream, state: FlowState) -> Self {
+        Flow {
+            from,
+            to,
+            state,
+            buf: Vec::new(),
+            pending: 0..0,
+        }
+    }
+
+    /// Whether the direction only waits while the kernel moves its bytes: nothing for
+    /// kgate to read, write, drain or pass on.
+    fn parkable(&self) -> bool {
+        matches!(self.state.mode, Mode::Spliced { .. })
+            && self.state.pressure == Pressure::Splicing
+            && !self.state.eof
+            && self.pending.is_empty()
     }
 
     /// Whether kgate itself moves this direction's bytes right now.
     fn copying(&self) -> bool {
-        matches!(self.mode, Mode::Copied) || self.pressure == Pressure::Forwarding
+        matches!(self.state.mode, Mode::Copied) || self.state.pressure == Pressure::Forwarding
     }
 
     /// Whether to wait for `from` to be readable.
     fn wants_to_read(&self) -> bool {
-        !self.eof
+        !self.state.eof
             && self.pending.is_empty()
-            && !matches!(self.pressure, Pressure::Draining | Pressure::Kicked)
+            && !matches!(self.state.pressure, Pressure::Draining | Pressure::Kicked)
     }
 
     /// Whether to wait for `to` to be writable: copied bytes are waiting.
@@ -174,7 +199,7 @@ impl<'a> Flow<'a> {
 
     /// Whether the drain timer must run for this direction.
     fn wants_drain_poll(&self) -> bool {
-        matches!(self.pressure, Pressure::Draining | Pressure::Kicked)
+        matches!(self.state.pressure, Pressure::Draining | Pressure::Kicked)
             || self.waiting_for_fin_drain()
     }
 
@@ -197,15 +222,15 @@ impl<'a> Flow<'a> {
                 Ok(0) if self.passed_bytes_to_come(splice)? => {
                     // The FIN is in, but bytes the program passed before it still wait
                     // in the kernel's backlog: poll for them.
-                    self.pressure = Pressure::Draining;
+                    self.state.pressure = Pressure::Draining;
                     return Ok(());
                 }
                 Ok(0) => {
-                    self.eof = true;
+                    self.state.eof = true;
                     return self.on_copied_eof();
                 }
                 Ok(n) => {
-                    self.consumed += n as u64;
+                    self.state.consumed += n as u64;
                     self.pending = 0..n;
                     self.flush()?;
                     if self.wants_to_write() {
@@ -225,13 +250,13 @@ impl<'a> Flow<'a> {
             match self.to.try_write(&self.buf[self.pending.clone()]) {
                 Ok(n) => {
                     self.pending.start += n;
-                    self.copied += n as u64;
+                    self.state.copied += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(Fault::Target(e)),
             }
         }
-        if self.eof && !self.done {
+        if self.state.eof && !self.state.done {
             self.on_copied_eof()?;
         }
         Ok(())
@@ -247,7 +272,7 @@ impl<'a> Flow<'a> {
         if !self.pending.is_empty() {
             return Ok(());
         }
-        match self.mode {
+        match self.state.mode {
             Mode::Copied => self.pass_fin_on(),
             // Spliced bytes may still be on their way: wait for the counters.
             Mode::Spliced { .. } => {
@@ -267,17 +292,17 @@ impl<'a> Flow<'a> {
             // Nothing readable and the FIN in; but passed bytes may still be on their
             // way from the kernel's backlog to the socket's queue: then not yet EOF.
             Ok(0) if self.passed_bytes_to_come(splice)? => {
-                self.pressure = Pressure::Draining;
+                self.state.pressure = Pressure::Draining;
                 self.check_drained(splice)
             }
             Ok(0) => {
-                self.eof = true;
+                self.state.eof = true;
                 self.note_received()?;
                 self.try_finish()
             }
             // Bytes the program passed: the direction is over its bound.
             Ok(_) if self.passed_bytes_to_come(splice)? => {
-                self.pressure = Pressure::Draining;
+                self.state.pressure = Pressure::Draining;
                 self.check_drained(splice)
             }
             // Bytes the program has not seen (they came in while the socket was being
@@ -285,7 +310,7 @@ impl<'a> Flow<'a> {
             // run the verdict over them instead.
             Ok(_) => {
                 kick(from);
-                self.pressure = Pressure::Kicked;
+                self.state.pressure = Pressure::Kicked;
                 Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
@@ -299,7 +324,7 @@ impl<'a> Flow<'a> {
         &self,
         splice: Option<&Splice>,
     ) -> Result<Option<(u64, FlowCounters)>, Fault> {
-        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.mode, splice) else {
+        let (Mode::Spliced { cookie, .. }, Some(splice)) = (self.state.mode, splice) else {
             return Ok(None);
         };
         let counters = splice.counters(cookie).map_err(map_fault)?;
@@ -309,26 +334,26 @@ impl<'a> Flow<'a> {
     /// The splice, cookie and counters of a spliced direction once kgate has read
     /// every byte the program passed: only then may the program redirect again, as no
     /// redirected byte can overtake a passed one.
-    fn caught_up<'s, 'm>(
+    fn caught_up<'s>(
         &self,
-        splice: Option<&'s Splice<'m>>,
-    ) -> Result<Option<(&'s Splice<'m>, u64, FlowCounters)>, Fault> {
+        splice: Option<&'s Splice>,
+    ) -> Result<Option<(&'s Splice, u64, FlowCounters)>, Fault> {
         let (Some(splice), Some((cookie, counters))) = (splice, self.program_counters(splice)?)
         else {
             return Ok(None);
         };
-        Ok((counters.passed == self.consumed).then_some((splice, cookie, counters)))
+        Ok((counters.passed == self.state.consumed).then_some((splice, cookie, counters)))
     }
 
     /// Whether the program passed bytes that kgate has not read yet.
     fn passed_bytes_to_come(&self, splice: Option<&Splice>) -> Result<bool, Fault> {
         Ok(self
             .program_counters(splice)?
-            .is_some_and(|(_, counters)| counters.passed > self.consumed))
+            .is_some_and(|(_, counters)| counters.passed > self.state.consumed))
     }
 
     fn note_received(&mut self) -> Result<(), Fault> {
-        self.received = sockopt::tcp_counters(self.from.as_fd())
+        self.state.received = sockopt::tcp_counters(self.from.as_fd())
             .map_err(Fault::Source)?
             .bytes_received
             .saturating_sub(FIN_SEQUENCE);
@@ -338,8 +363,8 @@ impl<'a> Flow<'a> {
     /// Bytes that reached `to`'s send queue since the splice began, from kgate and
     /// from the kernel together.
     fn written_to_target(&self) -> Result<u64, Fault> {
-        let Mode::Spliced { written_base, .. } = self.mode else {
-            return Ok(self.copied);
+        let Mode::Spliced { written_base, .. } = self.state.mode else {
+            return Ok(self.state.copied);
         };
         let written = sockopt::bytes_written(self.to.as_fd()).map_err(Fault::Target)?;
         Ok(written.saturating_sub(written_base))
@@ -350,8 +375,8 @@ impl<'a> Flow<'a> {
         let Some((_, counters)) = self.program_counters(splice)? else {
             return Ok(());
         };
-        if self.written_to_target()? >= counters.redirected + self.copied {
-            self.pressure = Pressure::Forwarding;
+        if self.written_to_target()? >= counters.redirected + self.state.copied {
+            self.state.pressure = Pressure::Forwarding;
         }
         Ok(())
     }
@@ -359,20 +384,22 @@ impl<'a> Flow<'a> {
     /// The program asked for a larger grant: give one as large as the target's progress
     /// allows, while nothing passed waits to be read (those must go first).
     fn on_grant_request(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
-        if self.pressure != Pressure::Splicing || self.eof {
+        if self.state.pressure != Pressure::Splicing || self.state.eof {
             return Ok(());
         }
         let Some((splice, cookie, counters)) = self.caught_up(splice)? else {
             return Ok(());
         };
-        let queued = (counters.redirected + self.copied).saturating_sub(self.written_to_target()?);
+        let queued =
+            (counters.redirected + self.state.copied).saturating_sub(self.written_to_target()?);
         splice.extend(cookie, counters, queued).map_err(map_fault)
     }
 
     /// Forwarding: once every passed byte has been read and written, the kernel may
     /// redirect again.
     fn try_resume_splicing(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
-        if self.pressure != Pressure::Forwarding || self.eof || !self.pending.is_empty() {
+        if self.state.pressure != Pressure::Forwarding || self.state.eof || !self.pending.is_empty()
+        {
             return Ok(());
         }
         // Passed bytes the program counted but kgate has not read yet are still on
@@ -381,19 +408,19 @@ impl<'a> Flow<'a> {
             return Ok(());
         };
         splice.grant(cookie, counters).map_err(map_fault)?;
-        self.pressure = Pressure::Splicing;
+        self.state.pressure = Pressure::Splicing;
         Ok(())
     }
 
     /// The drain timer fired.
     fn on_drain_poll(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
-        if self.pressure == Pressure::Kicked {
-            self.pressure = Pressure::Splicing;
+        if self.state.pressure == Pressure::Kicked {
+            self.state.pressure = Pressure::Splicing;
             return self.check_spliced_source(splice);
         }
-        if self.pressure == Pressure::Draining {
+        if self.state.pressure == Pressure::Draining {
             self.check_drained(splice)?;
-            if self.pressure == Pressure::Forwarding {
+            if self.state.pressure == Pressure::Forwarding {
                 // Bytes are waiting in `from`: take them now rather than at the next wakeup.
                 return self.on_readable(splice);
             }
@@ -428,7 +455,7 @@ impl<'a> Flow<'a> {
         if let Some(e) = self.to.take_error().map_err(Fault::Target)? {
             return Err(Fault::Target(e));
         }
-        if self.pending.is_empty() && self.written_to_target()? >= self.received {
+        if self.pending.is_empty() && self.written_to_target()? >= self.state.received {
             self.pass_fin_on()?;
         }
         Ok(())
@@ -437,12 +464,12 @@ impl<'a> Flow<'a> {
     fn pass_fin_on(&mut self) -> Result<(), Fault> {
         match SockRef::from(self.to).shutdown(Shutdown::Write) {
             Ok(()) => {
-                self.done = true;
+                self.state.done = true;
                 Ok(())
             }
             // The target already closed its receiving side: nothing to tell it.
             Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                self.done = true;
+                self.state.done = true;
                 Ok(())
             }
             Err(e) => Err(Fault::Target(e)),
@@ -451,14 +478,14 @@ impl<'a> Flow<'a> {
 
     /// A spliced direction past its FIN whose backlog is still draining.
     fn waiting_for_fin_drain(&self) -> bool {
-        matches!(self.mode, Mode::Spliced { .. }) && self.eof && !self.done
+        matches!(self.state.mode, Mode::Spliced { .. }) && self.state.eof && !self.state.done
     }
 
     /// Bytes that came from `from`, whatever happened to them afterwards.
     fn bytes(&self) -> u64 {
-        match self.mode {
-            Mode::Copied => self.copied,
-            Mode::Spliced { .. } if self.eof => self.received,
+        match self.state.mode {
+            Mode::Copied => self.state.copied,
+            Mode::Spliced { .. } if self.state.eof => self.state.received,
             Mode::Spliced { .. } => {
                 sockopt::tcp_counters(self.from.as_fd()).map_or(0, |c| c.bytes_received)
             }
@@ -466,131 +493,339 @@ impl<'a> Flow<'a> {
     }
 }
 
-/// Relays until the connection is over. `modes` are for (client -> server,
-/// server -> client); `splice` is the connection's place in the maps when any
-/// direction is spliced.
-pub async fn run(
-    client: &TcpStream,
-    server: &TcpStream,
-    modes: [Mode; 2],
-    splice: Option<&Splice<'_>>,
+/// A connection being relayed: its sockets, where each direction is, and the record
+/// that logs it at the end.
+pub struct Relay {
+    // Fields drop in this order: the splice leaves the maps before the sockets close.
+    splice: Option<Splice>,
+    client: TcpStream,
+    server: TcpStream,
+    /// (client -> server, server -> client).
+    flows: [FlowState; 2],
     timeouts: Timeouts,
-) -> Transfer {
-    let mut up = Flow::new(client, server, modes[0]);
-    let mut down = Flow::new(server, client, modes[1]);
-    let mut first_fin = None;
-    let mut drain_poll = DRAIN_POLL.0;
-    let mut idle_check = tokio::time::Instant::now() + timeouts.idle;
+    /// When to look next whether the connection has been idle too long.
+    idle_check: Instant,
+    ending: Ending,
+}
 
-    let fault = loop {
-        if up.done && down.done {
-            break None;
+/// Why [`Relay::relay`] returned.
+enum Stop {
+    Over(Transfer),
+    /// Spliced both ways with nothing to do: hand the connection to the parking.
+    Park,
+}
+
+impl Relay {
+    pub fn new(
+        client: TcpStream,
+        server: TcpStream,
+        splice: Option<Splice>,
+        timeouts: Timeouts,
+        ending: Ending,
+    ) -> Relay {
+        let modes = splice.as_ref().map_or([Mode::Copied; 2], Splice::flows);
+        Relay {
+            splice,
+            client,
+            server,
+            flows: modes.map(FlowState::new),
+            timeouts,
+            idle_check: Instant::now() + timeouts.idle,
+            ending,
         }
-        if first_fin.is_none() {
-            first_fin = match (up.eof, down.eof) {
-                (true, _) => Some(End::ClientClosed),
-                (_, true) => Some(End::ServerClosed),
-                _ => None,
-            };
-            if first_fin.is_some() {
-                idle_check = idle_check.min(tokio::time::Instant::now() + timeouts.half_closed);
-            }
+    }
+
+    /// Relays until the connection is over, then logs it; or until it parks.
+    pub async fn run(mut self) {
+        match self.relay().await {
+            Stop::Over(transfer) => self.end(transfer),
+            Stop::Park => self.park(),
         }
-        let draining = up.wants_drain_poll() || down.wants_drain_poll();
-        if !draining {
-            drain_poll = DRAIN_POLL.0;
-        }
-        // One readiness future per socket and one timer: each is part of every
-        // connection's task, so every one of them costs memory per connection.
-        let client_interest = interest(&up, &down);
-        let server_interest = interest(&down, &up);
-        let drain_at = draining.then(|| tokio::time::Instant::now() + drain_poll);
-        let wake_at = drain_at.map_or(idle_check, |at| at.min(idle_check));
-        let result = tokio::select! {
-            r = client.ready(client_interest.unwrap_or(Interest::READABLE)),
-                if client_interest.is_some() =>
-            {
-                on_socket_ready(client, r, Side::Client, &mut up, &mut down, splice)
-            }
-            r = server.ready(server_interest.unwrap_or(Interest::READABLE)),
-                if server_interest.is_some() =>
-            {
-                on_socket_ready(server, r, Side::Server, &mut down, &mut up, splice)
-            }
-            () = grant_requested(splice) => up
-                .on_grant_request(splice)
-                .map_err(|f| (f, Side::Client))
-                .and_then(|()| down.on_grant_request(splice).map_err(|f| (f, Side::Server))),
-            () = sleep_until(wake_at) => {
-                let now = tokio::time::Instant::now();
-                let drained = match drain_at {
-                    Some(at) if now >= at => {
-                        drain_poll = (drain_poll * 2).min(DRAIN_POLL.1);
-                        up.on_drain_poll(splice)
-                            .map_err(|f| (f, Side::Client))
-                            .and_then(|()| down.on_drain_poll(splice).map_err(|f| (f, Side::Server)))
-                    }
-                    _ => Ok(()),
-                };
-                if drained.is_ok() && now >= idle_check {
-                    let limit = if first_fin.is_some() { timeouts.half_closed } else { timeouts.idle };
-                    match idle_for(client, server) {
-                        Some(idle) if idle < limit => {
-                            idle_check = now + (limit - idle);
-                        }
-                        _ => {
-                            for socket in [client, server] {
-                                let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
-                            }
-                            let end = if first_fin.is_some() { End::HalfClosedTimeout } else { End::IdleTimeout };
-                            return Transfer {
-                                from_client: up.bytes(),
-                                from_server: down.bytes(),
-                                copied_from_client: up.copied,
-                                copied_from_server: down.copied,
-                                end,
-                                path: Path::of(modes),
-                            };
-                        }
-                    }
-                }
-                drained
-            },
+    }
+
+    fn end(self, transfer: Transfer) {
+        let Relay {
+            splice,
+            client,
+            server,
+            ending,
+            ..
+        } = self;
+        // Out of the maps before the sockets close, and closed before the log line.
+        drop(splice);
+        drop((client, server));
+        ending.relayed(transfer);
+    }
+
+    fn park(self) {
+        let Relay {
+            splice,
+            client,
+            server,
+            flows,
+            timeouts,
+            idle_check,
+            ending,
+        } = self;
+        let Some(splice) = splice else {
+            unreachable!("only a spliced connection parks");
         };
-        if let Err(fault) = result {
-            break Some(fault);
-        }
-    };
-
-    let (from_client, from_server) = (up.bytes(), down.bytes());
-    let end = match fault {
-        None => first_fin.unwrap_or(End::ClientClosed),
-        Some((fault, flow_source)) => {
-            // The side that failed; the other one is reset so it learns at once.
-            let (failed, error) = match fault {
-                Fault::Source(e) => (flow_source, e),
-                Fault::Target(e) => (flow_source.other(), e),
-            };
-            debug!("{failed} side failed: {error}");
-            let survivor = match failed {
-                Side::Client => server,
-                Side::Server => client,
-            };
-            let _ = SockRef::from(survivor).set_linger(Some(Duration::ZERO));
-            match failed {
-                Side::Client => End::ClientReset,
-                Side::Server => End::ServerReset,
+        // Leaving tokio cannot fail for a registered socket; if it did, the socket
+        // would be closed, so the connection ends as reset on that side.
+        let (client, server) = match (client.into_std(), server.into_std()) {
+            (Ok(client), Ok(server)) => (client, server),
+            (client, server) => {
+                let side = if client.is_err() {
+                    Side::Client
+                } else {
+                    Side::Server
+                };
+                warn!("parking the connection failed: {side} socket lost");
+                return end_broken(splice, client.ok(), server.ok(), flows, side, ending);
             }
+        };
+        let parked = Box::new(Parked {
+            splice,
+            client,
+            server,
+            flows,
+            timeouts,
+            idle_check,
+            ending,
+        });
+        let parking = parked.splice.sockmap().clone();
+        if let Some(parked) = parking.parking.park(parked) {
+            tokio::spawn(parked.resume());
         }
-    };
+    }
+
+    async fn relay(&mut self) -> Stop {
+        let (client, server, splice) = (&self.client, &self.server, self.splice.as_ref());
+        let timeouts = self.timeouts;
+        let mut up = Flow::new(client, server, self.flows[0]);
+        let mut down = Flow::new(server, client, self.flows[1]);
+        let modes = [up.state.mode, down.state.mode];
+        let mut first_fin = None;
+        let mut drain_poll = DRAIN_POLL.0;
+        let mut idle_check = self.idle_check;
+        let mut quiet_since = Instant::now();
+
+        let fault = loop {
+            if up.state.done && down.state.done {
+                break None;
+            }
+            if first_fin.is_none() {
+                first_fin = match (up.state.eof, down.state.eof) {
+                    (true, _) => Some(End::ClientClosed),
+                    (_, true) => Some(End::ServerClosed),
+                    _ => None,
+                };
+                if first_fin.is_some() {
+                    idle_check = idle_check.min(Instant::now() + timeouts.half_closed);
+                }
+            }
+            let draining = up.wants_drain_poll() || down.wants_drain_poll();
+            if !draining {
+                drain_poll = DRAIN_POLL.0;
+            }
+            let park_at = (splice.is_some() && up.parkable() && down.parkable())
+                .then_some(quiet_since + PARK_AFTER);
+            // One readiness future per socket and one timer: each is part of every
+            // connection's task, so every one of them costs memory per connection.
+            let client_interest = interest(&up, &down);
+            let server_interest = interest(&down, &up);
+            let drain_at = draining.then(|| Instant::now() + drain_poll);
+            let wake_at = [drain_at, park_at]
+                .into_iter()
+                .flatten()
+                .fold(idle_check, Instant::min);
+            let result = tokio::select! {
+                r = client.ready(client_interest.unwrap_or(Interest::READABLE)),
+                    if client_interest.is_some() =>
+                {
+                    quiet_since = Instant::now();
+                    on_socket_ready(client, r, Side::Client, &mut up, &mut down, splice)
+                }
+                r = server.ready(server_interest.unwrap_or(Interest::READABLE)),
+                    if server_interest.is_some() =>
+                {
+                    quiet_since = Instant::now();
+                    on_socket_ready(server, r, Side::Server, &mut down, &mut up, splice)
+                }
+                () = grant_requested(splice) => {
+                    quiet_since = Instant::now();
+                    up.on_grant_request(splice)
+                        .map_err(|f| (f, Side::Client))
+                        .and_then(|()| down.on_grant_request(splice).map_err(|f| (f, Side::Server)))
+                }
+                () = sleep_until(wake_at) => {
+                    let now = Instant::now();
+                    let drained = match drain_at {
+                        Some(at) if now >= at => {
+                            drain_poll = (drain_poll * 2).min(DRAIN_POLL.1);
+                            up.on_drain_poll(splice)
+                                .map_err(|f| (f, Side::Client))
+                                .and_then(|()| down.on_drain_poll(splice).map_err(|f| (f, Side::Server)))
+                        }
+                        _ => Ok(()),
+                    };
+                    if drained.is_ok() && now >= idle_check {
+                        let limit = if first_fin.is_some() { timeouts.half_closed } else { timeouts.idle };
+                        match idle_for(client, server) {
+                            Some(idle) if idle < limit => {
+                                idle_check = now + (limit - idle);
+                            }
+                            _ => {
+                                for socket in [client, server] {
+                                    let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
+                                }
+                                let end = if first_fin.is_some() { End::HalfClosedTimeout } else { End::IdleTimeout };
+                                return Stop::Over(transfer(&up, &down, end, modes));
+                            }
+                        }
+                    }
+                    if drained.is_ok() && park_at.is_some_and(|at| now >= at) {
+                        self.flows = [up.state, down.state];
+                        self.idle_check = idle_check;
+                        return Stop::Park;
+                    }
+                    drained
+                },
+            };
+            if let Err(fault) = result {
+                break Some(fault);
+            }
+        };
+
+        let end = match fault {
+            None => first_fin.unwrap_or(End::ClientClosed),
+            Some((fault, flow_source)) => {
+                // The side that failed; the other one is reset so it learns at once.
+                let (failed, error) = match fault {
+                    Fault::Source(e) => (flow_source, e),
+                    Fault::Target(e) => (flow_source.other(), e),
+                };
+                debug!("{failed} side failed: {error}");
+                let survivor = match failed {
+                    Side::Client => server,
+                    Side::Server => client,
+                };
+                let _ = SockRef::from(survivor).set_linger(Some(Duration::ZERO));
+                match failed {
+                    Side::Client => End::ClientReset,
+                    Side::Server => End::ServerReset,
+                }
+            }
+        };
+        Stop::Over(transfer(&up, &down, end, modes))
+    }
+}
+
+fn transfer(up: &Flow, down: &Flow, end: End, modes: [Mode; 2]) -> Transfer {
     Transfer {
-        from_client,
-        from_server,
-        copied_from_client: up.copied,
-        copied_from_server: down.copied,
+        from_client: up.bytes(),
+        from_server: down.bytes(),
+        copied_from_client: up.state.copied,
+        copied_from_server: down.state.copied,
         end,
         path: Path::of(modes),
     }
+}
+
+/// A parked connection: a [`Relay`] whose sockets have left tokio.
+pub struct Parked {
+    splice: Splice,
+    client: std::net::TcpStream,
+    server: std::net::TcpStream,
+    flows: [FlowState; 2],
+    timeouts: Timeouts,
+    idle_check: Instant,
+    ending: Ending,
+}
+
+impl Parked {
+    pub fn splice(&self) -> &Splice {
+        &self.splice
+    }
+
+    /// The (client, server) sockets.
+    pub fn sockets(&self) -> [&std::net::TcpStream; 2] {
+        [&self.client, &self.server]
+    }
+
+    /// When the relay must look whether the connection has been idle too long.
+    pub fn idle_check(&self) -> Instant {
+        self.idle_check
+    }
+
+    /// Carries on relaying, in the task this runs in.
+    pub async fn resume(self: Box<Self>) {
+        let Parked {
+            splice,
+            client,
+            server,
+            flows,
+            timeouts,
+            idle_check,
+            ending,
+        } = *self;
+        // Joining tokio fails only when epoll does (out of memory, or over
+        // max_user_watches); the socket is closed then.
+        let (client, server) = match (TcpStream::from_std(client), TcpStream::from_std(server)) {
+            (Ok(client), Ok(server)) => (client, server),
+            (client, server) => {
+                let side = if client.is_err() {
+                    Side::Client
+                } else {
+                    Side::Server
+                };
+                warn!("resuming a parked connection failed: {side} socket lost");
+                let [client, server] =
+                    [client.ok(), server.ok()].map(|s| s.and_then(|s| s.into_std().ok()));
+                return end_broken(splice, client, server, flows, side, ending);
+            }
+        };
+        Relay {
+            splice: Some(splice),
+            client,
+            server,
+            flows,
+            timeouts,
+            idle_check,
+            ending,
+        }
+        .run()
+        .await;
+    }
+}
+
+/// Ends a connection that lost its `lost` socket while parking or resuming: the
+/// other one is reset.
+fn end_broken(
+    splice: Splice,
+    client: Option<std::net::TcpStream>,
+    server: Option<std::net::TcpStream>,
+    flows: [FlowState; 2],
+    lost: Side,
+    ending: Ending,
+) {
+    drop(splice);
+    for socket in [&client, &server].into_iter().flatten() {
+        let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
+    }
+    drop((client, server));
+    let modes = flows.map(|f| f.mode);
+    ending.relayed(Transfer {
+        from_client: flows[0].consumed,
+        from_server: flows[1].consumed,
+        copied_from_client: flows[0].copied,
+        copied_from_server: flows[1].copied,
+        end: match lost {
+            Side::Client => End::ClientReset,
+            Side::Server => End::ServerReset,
+        },
+        path: Path::of(modes),
+    });
 }
 
 /// A map operation of the splice failed: the direction's source is no longer known
@@ -605,7 +840,7 @@ fn map_fault(error: MapError) -> Fault {
 fn interest(reading: &Flow, writing: &Flow) -> Option<Interest> {
     [
         (reading.wants_to_read(), Interest::READABLE),
-        (reading.eof, Interest::ERROR),
+        (reading.state.eof, Interest::ERROR),
         (writing.wants_to_write(), Interest::WRITABLE),
     ]
     .into_iter()
@@ -625,7 +860,7 @@ fn on_socket_ready(
     splice: Option<&Splice>,
 ) -> Result<(), (Fault, Side)> {
     let ready = ready.map_err(|e| (Fault::Source(e), side))?;
-    if reading.eof && ready.is_error() {
+    if reading.state.eof && ready.is_error() {
         return socket_error(socket, side);
     }
     if reading.wants_to_read() && (ready.is_readable() || ready.is_read_closed()) {
@@ -638,7 +873,7 @@ fn on_socket_ready(
 }
 
 /// Completes when the program asks for a larger grant; never without a splice.
-async fn grant_requested(splice: Option<&Splice<'_>>) {
+async fn grant_requested(splice: Option<&Splice>) {
     match splice {
         Some(splice) => splice.grant_requested().await,
         None => std::future::pending().await,

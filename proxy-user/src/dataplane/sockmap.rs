@@ -25,7 +25,12 @@
 //! state, and only after the relay has seen every redirected byte reach the target's
 //! send queue.
 
-use std::{os::fd::AsFd, sync::Arc};
+use std::{
+    os::fd::AsFd,
+    pin::pin,
+    sync::Arc,
+    task::{Context, Waker},
+};
 
 use socket2::SockRef;
 use tokio::{net::TcpStream, sync::Notify};
@@ -33,15 +38,34 @@ use tracing::debug;
 
 use proxy_common::{FROM_CLIENT, FROM_SERVER, FlowCounters, FlowGrant};
 
-use super::Mode;
+use super::{Mode, parking::Parking};
 use crate::{
-    maps::{MapError, SpliceMaps},
+    maps::{GrantRequests, MapError, SpliceMaps},
     sockopt,
 };
 
+/// The sockmap data plane: the splice's maps, and the connections parked while the
+/// kernel moves their bytes.
+pub struct Sockmap {
+    pub maps: SpliceMaps,
+    pub parking: Parking,
+}
+
+impl Sockmap {
+    /// Starts watching parked connections and the program's grant requests. Must run
+    /// inside the tokio runtime.
+    pub fn start(maps: SpliceMaps, requests: GrantRequests) -> std::io::Result<Arc<Sockmap>> {
+        let (parking, poll) = Parking::new()?;
+        // The watcher holds the data plane for as long as the runtime runs.
+        let sockmap = Arc::new(Sockmap { maps, parking });
+        tokio::spawn(super::parking::watch(sockmap.clone(), poll, requests));
+        Ok(sockmap)
+    }
+}
+
 /// A connection's place in the sock hashes; removes it on drop.
-pub struct Splice<'a> {
-    maps: &'a SpliceMaps,
+pub struct Splice {
+    sockmap: Arc<Sockmap>,
     /// Cookies of (client, server).
     cookies: [u64; 2],
     peers: bool,
@@ -58,18 +82,18 @@ pub struct Splice<'a> {
     watching: bool,
 }
 
-impl<'a> Splice<'a> {
+impl Splice {
     /// Splices as much of the connection as the kernel takes. Never fails: what
     /// cannot be spliced is left to be copied.
     pub fn start(
-        maps: &'a SpliceMaps,
+        sockmap: Arc<Sockmap>,
         client: &TcpStream,
         server: &TcpStream,
         queue_limit: u64,
         server_slot: u32,
-    ) -> Splice<'a> {
+    ) -> Splice {
         let mut splice = Splice {
-            maps,
+            sockmap,
             cookies: [0; 2],
             peers: false,
             flow_state: [false; 2],
@@ -93,13 +117,13 @@ impl<'a> Splice<'a> {
 
     /// What the program has done with the bytes of socket `cookie`.
     pub fn counters(&self, cookie: u64) -> Result<FlowCounters, MapError> {
-        self.maps.flow_counters(cookie)
+        self.sockmap.maps.flow_counters(cookie)
     }
 
     /// Lets the program redirect socket `cookie`'s bytes again: up to `queue_limit`
     /// more, provided nothing more was passed since `counters` were read.
     pub fn grant(&self, cookie: u64, counters: FlowCounters) -> Result<(), MapError> {
-        self.maps.set_grant(
+        self.sockmap.maps.set_grant(
             cookie,
             self.grant_after(counters, self.direction(cookie), self.queue_limit),
         )
@@ -115,7 +139,7 @@ impl<'a> Splice<'a> {
         if headroom < self.queue_limit / 4 {
             return Ok(());
         }
-        self.maps.set_grant(
+        self.sockmap.maps.set_grant(
             cookie,
             self.grant_after(counters, self.direction(cookie), headroom),
         )
@@ -124,6 +148,30 @@ impl<'a> Splice<'a> {
     /// Completes when the program has asked for a larger grant for either socket.
     pub async fn grant_requested(&self) {
         self.grant_requests.notified().await;
+    }
+
+    /// Whether the program asked for a larger grant since the relay last looked (and
+    /// forgets that it did).
+    pub fn take_grant_request(&self) -> bool {
+        let mut notified = pin!(self.grant_requests.notified());
+        notified
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_ready()
+    }
+
+    pub fn sockmap(&self) -> &Arc<Sockmap> {
+        &self.sockmap
+    }
+
+    /// Cookies of (client, server).
+    pub fn cookies(&self) -> [u64; 2] {
+        self.cookies
+    }
+
+    /// What wakes the relay for a grant request while it runs.
+    pub fn grant_waiter(&self) -> &Arc<Notify> {
+        &self.grant_requests
     }
 
     fn direction(&self, cookie: u64) -> u32 {
@@ -159,23 +207,25 @@ impl<'a> Splice<'a> {
         let [to_server, to_client] = [written(server)?, written(client)?];
 
         // Step 3.
-        self.maps
+        self.sockmap
+            .maps
             .insert_peer(c, server)
             .map_err(|e| format!("PEERS[client]: {e}"))?;
         self.peers = true;
-        self.maps
+        self.sockmap
+            .maps
             .insert_peer(b, client)
             .map_err(|e| format!("PEERS[server]: {e}"))?;
 
         // Flow state before the program can see a byte.
-        for key in [c, b] {
-            self.maps
-                .watch_grant_requests(key, self.grant_requests.clone());
-        }
+        self.sockmap
+            .parking
+            .watch_grant_requests([c, b], &self.grant_requests);
         self.watching = true;
         for (i, (key, direction)) in [(c, FROM_CLIENT), (b, FROM_SERVER)].into_iter().enumerate() {
             let grant = self.grant_after(FlowCounters::default(), direction, self.queue_limit);
-            self.maps
+            self.sockmap
+                .maps
                 .insert_flow(key, grant)
                 .map_err(|e| format!("FLOWS: {e}"))?;
             self.flow_state[i] = true;
@@ -185,7 +235,8 @@ impl<'a> Splice<'a> {
         // kicked: a banner the server's kick releases could otherwise reach the
         // client, and the client's FIN come back, before the client joins, and a
         // socket that has its FIN cannot join (the direction would be copied).
-        self.maps
+        self.sockmap
+            .maps
             .insert_spliced(b, server)
             .map_err(|e| format!("SPLICED[server]: {e}"))?;
         self.spliced[1] = true;
@@ -194,6 +245,7 @@ impl<'a> Splice<'a> {
             cookie: b,
         };
         let client_joined = self
+            .sockmap
             .maps
             .insert_spliced(c, client)
             .map_err(|e| format!("SPLICED[client]: {e}"));
@@ -219,26 +271,26 @@ pub fn kick(socket: &TcpStream) {
     }
 }
 
-impl Drop for Splice<'_> {
+impl Drop for Splice {
     fn drop(&mut self) {
         for (cookie, spliced) in self.cookies.into_iter().zip(self.spliced) {
-            if spliced && let Err(e) = self.maps.remove_spliced(cookie) {
+            if spliced && let Err(e) = self.sockmap.maps.remove_spliced(cookie) {
                 debug!(cookie, "removing from SPLICED: {e}");
             }
         }
         if self.peers {
             for cookie in self.cookies {
                 // The second insert may have failed: a missing key is expected then.
-                let _ = self.maps.remove_peer(cookie);
+                let _ = self.sockmap.maps.remove_peer(cookie);
             }
         }
         for (cookie, has_state) in self.cookies.into_iter().zip(self.flow_state) {
             if has_state {
-                self.maps.remove_flow(cookie);
+                self.sockmap.maps.remove_flow(cookie);
             }
-            if self.watching {
-                self.maps.unwatch_grant_requests(cookie);
-            }
+        }
+        if self.watching {
+            self.sockmap.parking.unwatch_grant_requests(self.cookies);
         }
     }
 }

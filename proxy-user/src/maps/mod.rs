@@ -26,7 +26,7 @@ use proxy_common::{maps as names, programs};
 use tracing::{info, warn};
 
 pub use servers::{ServerMaps, read_published};
-pub use splice::SpliceMaps;
+pub use splice::{GrantRequests, SpliceMaps};
 pub use xdp::{Attached, Blocklist, XdpMaps, read_xdp_stats};
 
 /// The eBPF object, built by build.rs from proxy-ebpf.
@@ -69,6 +69,11 @@ pub enum MapsError {
     Map {
         name: &'static str,
         source: MapError,
+    },
+    #[error("polling map `{name}`")]
+    Poll {
+        name: &'static str,
+        source: io::Error,
     },
     #[error("pinning maps under {path}")]
     Pin { path: PathBuf, source: io::Error },

@@ -1,17 +1,14 @@
 //! The splice's maps: the two sock hashes, the per-socket flow state and counters.
 
-use std::{collections::HashMap as StdHashMap, os::fd::AsRawFd, sync::Arc, sync::Mutex};
+use std::{io, os::fd::AsRawFd, sync::Mutex};
 
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::SkSkb,
 };
 use proxy_common::{FlowCounters, FlowGrant, SpliceStats, maps as names, programs};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    sync::Notify,
-};
-use tracing::{info, warn};
+use tokio::io::{Interest, unix::AsyncFd};
+use tracing::info;
 
 use super::{Bpf, MapError, MapsError, lock, map_error, program, program_error};
 
@@ -22,51 +19,29 @@ pub struct SpliceMaps {
     flows: Mutex<HashMap<MapData, u64, FlowCounters>>,
     grants: Mutex<HashMap<MapData, u64, FlowGrant>>,
     stats: PerCpuArray<MapData, SpliceStats>,
-    grant_requests: Arc<GrantRequests>,
 }
 
-/// Who waits for the program's requests for a larger grant, by socket cookie.
-#[derive(Default)]
-struct GrantRequests(Mutex<StdHashMap<u64, Arc<Notify>>>);
+/// The program's requests for a larger grant, as they come: each is a socket cookie.
+pub struct GrantRequests(AsyncFd<RingBuf<MapData>>);
 
 impl GrantRequests {
-    fn wake(&self, cookie: u64) {
-        if let Some(waiter) = lock(&self.0).get(&cookie) {
-            waiter.notify_one();
-        }
-    }
-}
-
-/// Reads the program's grant requests as they come and wakes their connections.
-async fn forward_grant_requests(ring: RingBuf<MapData>, requests: Arc<GrantRequests>) {
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same for as
-    // long as the ring lives, and the ring lives inside the AsyncFd.
-    let mut ring = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
-        Ok(ring) => ring,
-        Err(e) => {
-            let e = e.into_parts().1;
-            warn!(
-                "cannot poll the grant request ring ({e}): spliced directions pause at queue_limit"
-            );
-            return;
-        }
-    };
-    loop {
-        let Ok(mut ready) = ring.readable_mut().await else {
-            return;
-        };
+    /// Waits for requests, then calls `each` with the cookie of every one queued.
+    pub async fn next(&mut self, mut each: impl FnMut(u64)) -> io::Result<()> {
+        let mut ready = self.0.readable_mut().await?;
         while let Some(item) = ready.get_inner_mut().next() {
             if let Ok(cookie) = <[u8; 8]>::try_from(&*item) {
-                requests.wake(u64::from_ne_bytes(cookie));
+                each(u64::from_ne_bytes(cookie));
             }
         }
         ready.clear_ready();
+        Ok(())
     }
 }
 
 impl Bpf {
-    /// Pins the splice's maps and attaches the verdict program to `spliced`.
-    pub fn splice(&mut self) -> Result<SpliceMaps, MapsError> {
+    /// Pins the splice's maps and attaches the verdict program to `spliced`. Must run
+    /// inside the tokio runtime: the grant request ring is polled by it.
+    pub fn splice(&mut self) -> Result<(SpliceMaps, GrantRequests), MapsError> {
         let peers = self.take_pinned(names::PEERS, names::PEERS_PIN)?;
         let spliced = self.take_pinned(names::SPLICED, names::SPLICED_PIN)?;
         let flows = self.take_pinned(names::FLOWS, names::FLOWS_PIN)?;
@@ -89,17 +64,24 @@ impl Bpf {
             .take_map(names::GRANT_REQUESTS)
             .ok_or(MapsError::Missing(names::GRANT_REQUESTS))?;
         let ring: RingBuf<MapData> = ring.try_into().map_err(map_error(names::GRANT_REQUESTS))?;
-        let grant_requests = Arc::new(GrantRequests::default());
-        tokio::spawn(forward_grant_requests(ring, grant_requests.clone()));
+        // SAFETY: the ring buffer owns its map fd, which stays open and the same for as
+        // long as the ring lives, and the ring lives inside the AsyncFd.
+        let ring =
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+                MapsError::Poll {
+                    name: names::GRANT_REQUESTS,
+                    source: e.into_parts().1,
+                }
+            })?;
         info!(pin_dir = %self.pin_dir.display(), "eBPF splice program attached, maps pinned");
-        Ok(SpliceMaps {
+        let maps = SpliceMaps {
             peers: Mutex::new(peers),
             spliced: Mutex::new(spliced),
             flows: Mutex::new(flows),
             grants: Mutex::new(grants),
             stats,
-            grant_requests,
-        })
+        };
+        Ok((maps, GrantRequests(ring)))
     }
 }
 
@@ -128,16 +110,6 @@ impl SpliceMaps {
     /// Replaces socket `key`'s grant (atomically, as the program sees it).
     pub fn set_grant(&self, key: u64, grant: FlowGrant) -> Result<(), MapError> {
         lock(&self.grants).insert(key, grant, 0)
-    }
-
-    /// From now on, the program's requests for a larger grant for socket `key` wake
-    /// `waiter`.
-    pub fn watch_grant_requests(&self, key: u64, waiter: Arc<Notify>) {
-        lock(&self.grant_requests.0).insert(key, waiter);
-    }
-
-    pub fn unwatch_grant_requests(&self, key: u64) {
-        lock(&self.grant_requests.0).remove(&key);
     }
 
     /// Forgets socket `key`'s flow state; a missing entry is not an error.

@@ -185,6 +185,27 @@ proxy_protocol = "v2"
         }
     }
 
+    /// Waits (up to 10 s) until `sockets` sockets have joined the splice; at once on the
+    /// userspace data plane.
+    pub fn wait_spliced(&self, sockets: usize) {
+        if self.dataplane != "sockmap" {
+            return;
+        }
+        let spliced = self.kgate.pin_path().join("spliced");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let joined = sock_hash_len(&spliced).expect("reading the pinned spliced map");
+            if joined >= sockets {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{joined} sockets in the splice, not {sockets}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// No fd and no map entry outlives the connections.
     pub fn assert_clean(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -266,22 +266,31 @@ fn a_partly_repeated_segment_reaches_the_backend_once(dataplane: &'static str) {
             .expect("reading to the client's FIN");
         let _ = received.send(got);
     });
+    let (joined, client_may_send) = mpsc::channel();
     let data = session_payload(7, "client", SECOND_SEGMENT_END);
     let local = SocketAddrV4::new(rig.lab.client().v4(), RAW_CLIENT_PORT);
     let remote = SocketAddrV4::new(rig.lab.gateway().v4(), rig.frontend_v4().port());
     let sent = data.clone();
-    rig.lab
-        .client()
-        .run(move || -> anyhow::Result<()> {
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            rig.wait_spliced(2);
+            let _ = joined.send(());
+        });
+        rig.lab.client().run(move || -> anyhow::Result<()> {
             let mut tcp = RawTcp::connect(local, remote)?;
             header_was_read.recv_timeout(IO_TIMEOUT)?;
+            // Both sockets are spliced before the first byte: the segments must reach
+            // the verdict program, and a client done before kgate joins it would be
+            // refused the splice (its socket has the FIN).
+            client_may_send.recv_timeout(IO_TIMEOUT)?;
             tcp.send_at(0, &sent[..FIRST_SEGMENT_END])?;
             tcp.wait_acked(FIRST_SEGMENT_END as u32)?;
             tcp.send_at(REPEAT_FROM as u32, &sent[REPEAT_FROM..SECOND_SEGMENT_END])?;
             tcp.wait_acked(SECOND_SEGMENT_END as u32)?;
             tcp.close_after(SECOND_SEGMENT_END as u32)
         })
-        .expect("the hand-made client's session");
+    })
+    .expect("the hand-made client's session");
     let got = backend_got
         .recv_timeout(IO_TIMEOUT)
         .expect("the backend's bytes");

@@ -27,6 +27,10 @@ use tests::{
 const HOLD: Duration = Duration::from_secs(10);
 /// Kernel memory one held connection may take, all its sockets together.
 const BOUND: u64 = 16 << 20;
+/// How far MemAvailable may move with the rest of this shared machine during a hold
+/// (seen once: 41 MiB while one held connection's sockets took under 16 MiB). An
+/// unbounded queue takes over a GiB in the same time.
+const MACHINE_NOISE: u64 = 64 << 20;
 const QUEUE_LIMIT: &str = "queue_limit = \"4MiB\"";
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -220,11 +224,12 @@ fn assert_bounded(watch: &MemoryWatch, connections: u64, written: u64) {
         watch.max_tcp_growth >> 10
     );
     assert!(
-        watch.growth() < connections * BOUND,
-        "kernel memory grew by {} MiB for {connections} connection(s) (bound {} MiB each); \
-         the writer got {written} bytes out",
+        watch.growth() < connections * BOUND + MACHINE_NOISE,
+        "kernel memory grew by {} MiB for {connections} connection(s) (bound {} MiB each, \
+         and {} MiB for the rest of the machine); the writer got {written} bytes out",
         watch.growth() >> 20,
-        BOUND >> 20
+        BOUND >> 20,
+        MACHINE_NOISE >> 20
     );
     // Socket buffers, counted exactly by TCP (redirect queues are not in this figure).
     assert!(

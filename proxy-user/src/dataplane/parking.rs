@@ -159,28 +159,38 @@ impl Parking {
         Some(parked)
     }
 
+    /// Takes the connections parked under `client_cookies` out of the parking, each
+    /// into a task of its own.
+    fn resume(&self, mut state: MutexGuard<'_, State>, client_cookies: &[u64]) {
+        let resumed: Vec<_> = client_cookies
+            .iter()
+            .filter_map(|&cookie| self.take(&mut state, cookie))
+            .collect();
+        drop(state);
+        for parked in resumed {
+            tokio::spawn(parked.resume());
+        }
+    }
+
     /// The program asked for a larger grant for socket `cookie`.
     fn on_grant_request(&self, cookie: u64) {
-        let mut state = self.lock();
-        let parked = match state.waiters.get(&cookie) {
-            Some(Waiter::Relay(waiter)) => {
-                waiter.notify_one();
-                return;
+        let state = self.lock();
+        match state.waiters.get(&cookie) {
+            Some(Waiter::Relay(waiter)) => waiter.notify_one(),
+            Some(&Waiter::Parked(client_cookie)) => {
+                if let Some(parked) = state.parked.get(&client_cookie) {
+                    // The resumed relay finds the request waiting.
+                    parked.splice().grant_waiter().notify_one();
+                }
+                self.resume(state, &[client_cookie]);
             }
-            Some(&Waiter::Parked(client_cookie)) => self.take(&mut state, client_cookie),
-            None => None,
-        };
-        drop(state);
-        if let Some(parked) = parked {
-            // The resumed relay finds the request waiting.
-            parked.splice().grant_waiter().notify_one();
-            tokio::spawn(parked.resume());
+            None => {}
         }
     }
 
     /// Epoll reported socket `cookie`.
     fn on_event(&self, cookie: u64) {
-        let mut state = self.lock();
+        let state = self.lock();
         let Some(&Waiter::Parked(client_cookie)) = state.waiters.get(&cookie) else {
             return;
         };
@@ -192,13 +202,8 @@ impl Parking {
                 server
             })
         });
-        if !news {
-            return;
-        }
-        let parked = self.take(&mut state, client_cookie);
-        drop(state);
-        if let Some(parked) = parked {
-            tokio::spawn(parked.resume());
+        if news {
+            self.resume(state, &[client_cookie]);
         }
     }
 
@@ -207,15 +212,8 @@ impl Parking {
     fn close(&self) {
         let mut state = self.lock();
         state.closed = true;
-        let cookies: Vec<u64> = state.parked.keys().copied().collect();
-        let resumed: Vec<_> = cookies
-            .into_iter()
-            .filter_map(|cookie| self.take(&mut state, cookie))
-            .collect();
-        drop(state);
-        for parked in resumed {
-            tokio::spawn(parked.resume());
-        }
+        let all: Vec<u64> = state.parked.keys().copied().collect();
+        self.resume(state, &all);
     }
 
     /// Resumes the connections whose idle deadline has come. Returns how many
@@ -229,14 +227,7 @@ impl Parking {
             .filter(|(_, parked)| parked.idle_check() <= now)
             .map(|(&cookie, _)| cookie)
             .collect();
-        let resumed: Vec<_> = due
-            .into_iter()
-            .filter_map(|cookie| self.take(&mut state, cookie))
-            .collect();
-        drop(state);
-        for parked in resumed {
-            tokio::spawn(parked.resume());
-        }
+        self.resume(state, &due);
         newly_parked
     }
 }

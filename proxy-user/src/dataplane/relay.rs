@@ -572,16 +572,11 @@ impl Relay {
         };
         // Leaving tokio cannot fail for a registered socket; if it did, the socket
         // would be closed, so the connection ends as reset on that side.
-        let (client, server) = match (client.into_std(), server.into_std()) {
-            (Ok(client), Ok(server)) => (client, server),
-            (client, server) => {
-                let side = if client.is_err() {
-                    Side::Client
-                } else {
-                    Side::Server
-                };
+        let (client, server) = match both_moved(client.into_std(), server.into_std()) {
+            Ok(sockets) => sockets,
+            Err((side, [client, server])) => {
                 warn!("parking the connection failed: {side} socket lost");
-                return end_broken(splice, client.ok(), server.ok(), flows, side, ending);
+                return end_broken(splice, client, server, flows, side, ending);
             }
         };
         let parked = Box::new(Parked {
@@ -771,20 +766,15 @@ impl Parked {
         } = *self;
         // Joining tokio fails only when epoll does (out of memory, or over
         // max_user_watches); the socket is closed then.
-        let (client, server) = match (TcpStream::from_std(client), TcpStream::from_std(server)) {
-            (Ok(client), Ok(server)) => (client, server),
-            (client, server) => {
-                let side = if client.is_err() {
-                    Side::Client
-                } else {
-                    Side::Server
-                };
-                warn!("resuming a parked connection failed: {side} socket lost");
-                let [client, server] =
-                    [client.ok(), server.ok()].map(|s| s.and_then(|s| s.into_std().ok()));
-                return end_broken(splice, client, server, flows, side, ending);
-            }
-        };
+        let (client, server) =
+            match both_moved(TcpStream::from_std(client), TcpStream::from_std(server)) {
+                Ok(sockets) => sockets,
+                Err((side, sockets)) => {
+                    warn!("resuming a parked connection failed: {side} socket lost");
+                    let [client, server] = sockets.map(|s| s.and_then(|s| s.into_std().ok()));
+                    return end_broken(splice, client, server, flows, side, ending);
+                }
+            };
         Relay {
             splice: Some(splice),
             client,
@@ -796,6 +786,24 @@ impl Parked {
         }
         .run()
         .await;
+    }
+}
+
+/// Both sockets of a connection, moved into or out of tokio; or the side whose socket
+/// was lost (closed by the failed move), with what is left of (client, server).
+type Moved<T> = Result<(T, T), (Side, [Option<T>; 2])>;
+
+fn both_moved<T>(client: io::Result<T>, server: io::Result<T>) -> Moved<T> {
+    match (client, server) {
+        (Ok(client), Ok(server)) => Ok((client, server)),
+        (client, server) => {
+            let lost = if client.is_err() {
+                Side::Client
+            } else {
+                Side::Server
+            };
+            Err((lost, [client.ok(), server.ok()]))
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 //!
 //! Spliced sockets wake epoll for every segment the program redirects (the kernel
 //! calls data-ready after each verdict), so an event alone is no news: the watcher
-//! peeks, and only a readable byte, a FIN or an error resumes the relay.
+//! asks poll(2), and only a readable byte, a FIN or an error resumes the relay.
 
 use std::{
     collections::HashMap,

@@ -500,6 +500,12 @@ pub struct Relay {
     splice: Option<Splice>,
     client: TcpStream,
     server: TcpStream,
+    progress: Progress,
+}
+
+/// What a connection's relay knows besides its sockets and splice: kept as it is
+/// while the connection is parked.
+struct Progress {
     /// (client -> server, server -> client).
     flows: [FlowState; 2],
     timeouts: Timeouts,
@@ -528,10 +534,12 @@ impl Relay {
             splice,
             client,
             server,
-            flows: modes.map(FlowState::new),
-            timeouts,
-            idle_check: Instant::now() + timeouts.idle,
-            ending,
+            progress: Progress {
+                flows: modes.map(FlowState::new),
+                timeouts,
+                idle_check: Instant::now() + timeouts.idle,
+                ending,
+            },
         }
     }
 
@@ -548,13 +556,12 @@ impl Relay {
             splice,
             client,
             server,
-            ending,
-            ..
+            progress,
         } = self;
         // Out of the maps before the sockets close, and closed before the log line.
         drop(splice);
         drop((client, server));
-        ending.relayed(transfer);
+        progress.ending.relayed(transfer);
     }
 
     fn park(self) {
@@ -562,10 +569,7 @@ impl Relay {
             splice,
             client,
             server,
-            flows,
-            timeouts,
-            idle_check,
-            ending,
+            progress,
         } = self;
         let Some(splice) = splice else {
             unreachable!("only a spliced connection parks");
@@ -576,17 +580,14 @@ impl Relay {
             Ok(sockets) => sockets,
             Err((side, [client, server])) => {
                 warn!("parking the connection failed: {side} socket lost");
-                return end_broken(splice, client, server, flows, side, ending);
+                return end_broken(splice, client, server, progress, side);
             }
         };
         let parked = Box::new(Parked {
             splice,
             client,
             server,
-            flows,
-            timeouts,
-            idle_check,
-            ending,
+            progress,
         });
         let parking = parked.splice.sockmap().clone();
         if let Some(parked) = parking.parking.park(parked) {
@@ -596,13 +597,13 @@ impl Relay {
 
     async fn relay(&mut self) -> Stop {
         let (client, server, splice) = (&self.client, &self.server, self.splice.as_ref());
-        let timeouts = self.timeouts;
-        let mut up = Flow::new(client, server, self.flows[0]);
-        let mut down = Flow::new(server, client, self.flows[1]);
+        let timeouts = self.progress.timeouts;
+        let mut up = Flow::new(client, server, self.progress.flows[0]);
+        let mut down = Flow::new(server, client, self.progress.flows[1]);
         let modes = [up.state.mode, down.state.mode];
         let mut first_fin = None;
         let mut drain_poll = DRAIN_POLL.0;
-        let mut idle_check = self.idle_check;
+        let mut idle_check = self.progress.idle_check;
         let mut quiet_since = Instant::now();
 
         let fault = loop {
@@ -680,8 +681,8 @@ impl Relay {
                         }
                     }
                     if drained.is_ok() && park_at.is_some_and(|at| now >= at) {
-                        self.flows = [up.state, down.state];
-                        self.idle_check = idle_check;
+                        self.progress.flows = [up.state, down.state];
+                        self.progress.idle_check = idle_check;
                         return Stop::Park;
                     }
                     drained
@@ -732,10 +733,7 @@ pub struct Parked {
     splice: Splice,
     client: std::net::TcpStream,
     server: std::net::TcpStream,
-    flows: [FlowState; 2],
-    timeouts: Timeouts,
-    idle_check: Instant,
-    ending: Ending,
+    progress: Progress,
 }
 
 impl Parked {
@@ -750,7 +748,7 @@ impl Parked {
 
     /// When the relay must look whether the connection has been idle too long.
     pub fn idle_check(&self) -> Instant {
-        self.idle_check
+        self.progress.idle_check
     }
 
     /// Carries on relaying, in the task this runs in.
@@ -759,10 +757,7 @@ impl Parked {
             splice,
             client,
             server,
-            flows,
-            timeouts,
-            idle_check,
-            ending,
+            progress,
         } = *self;
         // Joining tokio fails only when epoll does (out of memory, or over
         // max_user_watches); the socket is closed then.
@@ -772,17 +767,14 @@ impl Parked {
                 Err((side, sockets)) => {
                     warn!("resuming a parked connection failed: {side} socket lost");
                     let [client, server] = sockets.map(|s| s.and_then(|s| s.into_std().ok()));
-                    return end_broken(splice, client, server, flows, side, ending);
+                    return end_broken(splice, client, server, progress, side);
                 }
             };
         Relay {
             splice: Some(splice),
             client,
             server,
-            flows,
-            timeouts,
-            idle_check,
-            ending,
+            progress,
         }
         .run()
         .await;
@@ -813,10 +805,10 @@ fn end_broken(
     splice: Splice,
     client: Option<std::net::TcpStream>,
     server: Option<std::net::TcpStream>,
-    flows: [FlowState; 2],
+    progress: Progress,
     lost: Side,
-    ending: Ending,
 ) {
+    let Progress { flows, ending, .. } = progress;
     drop(splice);
     for socket in [&client, &server].into_iter().flatten() {
         let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));

@@ -44,6 +44,11 @@ pub mod maps {
 /// Names of the eBPF programs in the object file.
 pub mod programs {
     pub const SPLICE: &str = "kgate_splice";
+    /// The splice program's global `u32`: the byte offset of `copied_seq` in the
+    /// kernel's `struct tcp_sock`, set by userspace from the kernel's BTF at load (0
+    /// when unknown). It tells the program where a socket's stream stands when its first
+    /// skb comes: how far userspace read before the socket joined the splice.
+    pub const COPIED_SEQ_OFFSET: &str = "KGATE_COPIED_SEQ_AT";
 }
 
 /// Bytes of the grant request ring: 4,096 requests (8 bytes and an 8-byte header each)
@@ -222,6 +227,9 @@ pub struct SpliceStats {
     pub unsequenced_skbs: u64,
     /// Requests for a larger grant that did not fit in the ring.
     pub grant_requests_lost: u64,
+    /// Sockets whose reading position the program could not learn (no `copied_seq`
+    /// offset, or the read failed): their first skb was taken to start there.
+    pub unpositioned_sockets: u64,
 }
 
 impl SpliceStats {
@@ -236,6 +244,7 @@ impl SpliceStats {
                 passed_bytes: acc.passed_bytes + s.passed_bytes,
                 trimmed_bytes: acc.trimmed_bytes + s.trimmed_bytes,
                 trim_failures: acc.trim_failures + s.trim_failures,
+                unpositioned_sockets: acc.unpositioned_sockets + s.unpositioned_sockets,
                 unsequenced_skbs: acc.unsequenced_skbs + s.unsequenced_skbs,
                 grant_requests_lost: acc.grant_requests_lost + s.grant_requests_lost,
             })

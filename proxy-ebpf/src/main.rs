@@ -10,7 +10,9 @@
 //! grant handshake, are written down in proxy-user/src/dataplane/sockmap.rs.
 //!
 //! Before either, bytes a retransmission repeats are cut off the skb: the kernel
-//! hands the program whole skbs, overlaps included (`skip_repeated_bytes`).
+//! hands the program whole skbs, overlaps included (`skip_repeated_bytes`). So are
+//! bytes userspace read itself before the socket joined the splice: a socket joins
+//! mid-stream, and the skb at its head may have been read in part.
 //!
 //! The XDP early-drop program (blocklists, SYN rate limits) is in `xdp.rs`.
 #![no_std]
@@ -19,9 +21,10 @@
 mod xdp;
 
 use aya_ebpf::{
+    Global,
     bindings::sk_action,
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_skc_to_tcp_sock},
     macros::{btf_map, stream_verdict},
     programs::SkBuffContext,
 };
@@ -55,6 +58,11 @@ static KGATE_SERVERS: Array<ServerEntry, MAX_SERVERS> = Array::new();
 
 #[btf_map]
 static KGATE_SRV_BYTES: PerCpuArray<ServerBytes, MAX_SERVERS> = PerCpuArray::new();
+
+/// Where `copied_seq` is in the kernel's `struct tcp_sock` (see
+/// [`proxy_common::programs::COPIED_SEQ_OFFSET`]); 0 until userspace sets it at load.
+#[unsafe(no_mangle)]
+static KGATE_COPIED_SEQ_AT: Global<u32> = Global::new(0);
 
 #[stream_verdict]
 pub fn kgate_splice(ctx: SkBuffContext) -> u32 {
@@ -157,6 +165,15 @@ fn skip_repeated_bytes(
         stats.unsequenced_skbs += 1;
         return Ok(len);
     }
+    if counters.seq_known == 0 {
+        // The socket's first skb: the stream goes on from where its reader stopped,
+        // userspace before the socket joined (nothing yet, for a socket spliced from
+        // its first byte). Unknown, this skb is taken to start there.
+        match read_position(ctx) {
+            Some(copied_seq) => counters.handled_up_to(copied_seq),
+            None => stats.unpositioned_sockets += 1,
+        }
+    }
     let mut repeated = counters.overlap(seq, len);
     counters.handled_up_to(data_end);
     if repeated == 0 {
@@ -176,6 +193,27 @@ fn skip_repeated_bytes(
         return Err(());
     }
     Ok(ctx.len())
+}
+
+/// The socket's `copied_seq`: the sequence number of the next byte its reader takes.
+fn read_position(ctx: &SkBuffContext) -> Option<u32> {
+    let offset = KGATE_COPIED_SEQ_AT.load();
+    if offset == 0 {
+        return None;
+    }
+    // SAFETY: `sk` is a field of the program's context; the verifier checks the read.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: the helper checks that `sk` is a TCP socket, or returns null.
+    let tcp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    if tcp.is_null() {
+        return None;
+    }
+    let field = tcp.cast::<u8>().wrapping_add(offset as usize).cast::<u32>();
+    // SAFETY: a checked kernel read; it fails rather than faults.
+    unsafe { bpf_probe_read_kernel(field) }.ok()
 }
 
 #[cfg(not(test))]

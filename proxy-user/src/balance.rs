@@ -119,6 +119,7 @@ mod tests {
             proxy_protocol: ProxyProtocol::V2,
             connect_timeout: Duration::from_secs(1),
             queue_limit: 1 << 20,
+            splice_after: Duration::ZERO,
             servers: weights
                 .iter()
                 .enumerate()

@@ -82,6 +82,10 @@ pub struct Backend {
     /// Bytes one direction of a spliced connection may have queued in the kernel
     /// before kgate stops splicing it and TCP flow control holds the sender.
     pub queue_limit: u64,
+    /// How long the sockmap data plane copies a connection before splicing it (unless
+    /// it moved `dataplane::SPLICE_AFTER_BYTES` sooner): a short session costs less
+    /// copied than joined to the splice and taken out again. Zero splices at once.
+    pub splice_after: Duration,
     pub servers: Vec<Server>,
 }
 
@@ -157,6 +161,9 @@ const DEFAULT_HALF_CLOSED_TIMEOUT: Duration = Duration::from_secs(60);
 /// Enough for a fast reader never to be held back (a socket's send buffer grows to
 /// about 4 MiB), small enough that 200 stalled connections cost under 1 GiB.
 const DEFAULT_QUEUE_LIMIT: u64 = 4 << 20;
+/// Longer than a short mail session (banner, a few commands, QUIT) takes over the
+/// internet; short enough that a held connection soon parks.
+const DEFAULT_SPLICE_AFTER: Duration = Duration::from_secs(1);
 const DEFAULT_RETRIES: u32 = 3;
 const MAX_WEIGHT: u32 = 256;
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -320,6 +327,8 @@ struct BackendSection {
     connect_timeout: Option<Duration>,
     #[serde(default)]
     queue_limit: Option<Spanned<ByteSize>>,
+    #[serde(default, deserialize_with = "optional_delay")]
+    splice_after: Option<Duration>,
     #[serde(default)]
     retries: Option<u32>,
     #[serde(default)]
@@ -376,15 +385,21 @@ impl<'de> Deserialize<'de> for Address {
 }
 
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let duration = optional_delay(d)?;
+    if duration.is_some_and(|d| d.is_zero()) {
+        return Err(de::Error::custom("a timeout of zero would never connect"));
+    }
+    Ok(duration)
+}
+
+/// A duration that may be zero ("at once").
+fn optional_delay<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = String::deserialize(d)?;
     let duration = humantime::parse_duration(&text).map_err(|e| {
         de::Error::custom(format!(
             "`{text}` is not a duration ({e}): write it as \"500ms\", \"5s\" or \"2m\""
         ))
     })?;
-    if duration.is_zero() {
-        return Err(de::Error::custom("a timeout of zero would never connect"));
-    }
     Ok(Some(duration))
 }
 
@@ -632,6 +647,7 @@ impl BackendSection {
             proxy_protocol: self.proxy_protocol,
             connect_timeout: self.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             queue_limit,
+            splice_after: self.splice_after.unwrap_or(DEFAULT_SPLICE_AFTER),
             servers,
         })
     }
@@ -743,6 +759,7 @@ backend = "mail-smtp"
 name = "mail-smtp"
 proxy_protocol = "v1"
 connect_timeout = "1500ms"
+splice_after = "0s"
 
 [[backends.servers]]
 name = "node1"
@@ -786,6 +803,7 @@ address = "[2001:db8::2]:30125"
         assert_eq!(backend.name, "mail-smtp");
         assert_eq!(backend.proxy_protocol, ProxyProtocol::V1);
         assert_eq!(backend.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(backend.splice_after, Duration::ZERO);
         assert_eq!(backend.servers.len(), 2);
         assert_eq!(
             backend.servers[1].address,
@@ -814,6 +832,7 @@ address = "127.0.0.1:25"
         assert_eq!(config.backends[0].proxy_protocol, ProxyProtocol::V2);
         assert_eq!(config.backends[0].balance, Balance::RoundRobin);
         assert_eq!(config.backends[0].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(config.backends[0].splice_after, DEFAULT_SPLICE_AFTER);
     }
 
     #[test]
@@ -855,14 +874,14 @@ address = "127.0.0.1:25"
     fn duplicate_names_are_errors() {
         let servers = GOOD.replace("name = \"node2\"", "name = \"node1\"");
         let message = error(&servers);
-        assert!(message.starts_with("kgate.toml:21:8: "), "{message}");
+        assert!(message.starts_with("kgate.toml:22:8: "), "{message}");
         assert!(message.contains("two servers named `node1`"), "{message}");
 
         let frontends = format!(
             "{GOOD}\n[[frontends]]\nname = \"smtp\"\nlisten = [\"10.0.20.1:587\"]\nbackend = \"mail-smtp\"\n"
         );
         let message = error(&frontends);
-        assert!(message.starts_with("kgate.toml:25:8: "), "{message}");
+        assert!(message.starts_with("kgate.toml:26:8: "), "{message}");
         assert!(
             message.contains("frontend named `smtp` is defined twice"),
             "{message}"
@@ -872,7 +891,7 @@ address = "127.0.0.1:25"
             "{GOOD}\n[[backends]]\nname = \"mail-smtp\"\n[[backends.servers]]\nname = \"n\"\naddress = \"10.0.0.1:25\"\n"
         );
         let message = error(&backends);
-        assert!(message.starts_with("kgate.toml:25:8: "), "{message}");
+        assert!(message.starts_with("kgate.toml:26:8: "), "{message}");
         assert!(
             message.contains("backend named `mail-smtp` is defined twice"),
             "{message}"

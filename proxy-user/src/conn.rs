@@ -22,7 +22,7 @@ use crate::{
     balance,
     config::Backend,
     daemon::Open,
-    dataplane::{Timeouts, Transfer},
+    dataplane::{SpliceTerms, Timeouts, Transfer},
     gateway::Gateway,
     pool::Pool,
     proxy_header, upstream,
@@ -151,10 +151,14 @@ pub async fn handle(
         idle: frontend.idle_timeout,
         half_closed: frontend.half_closed_timeout,
     };
-    let slot = pool.servers[server].slot;
+    let terms = SpliceTerms {
+        queue_limit: backend.queue_limit,
+        server_slot: pool.servers[server].slot,
+        after: backend.splice_after,
+    };
     daemon
         .dataplane
-        .relay(client, stream, backend.queue_limit, slot, timeouts, ending)
+        .relay(client, stream, terms, timeouts, ending)
         .await;
 }
 

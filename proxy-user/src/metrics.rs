@@ -296,7 +296,8 @@ impl Collector for Gauges {
             family(
                 &mut encoder,
                 "kgate_splice_trimmed_bytes",
-                "Bytes of retransmitted segments the eBPF program had forwarded already, cut off",
+                "Bytes cut off segments: retransmitted ones the eBPF program had forwarded \
+                 already, or read by kgate before the connection joined the splice",
                 Counter,
                 [(Labels::new(), stats.trimmed_bytes)],
             )?;

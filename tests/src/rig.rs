@@ -93,10 +93,17 @@ backend = "mail"
 [[backends]]
 name = "mail"
 proxy_protocol = "v2"
-{backend_keys}
+{splice_at_once}{backend_keys}
 "#,
             gw4 = lab.gateway().v4(),
             gw6 = lab.gateway().v6(),
+            // Spliced from the first byte, so that the shortest session tests the
+            // splice; a test of the delay sets its own.
+            splice_at_once = if backend_keys.contains("splice_after") {
+                ""
+            } else {
+                "splice_after = \"0s\"\n"
+            },
         ));
         for (i, backend) in lab.backends().iter().enumerate() {
             config.push_str(&format!(

@@ -674,3 +674,107 @@ fn sockmap_held_connections_park_and_wake_for_bulk_fins_and_resets() {
     assert_eq!(rig.metric(parked), 0.0);
     rig.assert_clean();
 }
+
+/// With a delay before the splice (`splice_after`, 1 s by default, 100 ms here), a
+/// short session stays copied from start to end, and a connection that outlives it
+/// is spliced from where it is.
+#[test]
+fn sockmap_a_connection_is_spliced_once_it_outlives_a_short_session() {
+    if tests::lab::skip_without_root() {
+        return;
+    }
+    let rig = Rig::start_with("sockmap", 1, "", "splice_after = \"100ms\"");
+    // Greets, then echoes until the client's FIN.
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).expect("a PROXY header");
+        s.write_all(b"220 ready\r\n").unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let frontend = rig.frontend_v4();
+    rig.lab.client().run(move || {
+        let greeted = || {
+            let mut c = connect(frontend);
+            let mut banner = [0u8; 11];
+            c.read_exact(&mut banner).unwrap();
+            c
+        };
+        let echoed = |c: &mut std::net::TcpStream, line: &[u8]| {
+            c.write_all(line).unwrap();
+            let mut echo = vec![0u8; line.len()];
+            c.read_exact(&mut echo).unwrap();
+            assert_eq!(echo, line);
+        };
+        let close = |c: std::net::TcpStream| {
+            c.shutdown(Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            (&c).read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "{rest:?} after the echo");
+        };
+        // A short session: over well within the delay.
+        let mut c = greeted();
+        echoed(&mut c, b"QUIT\r\n");
+        close(c);
+        // A session that waits past the delay, then talks.
+        let mut c = greeted();
+        thread::sleep(Duration::from_millis(300));
+        echoed(&mut c, b"NOOP\r\n");
+        echoed(&mut c, b"QUIT\r\n");
+        close(c);
+    });
+    let lines = rig.connection_lines(2);
+    let line = |bytes: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(bytes))
+            .unwrap_or_else(|| panic!("no connection with {bytes}: {lines:#?}"))
+    };
+    assert!(
+        line("bytes_in=6 bytes_out=17 ").contains(" copied "),
+        "{lines:#?}"
+    );
+    assert!(
+        line("bytes_in=12 bytes_out=23 ").contains(" spliced "),
+        "{lines:#?}"
+    );
+    rig.assert_clean();
+}
+
+/// Connections that move bulk both ways from their first byte are copied until
+/// kgate has copied 64 KiB, then join the splice while bytes flow both ways: kgate
+/// has read the head skb of either queue in part, and the program must start each
+/// socket's stream exactly where kgate stopped reading. Every byte must arrive once
+/// and in order, and most of them through the splice.
+#[test]
+fn sockmap_connections_join_the_splice_midway_through_bulk_intact() {
+    if tests::lab::skip_without_root() {
+        return;
+    }
+    const STREAMS: usize = 8;
+    const BYTES: usize = 16 << 20;
+    // Only the bytes can bring the splice on.
+    let mut rig = Rig::start_with("sockmap", 1, "", "splice_after = \"1h\"");
+    move_bulk_both_ways(&rig, STREAMS, BYTES);
+    rig.assert_clean();
+    rig.kgate.stop();
+    let redirected = rig.kgate.splice_total("redirected_bytes");
+    let passed = rig.kgate.splice_total("passed_bytes");
+    let trimmed = rig.kgate.splice_total("trimmed_bytes");
+    eprintln!("redirected {redirected} passed {passed} trimmed {trimmed} bytes");
+    assert_eq!(rig.kgate.splice_total("unpositioned_sockets"), 0);
+    assert!(
+        redirected + passed > (STREAMS * BYTES) as u64,
+        "the splice handled {redirected} + {passed} of {} bytes",
+        2 * STREAMS * BYTES
+    );
+}

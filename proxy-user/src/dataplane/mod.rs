@@ -2,9 +2,12 @@
 //!
 //! Two data planes run the same lifecycle ([`relay`]): `sockmap` hands both sockets
 //! to the eBPF splice program and only watches for the ends of the connection;
-//! `userspace` copies every byte through kgate. Each direction of a connection is
-//! either spliced or copied, so a connection the kernel refuses to splice (a socket
-//! that already got its FIN, say) is still carried, by copying.
+//! `userspace` copies every byte through kgate. On `sockmap`, a connection is copied
+//! for its first `splice_after` (or [`SPLICE_AFTER_BYTES`]) and spliced from there
+//! on: a short session is over before then, and costs less copied than joined to the
+//! splice and taken out again. Each direction of a connection is either spliced or
+//! copied at any time, so a connection the kernel refuses to splice (a socket that
+//! already got its FIN, say) is still carried, by copying.
 
 mod parking;
 mod relay;
@@ -34,30 +37,21 @@ impl Dataplane {
     }
 
     /// Carries `client` <-> `server` until both sides have closed, one has reset, or
-    /// the connection idled out; then `ending` logs it. `queue_limit` bounds the bytes
-    /// one spliced direction may have queued in the kernel; `server_slot` is where the
-    /// eBPF program counts the server's spliced bytes. Returns early when the
+    /// the connection idled out; then `ending` logs it. Returns early when the
     /// connection is parked: the rest happens in the task that resumes it.
     pub async fn relay(
         &self,
         client: TcpStream,
         server: TcpStream,
-        queue_limit: u64,
-        server_slot: u32,
+        terms: SpliceTerms,
         timeouts: Timeouts,
         ending: Ending,
     ) {
-        let splice = match self {
-            Dataplane::Sockmap(sockmap) => Some(sockmap::Splice::start(
-                sockmap.clone(),
-                &client,
-                &server,
-                queue_limit,
-                server_slot,
-            )),
+        let sockmap = match self {
+            Dataplane::Sockmap(sockmap) => Some(sockmap.clone()),
             Dataplane::Userspace => None,
         };
-        relay::Relay::new(client, server, splice, timeouts, ending)
+        relay::Relay::new(client, server, sockmap, terms, timeouts, ending)
             .run()
             .await;
     }
@@ -74,6 +68,7 @@ impl Dataplane {
                     trim_failures = stats.trim_failures,
                     unsequenced_skbs = stats.unsequenced_skbs,
                     grant_requests_lost = stats.grant_requests_lost,
+                    unpositioned_sockets = stats.unpositioned_sockets,
                     "splice totals"
                 ),
                 Err(e) => warn!("reading the splice counters: {e}"),
@@ -81,6 +76,21 @@ impl Dataplane {
         }
     }
 }
+
+/// How a connection is spliced, on the sockmap data plane.
+#[derive(Clone, Copy, Debug)]
+pub struct SpliceTerms {
+    /// The most bytes one spliced direction may have queued in the kernel.
+    pub queue_limit: u64,
+    /// Where the eBPF program counts the server's spliced bytes.
+    pub server_slot: u32,
+    /// How long the connection is copied first; see [`SPLICE_AFTER_BYTES`].
+    pub after: Duration,
+}
+
+/// A connection that has copied this many bytes (both directions together) is
+/// spliced at once, however young: it is moving bulk.
+pub const SPLICE_AFTER_BYTES: u64 = 64 * 1024;
 
 /// How long a connection may go without moving a byte.
 #[derive(Clone, Copy, Debug)]

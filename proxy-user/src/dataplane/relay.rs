@@ -26,12 +26,17 @@
 //! for more, and kgate extends the bound to `queue_limit` bytes beyond those still
 //! queued for the target (`Splice::extend`).
 //!
+//! On the sockmap plane a connection starts copied, and is spliced once it has lived
+//! `splice_after` or copied [`SPLICE_AFTER_BYTES`], at a moment when kgate has written
+//! out everything it read: the splice carries on from exactly there (sockmap.rs), and
+//! each direction's counts start again from zero (`FlowState::spliced_from_here`).
+//!
 //! A copied direction reads into its own buffer and writes from it in userspace; it
 //! reads again only once the buffer is written out, so a slow reader holds back its
 //! own direction (TCP flow control does the rest) and never the other one. It passes
 //! the FIN on as soon as it has written the last byte.
 
-use std::{fmt, io, net::Shutdown, os::fd::AsFd, time::Duration};
+use std::{fmt, io, net::Shutdown, os::fd::AsFd, sync::Arc, time::Duration};
 
 use proxy_common::FlowCounters;
 use socket2::SockRef;
@@ -43,9 +48,9 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    Mode, Path, Timeouts,
+    Mode, Path, SPLICE_AFTER_BYTES, SpliceTerms, Timeouts,
     parking::PARK_AFTER,
-    sockmap::{Splice, kick},
+    sockmap::{Sockmap, Splice, kick},
 };
 use crate::{conn::Ending, maps::MapError, sockopt};
 
@@ -132,8 +137,11 @@ pub struct FlowState {
     consumed: u64,
     /// Bytes kgate wrote to `to`.
     copied: u64,
-    /// Bytes `from` received before its FIN (spliced mode, once `eof`).
+    /// Bytes `from` received before its FIN (spliced mode, once `eof`), since the
+    /// splice began.
     received: u64,
+    /// Bytes kgate copied before the direction was spliced.
+    before_splice: u64,
 }
 
 impl FlowState {
@@ -146,7 +154,17 @@ impl FlowState {
             consumed: 0,
             copied: 0,
             received: 0,
+            before_splice: 0,
         }
+    }
+
+    /// The direction, copied so far with nothing pending, is spliced from now on: its
+    /// counts start again, as the program's and the target's do.
+    fn spliced_from_here(&mut self, mode: Mode) {
+        *self = FlowState {
+            before_splice: self.copied,
+            ..FlowState::new(mode)
+        };
     }
 }
 
@@ -169,6 +187,12 @@ impl<'a> Flow<'a> {
             buf: Vec::new(),
             pending: 0..0,
         }
+    }
+
+    /// Whether the direction may be spliced now: copied so far, all of it written out,
+    /// and no FIN yet (a socket past its FIN cannot join a sock hash).
+    fn may_join(&self) -> bool {
+        self.state.mode == Mode::Copied && !self.state.eof && self.pending.is_empty()
     }
 
     /// Whether the direction only waits while the kernel moves its bytes: nothing for
@@ -356,7 +380,7 @@ impl<'a> Flow<'a> {
         self.state.received = sockopt::tcp_counters(self.from.as_fd())
             .map_err(Fault::Source)?
             .bytes_received
-            .saturating_sub(FIN_SEQUENCE);
+            .saturating_sub(FIN_SEQUENCE + self.state.before_splice);
         Ok(())
     }
 
@@ -485,7 +509,9 @@ impl<'a> Flow<'a> {
     fn bytes(&self) -> u64 {
         match self.state.mode {
             Mode::Copied => self.state.copied,
-            Mode::Spliced { .. } if self.state.eof => self.state.received,
+            Mode::Spliced { .. } if self.state.eof => {
+                self.state.received + self.state.before_splice
+            }
             Mode::Spliced { .. } => {
                 sockopt::tcp_counters(self.from.as_fd()).map_or(0, |c| c.bytes_received)
             }
@@ -501,6 +527,15 @@ pub struct Relay {
     client: TcpStream,
     server: TcpStream,
     progress: Progress,
+    /// A splice still to come: the connection is copied until then.
+    deferred: Option<Deferred>,
+}
+
+/// A connection's splice, put off while it may still be a short session.
+struct Deferred {
+    sockmap: Arc<Sockmap>,
+    terms: SpliceTerms,
+    at: Instant,
 }
 
 /// What a connection's relay knows besides its sockets and splice: kept as it is
@@ -519,36 +554,69 @@ enum Stop {
     Over(Transfer),
     /// Spliced both ways with nothing to do: hand the connection to the parking.
     Park,
+    /// Time to splice the copied connection.
+    Splice,
 }
 
 impl Relay {
+    /// A relay that copies the connection, and splices it through `sockmap` (when
+    /// there is one) on `terms`.
     pub fn new(
         client: TcpStream,
         server: TcpStream,
-        splice: Option<Splice>,
+        sockmap: Option<Arc<Sockmap>>,
+        terms: SpliceTerms,
         timeouts: Timeouts,
         ending: Ending,
     ) -> Relay {
-        let modes = splice.as_ref().map_or([Mode::Copied; 2], Splice::flows);
-        Relay {
-            splice,
+        let now = Instant::now();
+        let mut relay = Relay {
+            splice: None,
             client,
             server,
             progress: Progress {
-                flows: modes.map(FlowState::new),
+                flows: [FlowState::new(Mode::Copied); 2],
                 timeouts,
-                idle_check: Instant::now() + timeouts.idle,
+                idle_check: now + timeouts.idle,
                 ending,
             },
+            deferred: sockmap.map(|sockmap| Deferred {
+                at: now + terms.after,
+                sockmap,
+                terms,
+            }),
+        };
+        // Without the reading position the program cannot join a stream midway.
+        let at_once = |d: &Deferred| d.terms.after.is_zero() || !d.sockmap.maps.joins_mid_stream;
+        if relay.deferred.as_ref().is_some_and(at_once) {
+            relay.join_splice();
         }
+        relay
     }
 
     /// Relays until the connection is over, then logs it; or until it parks.
     pub async fn run(mut self) {
-        match self.relay().await {
-            Stop::Over(transfer) => self.end(transfer),
-            Stop::Park => self.park(),
+        loop {
+            match self.relay().await {
+                Stop::Over(transfer) => return self.end(transfer),
+                Stop::Park => return self.park(),
+                Stop::Splice => self.join_splice(),
+            }
         }
+    }
+
+    /// Splices what the kernel takes of the connection; the rest stays copied.
+    fn join_splice(&mut self) {
+        let Some(Deferred { sockmap, terms, .. }) = self.deferred.take() else {
+            return;
+        };
+        let splice = Splice::start(sockmap, &self.client, &self.server, terms);
+        for (flow, mode) in self.progress.flows.iter_mut().zip(splice.flows()) {
+            if mode != Mode::Copied {
+                flow.spliced_from_here(mode);
+            }
+        }
+        self.splice = Some(splice);
     }
 
     fn end(self, transfer: Transfer) {
@@ -557,6 +625,7 @@ impl Relay {
             client,
             server,
             progress,
+            ..
         } = self;
         // Out of the maps before the sockets close, and closed before the log line.
         drop(splice);
@@ -570,6 +639,7 @@ impl Relay {
             client,
             server,
             progress,
+            ..
         } = self;
         let Some(splice) = splice else {
             unreachable!("only a spliced connection parks");
@@ -626,12 +696,25 @@ impl Relay {
             }
             let park_at = (splice.is_some() && up.parkable() && down.parkable())
                 .then_some(quiet_since + PARK_AFTER);
+            let splice_at = self
+                .deferred
+                .as_ref()
+                .filter(|_| up.may_join() && down.may_join())
+                .map(|deferred| deferred.at);
+            if let Some(at) = splice_at
+                && (Instant::now() >= at
+                    || up.state.copied + down.state.copied >= SPLICE_AFTER_BYTES)
+            {
+                self.progress.flows = [up.state, down.state];
+                self.progress.idle_check = idle_check;
+                return Stop::Splice;
+            }
             // One readiness future per socket and one timer: each is part of every
             // connection's task, so every one of them costs memory per connection.
             let client_interest = interest(&up, &down);
             let server_interest = interest(&down, &up);
             let drain_at = draining.then(|| Instant::now() + drain_poll);
-            let wake_at = [drain_at, park_at]
+            let wake_at = [drain_at, park_at, splice_at]
                 .into_iter()
                 .flatten()
                 .fold(idle_check, Instant::min);
@@ -721,8 +804,8 @@ fn transfer(up: &Flow, down: &Flow, end: End, modes: [Mode; 2]) -> Transfer {
     Transfer {
         from_client: up.bytes(),
         from_server: down.bytes(),
-        copied_from_client: up.state.copied,
-        copied_from_server: down.state.copied,
+        copied_from_client: up.state.copied + up.state.before_splice,
+        copied_from_server: down.state.copied + down.state.before_splice,
         end,
         path: Path::of(modes),
     }
@@ -775,6 +858,7 @@ impl Parked {
             client,
             server,
             progress,
+            deferred: None,
         }
         .run()
         .await;
@@ -816,10 +900,10 @@ fn end_broken(
     drop((client, server));
     let modes = flows.map(|f| f.mode);
     ending.relayed(Transfer {
-        from_client: flows[0].consumed,
-        from_server: flows[1].consumed,
-        copied_from_client: flows[0].copied,
-        copied_from_server: flows[1].copied,
+        from_client: flows[0].consumed + flows[0].before_splice,
+        from_server: flows[1].consumed + flows[1].before_splice,
+        copied_from_client: flows[0].copied + flows[0].before_splice,
+        copied_from_server: flows[1].copied + flows[1].before_splice,
         end: match lost {
             Side::Client => End::ClientReset,
             Side::Server => End::ServerReset,

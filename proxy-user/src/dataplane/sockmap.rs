@@ -3,7 +3,11 @@
 //! The order, measured lossless on kernel 6.18 (DESIGN.md, "Connection lifecycle"):
 //!
 //! 1. the client C is accepted and the server B connected;
-//! 2. the PROXY header is written to B by userspace, before anything is spliced;
+//! 2. the PROXY header is written to B by userspace, before anything is spliced, and
+//!    so is every byte kgate copied before the splice (`splice_after`): nothing it
+//!    read is still unwritten. Bytes it has not read stay in the sockets' queues, the
+//!    head skb perhaps read in part: the program starts each socket's stream at the
+//!    socket's reading position (`copied_seq`), and cuts off what kgate read;
 //! 3. `PEERS[C] = B`, `PEERS[B] = C`: the redirect targets exist before any program
 //!    sees a byte (a socket whose peer is missing has its bytes dropped);
 //! 4. `SPLICED[B] = B`, then `SPLICED[C] = C`: the verdict program now sees their bytes;
@@ -38,7 +42,7 @@ use tracing::debug;
 
 use proxy_common::{FROM_CLIENT, FROM_SERVER, FlowCounters, FlowGrant};
 
-use super::{Mode, parking::Parking};
+use super::{Mode, SpliceTerms, parking::Parking};
 use crate::{
     maps::{GrantRequests, MapError, SpliceMaps},
     sockopt,
@@ -89,8 +93,7 @@ impl Splice {
         sockmap: Arc<Sockmap>,
         client: &TcpStream,
         server: &TcpStream,
-        queue_limit: u64,
-        server_slot: u32,
+        terms: SpliceTerms,
     ) -> Splice {
         let mut splice = Splice {
             sockmap,
@@ -99,8 +102,8 @@ impl Splice {
             flow_state: [false; 2],
             spliced: [false; 2],
             flows: [Mode::Copied; 2],
-            queue_limit,
-            server_slot,
+            queue_limit: terms.queue_limit,
+            server_slot: terms.server_slot,
             grant_requests: Arc::default(),
             watching: false,
         };

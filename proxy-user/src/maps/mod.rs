@@ -8,6 +8,7 @@
 
 mod servers;
 mod splice;
+mod tcp_layout;
 mod xdp;
 
 use std::{
@@ -87,6 +88,9 @@ pub struct Bpf {
     /// Why the XDP program did not load, reported by [`Bpf::xdp`] only: a kernel
     /// that rejects it can still run the splice.
     xdp_load_error: Option<MapsError>,
+    /// Whether the splice program can learn where a socket's stream stands when it
+    /// joins (see tcp_layout.rs): only then may a connection join mid-stream.
+    joins_mid_stream: bool,
 }
 
 impl Bpf {
@@ -95,6 +99,11 @@ impl Bpf {
     pub fn load(pin_dir: &Path) -> Result<Bpf, MapsError> {
         let mut loader = EbpfLoader::new();
         xdp::reuse_kept_pins(&mut loader, pin_dir);
+        let copied_seq_offset = tcp_layout::copied_seq_offset().unwrap_or_else(|e| {
+            warn!("connections are spliced from their first byte: {e}");
+            0
+        });
+        loader.override_global(programs::COPIED_SEQ_OFFSET, &copied_seq_offset, true);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         forward_ebpf_logs(&mut ebpf);
         // Every program loads before any map is taken out of `ebpf` (the other order
@@ -108,6 +117,7 @@ impl Bpf {
             pin_dir: pin_dir.to_owned(),
             pins: Vec::new(),
             xdp_load_error,
+            joins_mid_stream: copied_seq_offset != 0,
         })
     }
 

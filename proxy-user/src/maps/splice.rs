@@ -19,6 +19,9 @@ pub struct SpliceMaps {
     flows: Mutex<HashMap<MapData, u64, FlowCounters>>,
     grants: Mutex<HashMap<MapData, u64, FlowGrant>>,
     stats: PerCpuArray<MapData, SpliceStats>,
+    /// Whether the program learns where a socket's stream stands when it joins, so a
+    /// connection may join mid-stream (see tcp_layout.rs).
+    pub joins_mid_stream: bool,
 }
 
 /// The program's requests for a larger grant, as they come: each is a socket cookie.
@@ -80,6 +83,7 @@ impl Bpf {
             flows: Mutex::new(flows),
             grants: Mutex::new(grants),
             stats,
+            joins_mid_stream: self.joins_mid_stream,
         };
         Ok((maps, GrantRequests(ring)))
     }

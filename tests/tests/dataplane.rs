@@ -35,6 +35,7 @@ on_both_dataplanes!(
     half_close_delivers_every_byte_before_the_fin_to_a_slow_reader,
     a_reset_from_either_side_resets_the_other,
     a_server_that_answers_and_closes_at_once_is_carried_intact,
+    a_copied_connection_that_waits_holds_no_copy_buffer,
 );
 
 /// The PROXY v2 header for a TCP connection from `source` to `destination`, built
@@ -777,4 +778,69 @@ fn sockmap_connections_join_the_splice_midway_through_bulk_intact() {
         "the splice handled {redirected} + {passed} of {} bytes",
         2 * STREAMS * BYTES
     );
+}
+
+/// kgate's resident memory, from /proc.
+fn vm_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib * 1024
+}
+
+/// A copied connection reads into a 64 KiB buffer; one that then waits (an SMTP
+/// client between commands, on the userspace plane or before the splice) must give
+/// it back, or 500 waiting connections hold 32 MiB. Both directions have moved bytes
+/// here (a banner and its echo), so both buffers were in use once.
+fn a_copied_connection_that_waits_holds_no_copy_buffer(dataplane: &'static str) {
+    const WAITING: usize = 500;
+    /// Twice the 4 KB a waiting connection costs; a kept buffer, even one whose
+    /// untouched pages are not resident, takes it to 12 KB (a zeroed one to 76 KB).
+    const BOUND: u64 = 8 * 1024;
+    let rig = Rig::start_with(dataplane, 1, "", "splice_after = \"1h\"");
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).expect("a PROXY header");
+        s.write_all(b"220 ready\r\n").unwrap();
+        let mut line = [0u8; 6];
+        s.read_exact(&mut line).unwrap();
+        s.write_all(&line).unwrap();
+        // Waits for the client's FIN.
+        let _ = s.read(&mut line);
+    });
+    let frontend = rig.frontend_v4();
+    let pid = rig.kgate.pid();
+    let before = vm_rss(pid);
+    let grown = rig.lab.client().run(move || {
+        let conns: Vec<_> = (0..WAITING)
+            .map(|_| {
+                let mut c = connect(frontend);
+                let mut banner = [0u8; 11];
+                c.read_exact(&mut banner).unwrap();
+                c.write_all(b"NOOP\r\n").unwrap();
+                let mut echo = [0u8; 6];
+                c.read_exact(&mut echo).unwrap();
+                assert_eq!(&echo, b"NOOP\r\n");
+                c
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(300));
+        let grown = vm_rss(pid).saturating_sub(before);
+        for c in conns {
+            c.shutdown(Shutdown::Write).unwrap();
+        }
+        grown
+    });
+    let per_connection = grown / WAITING as u64;
+    eprintln!("{dataplane}: {per_connection} B of kgate's memory per waiting connection");
+    assert!(
+        per_connection < BOUND,
+        "{per_connection} B per waiting copied connection"
+    );
+    let lines = rig.connection_lines(WAITING);
+    assert!(lines.iter().all(|l| l.contains(" copied ")), "{lines:#?}");
+    rig.assert_clean();
 }

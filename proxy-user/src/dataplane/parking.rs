@@ -13,6 +13,11 @@
 //! Spliced sockets wake epoll for every segment the program redirects (the kernel
 //! calls data-ready after each verdict), so an event alone is no news: the watcher
 //! asks poll(2), and only a readable byte, a FIN or an error resumes the relay.
+//!
+//! Parked records live side by side in one slab, and a parked connection holds no
+//! allocation of its own: connections tend to park in bursts, right after the tasks
+//! of a burst end, and a small allocation left among the freed tasks would keep its
+//! whole page resident.
 
 use std::{
     collections::HashMap,
@@ -23,6 +28,7 @@ use std::{
 };
 
 use mio::{Events, Interest, Token, unix::SourceFd};
+use slab::Slab;
 use tokio::{
     io::unix::AsyncFd,
     sync::Notify,
@@ -42,7 +48,7 @@ const IDLE_SWEEP: Duration = Duration::from_millis(100);
 const EVENTS: usize = 256;
 /// Once this many connections have parked, the memory their tasks held is given back
 /// to the system (see [`give_back_freed_memory`]): when a sweep finds no more parked,
-/// or [`TRIM_EVERY`] after the last time while they keep coming.
+/// and [`TRIM_EVERY`] after the last time while they keep coming.
 const TRIM_AFTER_PARKED: usize = 1024;
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
@@ -57,8 +63,9 @@ struct State {
     closed: bool,
     /// What a grant request for a socket wakes, by the socket's cookie.
     waiters: HashMap<u64, Waiter>,
-    /// By the client socket's cookie.
-    parked: HashMap<u64, Box<Parked>>,
+    /// A connection's key here, twice and plus 0 or 1 for (client, server), is its
+    /// sockets' epoll token.
+    parked: Slab<Parked>,
     /// Connections parked since memory was last given back.
     parked_since_trim: usize,
 }
@@ -66,8 +73,8 @@ struct State {
 enum Waiter {
     /// The connection's relay runs in a task.
     Relay(Arc<Notify>),
-    /// The connection is parked under this client cookie.
-    Parked(u64),
+    /// The connection is parked under this key.
+    Parked(usize),
 }
 
 impl Parking {
@@ -111,7 +118,7 @@ impl Parking {
     /// Watches `parked` until there is news for it. Gives it back when it must go on
     /// at once: a grant request came in since its relay last looked, or its sockets
     /// cannot be watched.
-    pub fn park(&self, parked: Box<Parked>) -> Option<Box<Parked>> {
+    pub fn park(&self, mut parked: Parked) -> Option<Parked> {
         let cookies = parked.splice().cookies();
         let mut state = self.lock();
         if state.closed {
@@ -119,55 +126,60 @@ impl Parking {
         }
         // Under the lock: a request from now on finds the connection parked.
         if parked.splice().take_grant_request() {
-            parked.splice().grant_waiter().notify_one();
+            if let Some(waiter) = parked.splice().grant_waiter() {
+                waiter.notify_one();
+            }
             return Some(parked);
         }
+        let key = state.parked.vacant_key();
         let sockets = parked.sockets();
-        for (i, (socket, cookie)) in sockets.iter().zip(cookies).enumerate() {
+        for (side, socket) in sockets.iter().enumerate() {
             let fd = socket.as_raw_fd();
-            let registered = self.registry.register(
-                &mut SourceFd(&fd),
-                Token(cookie as usize),
-                Interest::READABLE,
-            );
+            let registered =
+                self.registry
+                    .register(&mut SourceFd(&fd), token(key, side), Interest::READABLE);
             if let Err(e) = registered {
                 debug!("cannot park a connection: {e}");
-                for socket in &sockets[..i] {
+                for socket in &sockets[..side] {
                     let _ = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd()));
                 }
                 return Some(parked);
             }
         }
         for cookie in cookies {
-            state.waiters.insert(cookie, Waiter::Parked(cookies[0]));
+            state.waiters.insert(cookie, Waiter::Parked(key));
         }
-        state.parked.insert(cookies[0], parked);
+        parked.splice_mut().drop_grant_waiter();
+        state.parked.insert(parked);
         state.parked_since_trim += 1;
         None
     }
 
-    /// Takes the connection parked under `client_cookie` out of the parking.
-    fn take(&self, state: &mut State, client_cookie: u64) -> Option<Box<Parked>> {
-        let parked = state.parked.remove(&client_cookie)?;
+    /// Takes the connection parked under `key` out of the parking.
+    fn take(&self, state: &mut State, key: usize) -> Option<Parked> {
+        let mut parked = state.parked.try_remove(key)?;
         for socket in parked.sockets() {
             let _ = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd()));
         }
-        let waiter = parked.splice().grant_waiter();
+        let waiter = parked.splice_mut().renew_grant_waiter();
         for cookie in parked.splice().cookies() {
             state.waiters.insert(cookie, Waiter::Relay(waiter.clone()));
         }
         Some(parked)
     }
 
-    /// Takes the connections parked under `client_cookies` out of the parking, each
-    /// into a task of its own.
-    fn resume(&self, mut state: MutexGuard<'_, State>, client_cookies: &[u64]) {
-        let resumed: Vec<_> = client_cookies
+    /// Takes the connections parked under `keys` out of the parking, each into a
+    /// task of its own; `requested`: with a grant request waiting for its relay.
+    fn resume(&self, mut state: MutexGuard<'_, State>, keys: &[usize], requested: bool) {
+        let resumed: Vec<_> = keys
             .iter()
-            .filter_map(|&cookie| self.take(&mut state, cookie))
+            .filter_map(|&key| self.take(&mut state, key))
             .collect();
         drop(state);
         for parked in resumed {
+            if requested && let Some(waiter) = parked.splice().grant_waiter() {
+                waiter.notify_one();
+            }
             tokio::spawn(parked.resume());
         }
     }
@@ -177,33 +189,21 @@ impl Parking {
         let state = self.lock();
         match state.waiters.get(&cookie) {
             Some(Waiter::Relay(waiter)) => waiter.notify_one(),
-            Some(&Waiter::Parked(client_cookie)) => {
-                if let Some(parked) = state.parked.get(&client_cookie) {
-                    // The resumed relay finds the request waiting.
-                    parked.splice().grant_waiter().notify_one();
-                }
-                self.resume(state, &[client_cookie]);
-            }
+            Some(&Waiter::Parked(key)) => self.resume(state, &[key], true),
             None => {}
         }
     }
 
-    /// Epoll reported socket `cookie`.
-    fn on_event(&self, cookie: u64) {
+    /// Epoll reported the socket of `token`.
+    fn on_event(&self, token: Token) {
+        let (key, side) = (token.0 >> 1, token.0 & 1);
         let state = self.lock();
-        let Some(&Waiter::Parked(client_cookie)) = state.waiters.get(&cookie) else {
-            return;
-        };
-        let news = state.parked.get(&client_cookie).is_some_and(|parked| {
-            let [client, server] = parked.sockets();
-            has_news(if cookie == client_cookie {
-                client
-            } else {
-                server
-            })
-        });
+        let news = state
+            .parked
+            .get(key)
+            .is_some_and(|parked| has_news(parked.sockets()[side]));
         if news {
-            self.resume(state, &[client_cookie]);
+            self.resume(state, &[key], false);
         }
     }
 
@@ -212,8 +212,8 @@ impl Parking {
     fn close(&self) {
         let mut state = self.lock();
         state.closed = true;
-        let all: Vec<u64> = state.parked.keys().copied().collect();
-        self.resume(state, &all);
+        let all: Vec<usize> = state.parked.iter().map(|(key, _)| key).collect();
+        self.resume(state, &all, false);
     }
 
     /// Resumes the connections whose idle deadline has come. Returns how many
@@ -221,15 +221,21 @@ impl Parking {
     fn on_idle_sweep(&self, now: Instant) -> usize {
         let mut state = self.lock();
         let newly_parked = std::mem::take(&mut state.parked_since_trim);
-        let due: Vec<u64> = state
+        let due: Vec<usize> = state
             .parked
             .iter()
             .filter(|(_, parked)| parked.idle_check() <= now)
-            .map(|(&cookie, _)| cookie)
+            .map(|(key, _)| key)
             .collect();
-        self.resume(state, &due);
+        self.resume(state, &due, false);
         newly_parked
     }
+}
+
+/// The epoll token of the socket on `side` (0 client, 1 server) of the connection
+/// parked under `key`.
+fn token(key: usize, side: usize) -> Token {
+    Token(key << 1 | side)
 }
 
 /// Returns the memory freed by ended tasks to the system. glibc keeps freed memory for
@@ -291,7 +297,7 @@ async fn watch_until_failure(
                     let mut seen = 0;
                     for event in &events {
                         seen += 1;
-                        parking.on_event(event.token().0 as u64);
+                        parking.on_event(event.token());
                     }
                     if seen < EVENTS {
                         break;
@@ -307,7 +313,10 @@ async fn watch_until_failure(
                     && (parked_now == 0 || now >= last_trim + TRIM_EVERY)
                 {
                     give_back_freed_memory();
-                    (newly_parked, last_trim) = (0, now);
+                    last_trim = now;
+                    // A burst still parking is trimmed once more when it ends, for
+                    // the tasks of its tail.
+                    newly_parked = if parked_now == 0 { 0 } else { TRIM_AFTER_PARKED };
                 }
             }
         }

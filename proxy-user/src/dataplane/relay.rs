@@ -173,7 +173,8 @@ struct Flow<'a> {
     from: &'a TcpStream,
     to: &'a TcpStream,
     state: FlowState,
-    /// Bytes read and not written yet: `buf[pending]`.
+    /// Bytes read and not written yet: `buf[pending]`. Empty (no allocation) while the
+    /// direction waits for bytes.
     buf: Vec<u8>,
     pending: std::ops::Range<usize>,
 }
@@ -238,11 +239,21 @@ impl<'a> Flow<'a> {
     }
 
     fn copy(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
-        if self.buf.is_empty() {
-            self.buf = vec![0; COPY_BUFFER];
+        let copied = self.copy_burst(splice);
+        if self.pending.is_empty() {
+            // A direction that waits for bytes holds no buffer: 64 KiB for each one
+            // would dwarf all else a held connection costs.
+            self.buf = Vec::new();
         }
+        copied
+    }
+
+    fn copy_burst(&mut self, splice: Option<&Splice>) -> Result<(), Fault> {
         for _ in 0..COPY_BURST {
-            match self.from.try_read(&mut self.buf) {
+            // Read into spare capacity: no page is touched before bytes land in it.
+            self.buf.clear();
+            self.buf.reserve_exact(COPY_BUFFER);
+            match self.from.try_read_buf(&mut self.buf) {
                 Ok(0) if self.passed_bytes_to_come(splice)? => {
                     // The FIN is in, but bytes the program passed before it still wait
                     // in the kernel's backlog: poll for them.
@@ -653,12 +664,12 @@ impl Relay {
                 return end_broken(splice, client, server, progress, side);
             }
         };
-        let parked = Box::new(Parked {
+        let parked = Parked {
             splice,
             client,
             server,
             progress,
-        });
+        };
         let parking = parked.splice.sockmap().clone();
         if let Some(parked) = parking.parking.park(parked) {
             tokio::spawn(parked.resume());
@@ -824,6 +835,10 @@ impl Parked {
         &self.splice
     }
 
+    pub fn splice_mut(&mut self) -> &mut Splice {
+        &mut self.splice
+    }
+
     /// The (client, server) sockets.
     pub fn sockets(&self) -> [&std::net::TcpStream; 2] {
         [&self.client, &self.server]
@@ -835,13 +850,13 @@ impl Parked {
     }
 
     /// Carries on relaying, in the task this runs in.
-    pub async fn resume(self: Box<Self>) {
+    pub async fn resume(self) {
         let Parked {
             splice,
             client,
             server,
             progress,
-        } = *self;
+        } = self;
         // Joining tokio fails only when epoll does (out of memory, or over
         // max_user_watches); the socket is closed then.
         let (client, server) =

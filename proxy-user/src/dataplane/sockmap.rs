@@ -80,8 +80,9 @@ pub struct Splice {
     flows: [Mode; 2],
     queue_limit: u64,
     server_slot: u32,
-    /// Woken when the program asks for a larger grant for either socket.
-    grant_requests: Arc<Notify>,
+    /// Woken when the program asks for a larger grant for either socket, while the
+    /// relay runs; none while the connection is parked (the parking routes requests).
+    grant_requests: Option<Arc<Notify>>,
     /// Whether `grant_requests` is registered for both cookies.
     watching: bool,
 }
@@ -104,7 +105,7 @@ impl Splice {
             flows: [Mode::Copied; 2],
             queue_limit: terms.queue_limit,
             server_slot: terms.server_slot,
-            grant_requests: Arc::default(),
+            grant_requests: Some(Arc::default()),
             watching: false,
         };
         if let Err(e) = splice.join(client, server) {
@@ -150,13 +151,19 @@ impl Splice {
 
     /// Completes when the program has asked for a larger grant for either socket.
     pub async fn grant_requested(&self) {
-        self.grant_requests.notified().await;
+        match &self.grant_requests {
+            Some(requests) => requests.notified().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Whether the program asked for a larger grant since the relay last looked (and
     /// forgets that it did).
     pub fn take_grant_request(&self) -> bool {
-        let mut notified = pin!(self.grant_requests.notified());
+        let Some(requests) = &self.grant_requests else {
+            return false;
+        };
+        let mut notified = pin!(requests.notified());
         notified
             .as_mut()
             .poll(&mut Context::from_waker(Waker::noop()))
@@ -173,8 +180,19 @@ impl Splice {
     }
 
     /// What wakes the relay for a grant request while it runs.
-    pub fn grant_waiter(&self) -> &Arc<Notify> {
-        &self.grant_requests
+    pub fn grant_waiter(&self) -> Option<&Arc<Notify>> {
+        self.grant_requests.as_ref()
+    }
+
+    /// The connection parks: its grant requests go to the parking instead. The
+    /// parking keeps nothing of a connection's but its record (see parking.rs).
+    pub fn drop_grant_waiter(&mut self) {
+        self.grant_requests = None;
+    }
+
+    /// The connection resumes: a new waiter for its relay's grant requests.
+    pub fn renew_grant_waiter(&mut self) -> Arc<Notify> {
+        self.grant_requests.insert(Arc::default()).clone()
     }
 
     fn direction(&self, cookie: u64) -> u32 {
@@ -221,10 +239,10 @@ impl Splice {
             .map_err(|e| format!("PEERS[server]: {e}"))?;
 
         // Flow state before the program can see a byte.
-        self.sockmap
-            .parking
-            .watch_grant_requests([c, b], &self.grant_requests);
-        self.watching = true;
+        if let Some(requests) = &self.grant_requests {
+            self.sockmap.parking.watch_grant_requests([c, b], requests);
+            self.watching = true;
+        }
         for (i, (key, direction)) in [(c, FROM_CLIENT), (b, FROM_SERVER)].into_iter().enumerate() {
             let grant = self.grant_after(FlowCounters::default(), direction, self.queue_limit);
             self.sockmap

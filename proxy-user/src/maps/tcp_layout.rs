@@ -3,14 +3,17 @@
 //! programs get no CO-RE relocations, so the offset is looked up here and handed to the
 //! program as a global set at load.
 
-use btf_rs::{Btf, Type};
+use btf_rs::{Backend, Btf, Type};
 
 /// The kernel's own BTF.
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The byte offset of `copied_seq` in `struct tcp_sock`, or why it is unknown.
 pub fn copied_seq_offset() -> Result<u32, String> {
-    let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| format!("reading {VMLINUX_BTF}: {e}"))?;
+    // Mapped, not parsed whole: parsing takes tens of MB of heap that the allocator
+    // would keep long after the one lookup.
+    let btf = Btf::from_file_with_backend(VMLINUX_BTF, Backend::Mmap)
+        .map_err(|e| format!("reading {VMLINUX_BTF}: {e}"))?;
     member_offset(&btf, "tcp_sock", "copied_seq")
 }
 

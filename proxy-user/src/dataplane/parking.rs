@@ -150,7 +150,8 @@ impl Parking {
             state.waiters.insert(cookie, Waiter::Parked(key));
         }
         parked.splice_mut().drop_grant_waiter();
-        state.parked.insert(parked);
+        let inserted = state.parked.insert(parked);
+        debug_assert_eq!(inserted, key, "the tokens name the key it was parked under");
         state.parked_since_trim += 1;
         None
     }

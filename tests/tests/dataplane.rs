@@ -791,9 +791,9 @@ fn vm_rss(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// A copied connection reads into a 64 KiB buffer; one that then waits (an SMTP
+/// A copied connection reads into a 256 KiB buffer; one that then waits (an SMTP
 /// client between commands, on the userspace plane or before the splice) must give
-/// it back, or 500 waiting connections hold 32 MiB. Both directions have moved bytes
+/// it back, or 500 waiting connections hold up to 256 MiB. Both directions have moved bytes
 /// here (a banner and its echo), so both buffers were in use once.
 fn a_copied_connection_that_waits_holds_no_copy_buffer(dataplane: &'static str) {
     const WAITING: usize = 500;

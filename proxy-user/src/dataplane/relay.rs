@@ -633,14 +633,14 @@ impl Relay {
         self.splice = Some(splice);
     }
 
+    /// The relay's splice, (client, server) sockets and progress; a splice still to
+    /// come is forgotten.
+    fn into_parts(self) -> (Option<Splice>, TcpStream, TcpStream, Progress) {
+        (self.splice, self.client, self.server, self.progress)
+    }
+
     fn end(self, transfer: Transfer) {
-        let Relay {
-            splice,
-            client,
-            server,
-            progress,
-            ..
-        } = self;
+        let (splice, client, server, progress) = self.into_parts();
         // Out of the maps before the sockets close, and closed before the log line.
         drop(splice);
         drop((client, server));
@@ -648,13 +648,7 @@ impl Relay {
     }
 
     fn park(self) {
-        let Relay {
-            splice,
-            client,
-            server,
-            progress,
-            ..
-        } = self;
+        let (splice, client, server, progress) = self.into_parts();
         let Some(splice) = splice else {
             unreachable!("only a spliced connection parks");
         };

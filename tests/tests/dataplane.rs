@@ -559,6 +559,27 @@ fn a_server_that_answers_and_closes_at_once_is_carried_intact(dataplane: &'stati
     rig.assert_clean();
 }
 
+/// The backend of the splice tests: takes the PROXY header, greets with `220`, then
+/// echoes until the client's FIN or an error; returns how the connection ended
+/// (`UnexpectedEof` for the FIN).
+fn greet_then_echo(mut s: std::net::TcpStream) -> ErrorKind {
+    set_timeouts(&s);
+    read_proxy_header(&mut s).expect("a PROXY header");
+    s.write_all(b"220 ready\r\n").unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return ErrorKind::UnexpectedEof,
+            Ok(n) => {
+                if let Err(e) = s.write_all(&buf[..n]) {
+                    return e.kind();
+                }
+            }
+            Err(e) => return e.kind(),
+        }
+    }
+}
+
 /// Spliced connections that wait (an SMTP client between commands, an IMAP IDLE)
 /// leave their tasks for the parking, where one watcher looks after all of them. Each
 /// must come back for whatever its relay has to do: bytes beyond the bound, a FIN, a
@@ -575,22 +596,8 @@ fn sockmap_held_connections_park_and_wake_for_bulk_fins_and_resets() {
     let server_saw: Arc<Mutex<Vec<ErrorKind>>> = Arc::default();
     let _server = {
         let server_saw = server_saw.clone();
-        TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), move |mut s| {
-            set_timeouts(&s);
-            read_proxy_header(&mut s).expect("a PROXY header");
-            s.write_all(b"220 ready\r\n").unwrap();
-            let mut buf = vec![0u8; 64 * 1024];
-            let ended = loop {
-                match s.read(&mut buf) {
-                    Ok(0) => break ErrorKind::UnexpectedEof,
-                    Ok(n) => {
-                        if let Err(e) = s.write_all(&buf[..n]) {
-                            break e.kind();
-                        }
-                    }
-                    Err(e) => break e.kind(),
-                }
-            };
+        TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), move |s| {
+            let ended = greet_then_echo(s);
             server_saw.lock().unwrap().push(ended);
         })
     };
@@ -686,21 +693,8 @@ fn sockmap_a_connection_is_spliced_once_it_outlives_a_short_session() {
     }
     let rig = Rig::start_with("sockmap", 1, "", "splice_after = \"100ms\"");
     // Greets, then echoes until the client's FIN.
-    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
-        set_timeouts(&s);
-        read_proxy_header(&mut s).expect("a PROXY header");
-        s.write_all(b"220 ready\r\n").unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if s.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |s| {
+        greet_then_echo(s);
     });
     let frontend = rig.frontend_v4();
     rig.lab.client().run(move || {

@@ -683,15 +683,22 @@ fn sockmap_held_connections_park_and_wake_for_bulk_fins_and_resets() {
     rig.assert_clean();
 }
 
-/// With a delay before the splice (`splice_after`, 1 s by default, 100 ms here), a
+/// With a delay before the splice (`splice_after`, 1 s by default, 3 s here), a
 /// short session stays copied from start to end, and a connection that outlives it
-/// is spliced from where it is.
+/// is spliced from where it is. The delay is long because a short session took
+/// 0.7 s on a busy CI machine, with the other tests running beside it.
 #[test]
 fn sockmap_a_connection_is_spliced_once_it_outlives_a_short_session() {
     if tests::lab::skip_without_root() {
         return;
     }
-    let rig = Rig::start_with("sockmap", 1, "", "splice_after = \"100ms\"");
+    const SPLICE_AFTER: Duration = Duration::from_secs(3);
+    let rig = Rig::start_with(
+        "sockmap",
+        1,
+        "",
+        &format!("splice_after = \"{}s\"", SPLICE_AFTER.as_secs()),
+    );
     // Greets, then echoes until the client's FIN.
     let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |s| {
         greet_then_echo(s);
@@ -722,7 +729,7 @@ fn sockmap_a_connection_is_spliced_once_it_outlives_a_short_session() {
         close(c);
         // A session that waits past the delay, then talks.
         let mut c = greeted();
-        thread::sleep(Duration::from_millis(300));
+        thread::sleep(SPLICE_AFTER + Duration::from_millis(500));
         echoed(&mut c, b"NOOP\r\n");
         echoed(&mut c, b"QUIT\r\n");
         close(c);

@@ -211,7 +211,7 @@ pub fn run(
         handler,
     )?;
     let stats_path = running.pin_path(lab).map(|p| p.join("splice_stats"));
-    let splice_before = stats_path.as_deref().map(splice_stats).transpose()?;
+    let splice_before = stats_path.as_deref().map(sys::splice_stats).transpose()?;
 
     let cpu_before = CpuTimes::now()?;
     let started = Instant::now();
@@ -282,7 +282,7 @@ pub fn run(
         "cpu_busy_seconds": cpu_after.busy_seconds_since(&cpu_before),
     });
     if let (Some(path), Some(before)) = (&stats_path, splice_before) {
-        let after = splice_stats(path)?;
+        let after = sys::splice_stats(path)?;
         let redirected = after.0 - before.0;
         let passed = after.1 - before.1;
         if redirected == 0 {
@@ -300,15 +300,6 @@ pub fn run(
         figures: vec![(gbps_figure, gbps), (cpu_figure, cpu_per_gib)],
         details,
     })
-}
-
-/// (redirected, passed) bytes from kgate's per-CPU `splice_stats`.
-fn splice_stats(path: &std::path::Path) -> anyhow::Result<(u64, u64)> {
-    let dump = sys::bpftool_dump(path)?;
-    Ok((
-        sys::sum_bpftool_field(&dump, "redirected_bytes"),
-        sys::sum_bpftool_field(&dump, "passed_bytes"),
-    ))
 }
 
 #[cfg(test)]

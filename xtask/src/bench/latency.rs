@@ -2,6 +2,11 @@
 //! server one at a time; the time of each round trip goes into an HDR histogram.
 //! Every echo is compared with what was sent.
 //!
+//! The figures are a persistent connection's steady state: the warm-up lasts at
+//! least [`WARMUP_AT_LEAST`] on every path, past the first second in which kgate
+//! copies a connection (`splice_after`'s default) before it splices it. On the
+//! sockmap path the run reports how many of the measured bytes the kernel spliced.
+//!
 //! The client's thread is pinned to the first CPU and the server's to the last: on a
 //! small virtual machine a round trip costs 5 µs when the scheduler happens to put
 //! both ends on one CPU and 70 µs when it does not (measured here on 2 vCPUs, the
@@ -25,9 +30,13 @@ use super::{
     Figure, Outcome,
     proxy::Running,
     server::{self, Server},
+    sys,
 };
 
 const MESSAGE: usize = 64;
+/// The least time the warm-up takes, whatever its number of round trips: past
+/// kgate's default `splice_after` of 1 s.
+const WARMUP_AT_LEAST: Duration = Duration::from_millis(1500);
 /// The histogram's range: 1 µs to 60 s, in nanoseconds, 3 significant digits.
 const LOWEST_NS: u64 = 1_000;
 const HIGHEST_NS: u64 = 60_000_000_000;
@@ -59,6 +68,14 @@ fn echo(mut conn: TcpStream) -> anyhow::Result<()> {
     }
 }
 
+/// What the client measured, and (on the sockmap path) the bytes kgate's program
+/// had redirected when measuring began.
+struct Measured {
+    histogram: Histogram<u64>,
+    warmup_rounds: u64,
+    redirected_before: Option<u64>,
+}
+
 pub fn run(lab: &Lab, running: &Running, warmup: u64, rounds: u64) -> anyhow::Result<Outcome> {
     let server = Server::start(
         lab.backend(0),
@@ -68,34 +85,68 @@ pub fn run(lab: &Lab, running: &Running, warmup: u64, rounds: u64) -> anyhow::Re
         Arc::new(echo),
     )?;
     let target = running.target;
-    let histogram = lab
-        .client()
-        .run(move || -> anyhow::Result<Histogram<u64>> {
-            let mut histogram = Histogram::<u64>::new_with_bounds(LOWEST_NS, HIGHEST_NS, 3)
-                .context("creating the histogram")?;
-            pin_to_cpu(0);
-            let mut conn = server::connect(target)?;
-            conn.set_nodelay(true)?;
-            let mut reply = [0u8; MESSAGE];
-            for round in 0..warmup + rounds {
-                let request = message(round);
-                let sent = Instant::now();
-                conn.write_all(&request)
-                    .with_context(|| format!("writing request {round}"))?;
-                conn.read_exact(&mut reply)
-                    .with_context(|| format!("reading reply {round}"))?;
-                let took = sent.elapsed();
-                if reply != request {
-                    bail!("reply {round} is not the request echoed");
-                }
-                if round >= warmup {
-                    let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-                    histogram.saturating_record(ns.clamp(LOWEST_NS, HIGHEST_NS));
-                }
+    let stats_path = running.pin_path(lab).map(|p| p.join("splice_stats"));
+    let stats_at_start = stats_path.clone();
+    let Measured {
+        histogram,
+        warmup_rounds,
+        redirected_before,
+    } = lab.client().run(move || -> anyhow::Result<Measured> {
+        let mut histogram = Histogram::<u64>::new_with_bounds(LOWEST_NS, HIGHEST_NS, 3)
+            .context("creating the histogram")?;
+        pin_to_cpu(0);
+        let mut conn = server::connect(target)?;
+        conn.set_nodelay(true)?;
+        let mut reply = [0u8; MESSAGE];
+        let mut round_trip = |round: u64| -> anyhow::Result<Duration> {
+            let request = message(round);
+            let sent = Instant::now();
+            conn.write_all(&request)
+                .with_context(|| format!("writing request {round}"))?;
+            conn.read_exact(&mut reply)
+                .with_context(|| format!("reading reply {round}"))?;
+            let took = sent.elapsed();
+            if reply != request {
+                bail!("reply {round} is not the request echoed");
             }
-            Ok(histogram)
-        })?;
+            Ok(took)
+        };
+        let warmup_started = Instant::now();
+        let mut round = 0;
+        // Bounded: the warm-up's time is fixed, and a round trip that stalls
+        // fails the run on the connection's timeout.
+        while round < warmup || warmup_started.elapsed() < WARMUP_AT_LEAST {
+            round_trip(round)?;
+            round += 1;
+        }
+        let warmup_rounds = round;
+        let redirected_before = stats_at_start
+            .as_deref()
+            .map(|path| sys::splice_stats(path).map(|(redirected, _)| redirected))
+            .transpose()?;
+        for round in warmup_rounds..warmup_rounds + rounds {
+            let ns = u64::try_from(round_trip(round)?.as_nanos()).unwrap_or(u64::MAX);
+            histogram.saturating_record(ns.clamp(LOWEST_NS, HIGHEST_NS));
+        }
+        Ok(Measured {
+            histogram,
+            warmup_rounds,
+            redirected_before,
+        })
+    })?;
     server.expect_served(1, Duration::from_secs(10))?;
+    let mut details = json!({
+        "round_trips": histogram.len(),
+        "warmup_round_trips": warmup_rounds,
+        "mean_us": histogram.mean() / 1000.0,
+        "max_us": histogram.max() as f64 / 1000.0,
+        // Both directions of the measured round trips.
+        "bytes_total": 2 * MESSAGE as u64 * rounds,
+    });
+    if let (Some(path), Some(before)) = (&stats_path, redirected_before) {
+        let (after, _) = sys::splice_stats(path)?;
+        details["spliced_bytes"] = json!(after - before);
+    }
     let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let (p50, p99, p999) = (us(0.5), us(0.99), us(0.999));
     Ok(Outcome {
@@ -104,12 +155,7 @@ pub fn run(lab: &Lab, running: &Running, warmup: u64, rounds: u64) -> anyhow::Re
             (Figure::RrP99, p99),
             (Figure::RrP999, p999),
         ],
-        details: json!({
-            "round_trips": histogram.len(),
-            "warmup_round_trips": warmup,
-            "mean_us": histogram.mean() / 1000.0,
-            "max_us": histogram.max() as f64 / 1000.0,
-        }),
+        details,
     })
 }
 

@@ -57,8 +57,8 @@ impl Stat {
 /// Every figure's statistics per path, over the runs that passed their checks.
 pub struct Summary {
     stats: HashMap<(Figure, Path), Stat>,
-    /// Per workload, the share of the sockmap path's bytes the kernel spliced (the
-    /// rest went through kgate at the queue bound), in percent.
+    /// Per workload, the share of the sockmap path's measured bytes that the kernel
+    /// spliced (kgate copied the rest), in percent.
     spliced_share: HashMap<Workload, Stat>,
 }
 
@@ -82,14 +82,13 @@ impl Summary {
                 continue;
             };
             let bytes = |key: &str| outcome.details.get(key).and_then(|v| v.as_f64());
-            if let (Some(spliced), Some(passed)) =
-                (bytes("spliced_bytes"), bytes("passed_to_userspace_bytes"))
-                && spliced + passed > 0.0
+            if let (Some(spliced), Some(total)) = (bytes("spliced_bytes"), bytes("bytes_total"))
+                && total > 0.0
             {
                 shares
                     .entry(record.workload)
                     .or_default()
-                    .push(100.0 * spliced / (spliced + passed));
+                    .push(100.0 * spliced / total);
             }
         }
         let spliced_share = shares
@@ -355,10 +354,14 @@ fn body(context: &Context, summary: &Summary, targets: &[Target], image: &str) -
             md.push('\n');
         }
         if let Some(share) = summary.spliced_share.get(&workload) {
+            let why_copied = match workload {
+                Workload::Bulk1 | Workload::Bulk8 => ", passed to it at the queue bound",
+                _ => "",
+            };
             let _ = writeln!(
                 md,
                 "\nkgate sockmap spliced {} % of these bytes in the kernel ({}–{} %); kgate \
-                 copied the rest, passed to it at the queue bound.",
+                 copied the rest{why_copied}.",
                 num(share.median),
                 num(share.min),
                 num(share.max)
@@ -380,8 +383,10 @@ fn body(context: &Context, summary: &Summary, targets: &[Target], image: &str) -
          whole machine's busy time (user, nice, system, irq, softirq from /proc/stat) per \
          GiB moved, both directions counted, and includes the benchmark's own client and \
          server, the same on every path. Bulk runs move both directions at once, and every \
-         byte is checked. Latency is per round trip (HDR histogram, {} warm-up round trips \
-         left out). Memory: proxy RSS is the growth of the proxy's VmRSS over the held \
+         byte is checked. Latency is per round trip (HDR histogram), a persistent \
+         connection's steady state: the first {} round trips and at least 1.5 s are left \
+         out on every path, past the first second in which kgate copies a connection \
+         (`splice_after`'s default) before splicing it. Memory: proxy RSS is the growth of the proxy's VmRSS over the held \
          connections; the kernel's memory covers all of a connection's sockets (2 on the \
          direct path, 4 through a proxy): the growth of the slab, steady from run to run, \
          and the drop of MemAvailable less the growth of the processes' own memory, which \
@@ -545,20 +550,20 @@ mod tests {
 
     #[test]
     fn the_spliced_share_comes_from_the_sockmap_runs_that_report_it() {
-        let run = |path, spliced: u64, passed: u64| Record {
+        let run = |path, spliced: u64, total: u64| Record {
             rep: 0,
             path,
             workload: Workload::Bulk1,
             seconds: 1.0,
             outcome: Ok(super::super::Outcome {
                 figures: vec![],
-                details: json!({ "spliced_bytes": spliced, "passed_to_userspace_bytes": passed }),
+                details: json!({ "spliced_bytes": spliced, "bytes_total": total }),
             }),
         };
         let summary = Summary::new(&[
-            run(Path::Sockmap, 25, 75),
-            run(Path::Sockmap, 100, 0),
-            run(Path::Sockmap, 50, 50),
+            run(Path::Sockmap, 25, 100),
+            run(Path::Sockmap, 100, 100),
+            run(Path::Sockmap, 50, 100),
             Record {
                 outcome: Err("failed".into()),
                 ..run(Path::Sockmap, 0, 1)

@@ -36,7 +36,7 @@ use super::{
 const MESSAGE: usize = 64;
 /// The least time the warm-up takes, whatever its number of round trips: past
 /// kgate's default `splice_after` of 1 s.
-const WARMUP_AT_LEAST: Duration = Duration::from_millis(1500);
+pub const WARMUP_AT_LEAST: Duration = Duration::from_millis(1500);
 /// The histogram's range: 1 µs to 60 s, in nanoseconds, 3 significant digits.
 const LOWEST_NS: u64 = 1_000;
 const HIGHEST_NS: u64 = 60_000_000_000;

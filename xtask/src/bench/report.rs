@@ -384,10 +384,10 @@ fn body(context: &Context, summary: &Summary, targets: &[Target], image: &str) -
          GiB moved, both directions counted, and includes the benchmark's own client and \
          server, the same on every path. Bulk runs move both directions at once, and every \
          byte is checked. Latency is per round trip (HDR histogram), a persistent \
-         connection's steady state: the first {} round trips and at least 1.5 s are left \
+         connection's steady state: the first {} round trips and at least {} s are left \
          out on every path, past the first second in which kgate copies a connection \
-         (`splice_after`'s default) before splicing it. Memory: proxy RSS is the growth of the proxy's VmRSS over the held \
-         connections; the kernel's memory covers all of a connection's sockets (2 on the \
+         (`splice_after`'s default) before splicing it. Memory: proxy RSS is the growth \
+         of the proxy's VmRSS over the held connections; the kernel's memory covers all of a connection's sockets (2 on the \
          direct path, 4 through a proxy): the growth of the slab, steady from run to run, \
          and the drop of MemAvailable less the growth of the processes' own memory, which \
          takes in everything but moves by megabytes with the rest of the machine; TCP \
@@ -397,7 +397,8 @@ fn body(context: &Context, summary: &Summary, targets: &[Target], image: &str) -
             || "the kernel's default".to_owned(),
             |w| format!("`{w}`, set for this run")
         ),
-        super::thousands(s.rr_warmup)
+        super::thousands(s.rr_warmup),
+        super::latency::WARMUP_AT_LEAST.as_secs_f64(),
     );
     if !context.failures.is_empty() {
         md.push_str(

@@ -79,9 +79,48 @@ impl Rig {
         server_keys: &[&str],
         sections: impl FnOnce(&Lab) -> String,
     ) -> Rig {
+        Rig::launch(
+            dataplane,
+            backends,
+            "",
+            frontend_keys,
+            backend_keys,
+            server_keys,
+            sections,
+        )
+    }
+
+    /// Like [`Rig::start_with`], with extra keys for `[global]` (`shutdown_timeout`, say)
+    /// and for the backend section.
+    pub fn start_with_global(
+        dataplane: &'static str,
+        backends: usize,
+        global_keys: &str,
+        backend_keys: &str,
+    ) -> Rig {
+        Rig::launch(
+            dataplane,
+            backends,
+            global_keys,
+            "",
+            backend_keys,
+            &[],
+            |_| String::new(),
+        )
+    }
+
+    fn launch(
+        dataplane: &'static str,
+        backends: usize,
+        global_keys: &str,
+        frontend_keys: &str,
+        backend_keys: &str,
+        server_keys: &[&str],
+        sections: impl FnOnce(&Lab) -> String,
+    ) -> Rig {
         let lab = Lab::new(backends);
         let mut config = global_section(&lab, dataplane);
-        config.push_str(&format!("metrics_listen = \"{METRICS}\"\n"));
+        config.push_str(&format!("metrics_listen = \"{METRICS}\"\n{global_keys}\n"));
         config.push_str(&format!(
             r#"
 [[frontends]]

@@ -34,6 +34,7 @@ on_both_dataplanes!(
     a_partly_repeated_segment_reaches_the_backend_once,
     half_close_delivers_every_byte_before_the_fin_to_a_slow_reader,
     a_reset_from_either_side_resets_the_other,
+    a_reset_reaches_the_other_side_while_it_holds_its_reads,
     a_server_that_answers_and_closes_at_once_is_carried_intact,
     a_copied_connection_that_waits_holds_no_copy_buffer,
 );
@@ -523,6 +524,122 @@ fn a_reset_from_either_side_resets_the_other(dataplane: &'static str) {
         lines.iter().any(|l| l.contains("end=\"client reset\"")),
         "{lines:#?}"
     );
+    assert!(
+        lines.iter().any(|l| l.contains("end=\"server reset\"")),
+        "{lines:#?}"
+    );
+    rig.assert_paths(&lines);
+    rig.assert_clean();
+}
+
+/// Writes without blocking until the peer has stopped taking bytes for a while (its
+/// buffers and the proxy's are full); returns how many went out.
+fn write_until_held(stream: &mut std::net::TcpStream) -> usize {
+    stream.set_nonblocking(true).unwrap();
+    let chunk = vec![0x5a_u8; 64 * 1024];
+    let (mut written, mut since_progress) = (0, Instant::now());
+    while since_progress.elapsed() < Duration::from_secs(1) {
+        match stream.write(&chunk) {
+            Ok(n) => {
+                written += n;
+                since_progress = Instant::now();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("writing until held: {e}"),
+        }
+    }
+    stream.set_nonblocking(false).unwrap();
+    written
+}
+
+/// Reads until the stream ends; how it ended (`UnexpectedEof` for a FIN).
+fn read_until_the_end(stream: &mut std::net::TcpStream) -> ErrorKind {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return ErrorKind::UnexpectedEof,
+            Ok(_) => {}
+            Err(e) => return e.kind(),
+        }
+    }
+}
+
+/// A peer that resets while the other side does not read: the other side must be
+/// reset at once, not when the idle timeout (10 minutes here) runs out. Both ways:
+/// clients that upload to a backend that holds its reads and then reset, and a
+/// backend that fills a client that holds its reads and then resets.
+fn a_reset_reaches_the_other_side_while_it_holds_its_reads(dataplane: &'static str) {
+    const UPLOADERS: usize = 4;
+    let rig = Rig::start(dataplane, 1);
+    let (release, released) = mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let server_saw: Arc<Mutex<Vec<ErrorKind>>> = Arc::default();
+    let _server = {
+        let server_saw = server_saw.clone();
+        TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), move |mut s| {
+            set_timeouts(&s);
+            read_proxy_header(&mut s).expect("a PROXY header");
+            let mut what = [0u8; 1];
+            s.read_exact(&mut what).unwrap();
+            if &what == b"D" {
+                write_until_held(&mut s);
+                socket_reset(s);
+                return;
+            }
+            // "U": hold every read until the test has seen the clients' resets through.
+            let _ = released.lock().unwrap().recv_timeout(IO_TIMEOUT);
+            let ended = read_until_the_end(&mut s);
+            server_saw.lock().unwrap().push(ended);
+        })
+    };
+    let frontend = rig.frontend_v4();
+    let uploaded: Vec<usize> = rig.lab.client().run(move || {
+        let uploaders: Vec<_> = (0..UPLOADERS)
+            .map(|_| {
+                thread::spawn(move || {
+                    let mut c = connect(frontend);
+                    c.write_all(b"U").unwrap();
+                    let written = write_until_held(&mut c);
+                    socket_reset(c);
+                    written
+                })
+            })
+            .collect();
+        uploaders.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert!(uploaded.iter().all(|&n| n > 0), "{uploaded:?}");
+    // Within the lines' wait (30 s), far sooner than the idle timeout.
+    let lines = rig.connection_lines(UPLOADERS);
+    assert!(
+        lines.iter().all(|l| l.contains("end=\"client reset\"")),
+        "{lines:#?}"
+    );
+    for _ in 0..UPLOADERS {
+        release.send(()).unwrap();
+    }
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while server_saw.lock().unwrap().len() < UPLOADERS && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        *server_saw.lock().unwrap(),
+        [ErrorKind::ConnectionReset; UPLOADERS],
+        "the backend must see each client's reset"
+    );
+
+    let client_saw = rig.lab.client().run(move || {
+        let mut c = connect(frontend);
+        c.write_all(b"D").unwrap();
+        // Nobody reads until the backend has filled everything and reset.
+        thread::sleep(Duration::from_secs(3));
+        read_until_the_end(&mut c)
+    });
+    assert_eq!(
+        client_saw,
+        ErrorKind::ConnectionReset,
+        "after the backend's reset"
+    );
+    let lines = rig.connection_lines(UPLOADERS + 1);
     assert!(
         lines.iter().any(|l| l.contains("end=\"server reset\"")),
         "{lines:#?}"

@@ -5,8 +5,10 @@
 //! Memory is the machine's MemAvailable, so these tests run one at a time (a lock)
 //! and cargo runs this file's tests apart from the other files'.
 //!
-//! These tests set the bound explicitly (4 MiB, also the default) and move bytes one
-//! way at a time; the last one checks that a reader that keeps up is never held back.
+//! These tests set the bound explicitly (4 MiB, also the default). Most move bytes one
+//! way at a time; the hostile ones press both ways at once (an echo backend and
+//! clients that never read), and one checks that a reader that keeps up is never
+//! held back.
 
 use std::{
     hash::Hasher,
@@ -19,6 +21,7 @@ use std::{
 
 use tests::{
     backend::{TcpServer, read_proxy_header},
+    lab::NetNs,
     on_both_dataplanes,
     rig::{IO_TIMEOUT, Rig, Rng, connect, receive_all, set_timeouts},
 };
@@ -46,6 +49,8 @@ on_both_dataplanes!(
     a_backend_that_never_reads_holds_the_client_back,
     a_client_that_never_reads_holds_the_backend_back,
     two_hundred_held_connections_stay_within_their_bounds,
+    an_echo_backend_and_clients_that_never_read_stay_within_their_bounds,
+    sigterm_ends_connections_pressed_both_ways_within_the_shutdown_timeout,
 );
 
 #[test]
@@ -172,6 +177,12 @@ impl MemoryWatch {
         self.samples.push(mem_available());
         let tcp = tcp_memory().saturating_sub(self.tcp_at_start);
         self.max_tcp_growth = self.max_tcp_growth.max(tcp);
+    }
+
+    /// Growth of kernel memory at the last sample.
+    fn growth_now(&self) -> u64 {
+        self.baseline
+            .saturating_sub(self.samples.last().copied().unwrap_or(self.baseline))
     }
 
     /// Growth of kernel memory at the end of the hold.
@@ -444,4 +455,287 @@ fn hold_many(
         })
         .collect();
     (watch, sent)
+}
+
+/// The largest value of a `net.ipv4` buffer sysctl (`tcp_rmem`, `tcp_wmem`): what
+/// TCP lets a socket's buffer grow to by itself.
+fn buffer_max(sysctl: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{sysctl}")).unwrap();
+    text.split_whitespace()
+        .last()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{sysctl}: {text}"))
+}
+
+/// Kernel memory one connection pressed both ways may take, the four sockets on its
+/// path together (the client's, kgate's two, the backend's), as the README states
+/// it: every socket's receive buffer grows to at most `tcp_rmem`'s maximum, the
+/// client's and backend's send buffers to `tcp_wmem`'s, and what kgate's sockets send
+/// is bounded by `queue_limit` per direction (sockmap) or by their send buffer
+/// (userspace), plus kgate's copy buffer per direction.
+fn pressed_both_ways_bound() -> u64 {
+    let (rmem, wmem) = (buffer_max("tcp_rmem"), buffer_max("tcp_wmem"));
+    let queue_limit = 4 << 20;
+    4 * rmem + 2 * wmem + 2 * queue_limit.max(wmem) + 2 * (256 << 10)
+}
+
+/// Echoes everything back after the PROXY header until the client's FIN, then closes.
+fn echo(ns: &NetNs, listen: SocketAddr) -> TcpServer {
+    TcpServer::start(ns, listen, |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).expect("a PROXY header");
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+    })
+}
+
+/// A client that uploads a random stream and reads nothing back.
+struct Presser {
+    stream: TcpStream,
+    rng: Rng,
+    sent: std::hash::DefaultHasher,
+    written: u64,
+    /// The chunk being sent, from its first unsent byte.
+    unsent: Vec<u8>,
+}
+
+impl Presser {
+    fn connect(frontend: SocketAddr, seed: u64) -> Presser {
+        let stream = connect(frontend);
+        stream.set_nonblocking(true).unwrap();
+        Presser {
+            stream,
+            rng: Rng(seed),
+            sent: std::hash::DefaultHasher::new(),
+            written: 0,
+            unsent: Vec::new(),
+        }
+    }
+
+    /// Writes what the connection takes now of the next chunk; whether it took any.
+    fn upload(&mut self) -> bool {
+        if self.unsent.is_empty() {
+            self.unsent = vec![0u8; 64 * 1024];
+            self.rng.fill(&mut self.unsent);
+        }
+        match self.stream.write(&self.unsent) {
+            Ok(n) => {
+                self.sent.write(&self.unsent[..n]);
+                self.unsent.drain(..n);
+                self.written += n as u64;
+                n > 0
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("uploading: {e}"),
+        }
+    }
+
+    /// Sends its FIN (the rest of its chunk stays unsent: writing it could wait for
+    /// the echo nobody reads yet), then reads the echo to the end: ((bytes, checksum)
+    /// echoed, (bytes, checksum) sent).
+    fn finish(mut self) -> ((u64, u64), (u64, u64)) {
+        self.stream.set_nonblocking(false).unwrap();
+        set_timeouts(&self.stream);
+        self.stream.shutdown(Shutdown::Write).unwrap();
+        let (n, sum) = receive_all(&mut self.stream).expect("reading the echo");
+        ((n as u64, sum), (self.written, self.sent.finish()))
+    }
+}
+
+/// Uploads on every one of `pressers` for `hold` without reading, sampling memory
+/// into `watch`; stops early with an error once memory has grown past `give_up_at`,
+/// so a broken bound cannot take the machine down.
+fn press(
+    pressers: &mut [Presser],
+    hold: Duration,
+    watch: &mut MemoryWatch,
+    give_up_at: u64,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut next_sample = started;
+    while started.elapsed() < hold {
+        let mut progress = false;
+        for p in pressers.iter_mut() {
+            progress |= p.upload();
+        }
+        if Instant::now() >= next_sample {
+            watch.sample();
+            next_sample += Duration::from_millis(100);
+            if watch.growth_now() > give_up_at {
+                return Err(format!(
+                    "memory grew by {} MiB: the upload stopped early",
+                    watch.growth_now() >> 20
+                ));
+            }
+        }
+        if !progress {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    watch.sample();
+    Ok(())
+}
+
+fn pressers(frontend: SocketAddr) -> Vec<Presser> {
+    (0..PRESSED)
+        .map(|i| Presser::connect(frontend, 500 + i as u64))
+        .collect()
+}
+
+/// CPU time (user and system) process `pid` has used.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses: utime and stime are the
+    // 12th and 13th of them, in clock ticks.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+const PRESSED: usize = 4;
+
+/// The hostile pass that found the sockmap plane unbounded: an echo backend and
+/// clients that upload as fast as they can and never read their replies. Whatever
+/// both ends do, kernel memory stays within the stated bound, all of it charged to
+/// TCP (an unbounded redirect queue took 3 GiB a second), kgate idles while the
+/// connections are held, a new session still gets through, and every byte comes back
+/// intact once the clients read.
+fn an_echo_backend_and_clients_that_never_read_stay_within_their_bounds(dataplane: &'static str) {
+    let _serial = one_at_a_time();
+    let rig = Rig::start_with(dataplane, 1, "", QUEUE_LIMIT);
+    let _server = echo(rig.lab.backend(0), rig.backend_addr(0));
+    let frontend = rig.frontend_v4();
+    let bound = PRESSED as u64 * pressed_both_ways_bound();
+    let kgate = rig.kgate.pid();
+    let (watch, pressers, cpu_while_held, session) = rig.lab.client().run(move || {
+        let session = thread::spawn(move || {
+            // Halfway through the hold, once everything is full.
+            thread::sleep(HOLD / 2);
+            let mut c = connect(frontend);
+            c.write_all(b"ping\r\n").unwrap();
+            let mut reply = [0u8; 6];
+            c.read_exact(&mut reply).map(|()| reply)
+        });
+        let mut watch = MemoryWatch::start();
+        let mut pressers = pressers(frontend);
+        // The first half fills every buffer; the second is the held state.
+        let filled = press(&mut pressers, HOLD / 2, &mut watch, bound);
+        let cpu_before = cpu_time(kgate);
+        let held_since = Instant::now();
+        let held = filled.and_then(|()| press(&mut pressers, HOLD / 2, &mut watch, bound));
+        let cpu_while_held =
+            (cpu_time(kgate) - cpu_before).as_secs_f64() / held_since.elapsed().as_secs_f64();
+        if let Err(e) = held {
+            panic!("{e}");
+        }
+        (watch, pressers, cpu_while_held, session.join().unwrap())
+    });
+    let written: u64 = pressers.iter().map(|p| p.written).sum();
+    eprintln!(
+        "{PRESSED} connections pressed both ways: {written} bytes uploaded, MemAvailable fell \
+         by {} KiB, TCP memory grew by up to {} KiB (bound {} KiB); kgate used {:.1} % of a \
+         CPU while they were held",
+        watch.growth() >> 10,
+        watch.max_tcp_growth >> 10,
+        bound >> 10,
+        cpu_while_held * 100.0
+    );
+    assert!(
+        watch.growth() < bound + MACHINE_NOISE && watch.max_tcp_growth < bound,
+        "kernel memory grew by {} MiB (TCP's own: {} MiB) for {PRESSED} connections pressed \
+         both ways; the bound is {} MiB",
+        watch.growth() >> 20,
+        watch.max_tcp_growth >> 20,
+        bound >> 20
+    );
+    assert!(
+        watch.growth() < watch.max_tcp_growth * 2 + MACHINE_NOISE,
+        "{} MiB of kernel memory outside TCP's accounting (TCP's own: {} MiB): a queue \
+         no socket is charged for",
+        watch.growth().saturating_sub(watch.max_tcp_growth) >> 20,
+        watch.max_tcp_growth >> 20
+    );
+    assert!(
+        cpu_while_held < 0.5,
+        "kgate used {:.0} % of a CPU while its connections were held",
+        cpu_while_held * 100.0
+    );
+    assert_eq!(
+        session.as_ref().ok(),
+        Some(b"ping\r\n"),
+        "a new session during the hold: {session:?}"
+    );
+
+    let echoed = rig.lab.client().run(move || {
+        pressers
+            .into_iter()
+            .map(Presser::finish)
+            .collect::<Vec<_>>()
+    });
+    for (got, sent) in echoed {
+        assert_eq!(got, sent, "every byte came back, in order");
+    }
+    let lines = rig.connection_lines(PRESSED + 1);
+    assert!(
+        lines.iter().all(|l| l.contains("end=\"client closed\"")),
+        "{lines:#?}"
+    );
+    rig.assert_paths(&lines);
+    rig.assert_clean();
+}
+
+/// SIGTERM while connections are pressed both ways: kgate closes what is still open
+/// once `shutdown_timeout` has passed and exits by itself (the hostile pass saw it
+/// ignore SIGTERM for over a minute).
+fn sigterm_ends_connections_pressed_both_ways_within_the_shutdown_timeout(dataplane: &'static str) {
+    const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Room for a loaded machine; kgate itself needs far less.
+    const MARGIN: Duration = Duration::from_secs(20);
+    let _serial = one_at_a_time();
+    let mut rig = Rig::start_with_global(dataplane, 1, "shutdown_timeout = \"2s\"", QUEUE_LIMIT);
+    let _server = echo(rig.lab.backend(0), rig.backend_addr(0));
+    let frontend = rig.frontend_v4();
+    let bound = PRESSED as u64 * pressed_both_ways_bound();
+    let pressers = rig.lab.client().run(move || {
+        let mut watch = MemoryWatch::start();
+        let mut pressers = pressers(frontend);
+        if let Err(e) = press(&mut pressers, HOLD / 2, &mut watch, bound) {
+            panic!("{e}");
+        }
+        pressers
+    });
+    let sent = Instant::now();
+    rig.kgate.signal(libc::SIGTERM);
+    while rig.kgate.is_running() && sent.elapsed() < SHUTDOWN_TIMEOUT + MARGIN {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let took = sent.elapsed();
+    rig.kgate.stop();
+    assert!(
+        took < SHUTDOWN_TIMEOUT + MARGIN,
+        "kgate still ran {took:?} after SIGTERM"
+    );
+    let status = rig.kgate.exit_status().expect("kgate exited");
+    assert!(status.success(), "kgate exited with {status}");
+    assert!(
+        rig.kgate
+            .log()
+            .contains(&format!("closing {PRESSED} connections still open")),
+        "{}",
+        rig.kgate.log()
+    );
+    eprintln!("kgate exited {took:?} after SIGTERM");
+    drop(pressers);
 }

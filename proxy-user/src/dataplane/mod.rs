@@ -9,6 +9,7 @@
 //! copied at any time, so a connection the kernel refuses to splice (a socket that
 //! already got its FIN, say) is still carried, by copying.
 
+mod direction;
 mod parking;
 mod relay;
 mod sockmap;
@@ -104,7 +105,7 @@ pub struct Timeouts {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// In the kernel. `written_base` is the target socket's written-bytes counter
-    /// (see `sockopt::bytes_written`) when the splice began; `cookie` is the source
+    /// (see `sockopt::SendQueue::written`) when the splice began; `cookie` is the source
     /// socket's, the key of its flow state in the maps.
     Spliced { written_base: u64, cookie: u64 },
     /// Read and written by kgate.

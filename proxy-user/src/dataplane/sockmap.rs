@@ -20,10 +20,31 @@
 //! userspace instead; a direction is never half in one plane and half in the other.
 //!
 //! Each socket's flow state (`FLOWS`, `GRANTS`) is created before it joins `SPLICED`,
-//! with a grant of `queue_limit` bytes: the most one direction may have queued in the
-//! kernel before the program passes its bytes to userspace (see relay.rs). Halfway
-//! through a grant the program asks for more (`GRANT_REQUESTS`), and the relay extends
-//! it by what the peer has taken meanwhile.
+//! with a grant: how many more bytes the program may redirect before it passes the
+//! socket's bytes to userspace instead (see direction.rs). Halfway through a grant the
+//! program asks for more (`GRANT_REQUESTS`), and the relay extends it by what the peer
+//! has taken meanwhile.
+//!
+//! The bound, and why the send buffers are set: the kernel keeps two kinds of bytes in
+//! one queue per socket, in order (the psock's backlog): bytes redirected *to* the
+//! socket that its send buffer could not take yet, and bytes the socket received and
+//! the program passed while that queue was not empty. Bytes queued there belong to no
+//! socket's memory: TCP keeps its receive window open over them. So if a client never
+//! reads, bytes redirected to the client's socket stay queued, everything the client
+//! sends behind them is passed into the same queue, and the client can upload without
+//! limit (measured: 3 GiB in a second, with an echo backend). Hence two rules, kept
+//! for each direction, bytes from a source to a target socket:
+//!
+//! - at most `queue_limit` bytes are on their way out through the target: redirected
+//!   and not yet in its send queue, plus in its send queue and not yet acknowledged
+//!   (grants, and kgate's own copies into a spliced target, both count them);
+//! - the target's send buffer is set to twice `queue_limit` (the kernel doubles it
+//!   again), so the kernel's worker can always move every redirected byte into it.
+//!
+//! Then the backlog drains as soon as it forms, passed bytes land in the receiving
+//! socket's own message queue, charged to its receive buffer, and TCP flow control
+//! holds the sender back: a connection costs at most `queue_limit` and a receive
+//! buffer per direction, whatever its peers do.
 //!
 //! Leaving: entries are removed from `SPLICED` first, then from `PEERS` and the flow
 //! state, and only after the relay has seen every redirected byte reach the target's
@@ -124,29 +145,32 @@ impl Splice {
         self.sockmap.maps.flow_counters(cookie)
     }
 
-    /// Lets the program redirect socket `cookie`'s bytes again: up to `queue_limit`
-    /// more, provided nothing more was passed since `counters` were read.
-    pub fn grant(&self, cookie: u64, counters: FlowCounters) -> Result<(), MapError> {
-        self.sockmap.maps.set_grant(
-            cookie,
-            self.grant_after(counters, self.direction(cookie), self.queue_limit),
-        )
+    /// The most bytes one direction may have on their way out through its target
+    /// (see the module docs).
+    pub fn queue_limit(&self) -> u64 {
+        self.queue_limit
     }
 
-    /// Answers the program's request for more: socket `cookie`'s direction may go on
-    /// until `queue_limit` bytes are queued, counting the `queued` ones (redirected,
-    /// not yet in the target's send queue). A peer that has fallen behind gets nothing
-    /// more, so the direction stops at its current bound. Only while nothing passed
-    /// waits to be read: the caller checks that `counters.passed` were all read.
-    pub fn extend(&self, cookie: u64, counters: FlowCounters, queued: u64) -> Result<(), MapError> {
+    /// Lets the program redirect socket `cookie`'s bytes again, until `queued` (on
+    /// their way out through the target already) and the redirected ones reach
+    /// `queue_limit`; provided nothing more was passed since `counters` were read.
+    pub fn grant(&self, cookie: u64, counters: FlowCounters, queued: u64) -> Result<(), MapError> {
         let headroom = self.queue_limit.saturating_sub(queued);
-        if headroom < self.queue_limit / 4 {
-            return Ok(());
-        }
         self.sockmap.maps.set_grant(
             cookie,
             self.grant_after(counters, self.direction(cookie), headroom),
         )
+    }
+
+    /// Answers the program's request for more: [`Splice::grant`], unless the peer has
+    /// fallen behind (less than a quarter of `queue_limit` left), in which case the
+    /// direction stops at its current bound. Only while nothing passed waits to be
+    /// read: the caller checks that `counters.passed` were all read.
+    pub fn extend(&self, cookie: u64, counters: FlowCounters, queued: u64) -> Result<(), MapError> {
+        if self.queue_limit.saturating_sub(queued) < self.queue_limit / 4 {
+            return Ok(());
+        }
+        self.grant(cookie, counters, queued)
     }
 
     /// Completes when the program has asked for a larger grant for either socket.
@@ -220,12 +244,19 @@ impl Splice {
                 .cookie()
                 .map_err(|e| format!("SO_COOKIE: {e}"))
         };
-        let written =
-            |s: &TcpStream| sockopt::bytes_written(s.as_fd()).map_err(|e| format!("TCP_INFO: {e}"));
+        let sending = |s: &TcpStream| {
+            sockopt::send_queue(s.as_fd()).map_err(|e| format!("TCP_INFO or SIOCOUTQ: {e}"))
+        };
         let [c, b] = [cookie(client)?, cookie(server)?];
         self.cookies = [c, b];
         // Read before any byte can be redirected into the sockets.
-        let [to_server, to_client] = [written(server)?, written(client)?];
+        let [to_server, to_client] = [sending(server)?, sending(client)?];
+        // Before the program sees a byte: each socket is the target of the other's
+        // direction (the bound, in the module docs).
+        for socket in [server, client] {
+            sockopt::force_send_buffer(socket.as_fd(), self.queue_limit.saturating_mul(2))
+                .map_err(|e| format!("SO_SNDBUFFORCE: {e}"))?;
+        }
 
         // Step 3.
         self.sockmap
@@ -243,8 +274,10 @@ impl Splice {
             self.sockmap.parking.watch_grant_requests([c, b], requests);
             self.watching = true;
         }
-        for (i, (key, direction)) in [(c, FROM_CLIENT), (b, FROM_SERVER)].into_iter().enumerate() {
-            let grant = self.grant_after(FlowCounters::default(), direction, self.queue_limit);
+        let targets = [(c, FROM_CLIENT, to_server), (b, FROM_SERVER, to_client)];
+        for (i, (key, direction, target)) in targets.into_iter().enumerate() {
+            let headroom = self.queue_limit.saturating_sub(target.unacked);
+            let grant = self.grant_after(FlowCounters::default(), direction, headroom);
             self.sockmap
                 .maps
                 .insert_flow(key, grant)
@@ -262,7 +295,7 @@ impl Splice {
             .map_err(|e| format!("SPLICED[server]: {e}"))?;
         self.spliced[1] = true;
         self.flows[1] = Mode::Spliced {
-            written_base: to_client,
+            written_base: to_client.written,
             cookie: b,
         };
         let client_joined = self
@@ -273,7 +306,7 @@ impl Splice {
         if client_joined.is_ok() {
             self.spliced[0] = true;
             self.flows[0] = Mode::Spliced {
-                written_base: to_server,
+                written_base: to_server.written,
                 cookie: c,
             };
         }

@@ -15,6 +15,7 @@ use std::{
 };
 
 use bytesize::ByteSize;
+use proxy_common::{MAX_SERVERS, xdp::MAX_FRONTEND_ADDRESSES};
 use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
@@ -174,6 +175,8 @@ const DEFAULT_FALL: u32 = 3;
 const DEFAULT_HELO: &str = "kgate.invalid";
 /// Below this a single full-sized skb can exceed the bound.
 const MIN_QUEUE_LIMIT: u64 = 64 << 10;
+/// A spliced socket's send buffer is set to twice the bound, in an `int`.
+const MAX_QUEUE_LIMIT: u64 = 256 << 20;
 
 /// A configuration error, located in its file.
 #[derive(Debug, thiserror::Error)]
@@ -419,7 +422,24 @@ impl ConfigFile {
 
         let mut backend_index = HashMap::new();
         let mut backends = Vec::with_capacity(self.backends.len());
+        let mut servers_so_far = 0;
         for section in self.backends {
+            // The pinned `servers` map has a slot for each server: `run` could not
+            // publish more (pool.rs, `Slots`).
+            if let Some(server) = section
+                .servers
+                .get_ref()
+                .get(MAX_SERVERS.saturating_sub(servers_so_far))
+            {
+                return Err(at(
+                    &server.name,
+                    format!(
+                        "more than {MAX_SERVERS} servers in all backends together: kgate \
+                         publishes at most {MAX_SERVERS}; split the gateway or drop servers"
+                    ),
+                ));
+            }
+            servers_so_far += section.servers.get_ref().len();
             if backend_index
                 .insert(section.name.get_ref().clone(), backends.len())
                 .is_some()
@@ -437,6 +457,8 @@ impl ConfigFile {
 
         let mut frontend_names = HashMap::new();
         let mut listening: HashMap<SocketAddr, String> = HashMap::new();
+        // With [xdp], each listen address takes a slot in the program's frontend map.
+        let mut first_address_over_xdp_capacity = None;
         let mut frontends = Vec::with_capacity(self.frontends.len());
         for section in self.frontends {
             let name = section.name.get_ref();
@@ -492,6 +514,9 @@ impl ConfigFile {
                         ),
                     ));
                 }
+                if listening.len() > MAX_FRONTEND_ADDRESSES {
+                    first_address_over_xdp_capacity.get_or_insert(address.span());
+                }
                 listen.push(addr);
             }
             frontends.push(Frontend {
@@ -516,6 +541,16 @@ impl ConfigFile {
         }
 
         let xdp = self.xdp.map(xdp::XdpSection::validate).transpose()?;
+        if let (Some(_), Some(span)) = (&xdp, first_address_over_xdp_capacity) {
+            return Err(Located {
+                span,
+                message: format!(
+                    "more than {MAX_FRONTEND_ADDRESSES} listen addresses in all frontends \
+                     together: the XDP program knows at most {MAX_FRONTEND_ADDRESSES}; drop \
+                     addresses or the [xdp] section"
+                ),
+            });
+        }
 
         Ok(Config {
             global,
@@ -630,6 +665,17 @@ impl BackendSection {
                         "queue_limit {} is too small: give at least {}",
                         limit.get_ref().display().iec(),
                         ByteSize::b(MIN_QUEUE_LIMIT).display().iec()
+                    ),
+                ));
+            }
+            Some(limit) if limit.get_ref().as_u64() > MAX_QUEUE_LIMIT => {
+                return Err(at(
+                    limit,
+                    format!(
+                        "queue_limit {} is too large: give at most {} (a spliced socket's send \
+                         buffer is set to twice it)",
+                        limit.get_ref().display().iec(),
+                        ByteSize::b(MAX_QUEUE_LIMIT).display().iec()
                     ),
                 ));
             }
@@ -833,6 +879,77 @@ address = "127.0.0.1:25"
         assert_eq!(config.backends[0].balance, Balance::RoundRobin);
         assert_eq!(config.backends[0].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(config.backends[0].splice_after, DEFAULT_SPLICE_AFTER);
+    }
+
+    /// Two backends of `per_backend` servers each.
+    fn with_servers(per_backend: usize) -> String {
+        let mut text = String::from(
+            "[[frontends]]\nname = \"f\"\nlisten = [\"127.0.0.1:2525\"]\nbackend = \"a\"\n",
+        );
+        for backend in ["a", "b"] {
+            text.push_str(&format!("[[backends]]\nname = \"{backend}\"\n"));
+            for i in 0..per_backend {
+                text.push_str(&format!(
+                    "[[backends.servers]]\nname = \"s{i}\"\naddress = \"127.0.0.1:{}\"\n",
+                    1000 + i
+                ));
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn more_servers_than_run_can_publish_are_an_error_at_the_first_one_too_many() {
+        parse(&with_servers(MAX_SERVERS / 2)).expect("exactly the maximum is valid");
+        let message = error(&with_servers(550));
+        assert!(message.contains("more than 1024 servers"), "{message}");
+        // Backend `a` holds 550 (3 lines each, after 4 lines of frontend and 2 of its
+        // header); the 1025th server is b's 475th, named s474.
+        let line = 4 + 2 + 550 * 3 + 2 + 474 * 3 + 2;
+        assert!(
+            message.contains(&format!("kgate.toml:{line}:")),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn more_listen_addresses_than_the_xdp_program_knows_are_an_error_with_xdp_only() {
+        let addresses: Vec<String> = (0..=MAX_FRONTEND_ADDRESSES)
+            .map(|i| format!("\"127.0.0.1:{}\"", 10_000 + i))
+            .collect();
+        let text = format!(
+            "[[frontends]]\nname = \"f\"\nlisten = [{}]\nbackend = \"b\"\n\
+             [[backends]]\nname = \"b\"\n[[backends.servers]]\nname = \"s\"\n\
+             address = \"127.0.0.1:25\"\n",
+            addresses.join(", ")
+        );
+        parse(&text).expect("without [xdp] the addresses take no map slot");
+        let message = error(&format!("{text}[xdp]\ninterfaces = [\"eth0\"]\n"));
+        assert!(
+            message.contains("more than 1024 listen addresses"),
+            "{message}"
+        );
+        assert!(message.contains("kgate.toml:3:"), "{message}");
+    }
+
+    #[test]
+    fn queue_limit_is_between_one_skb_and_what_a_send_buffer_can_be_set_to() {
+        let with = |limit: &str| {
+            GOOD.replace(
+                "splice_after",
+                &format!("queue_limit = \"{limit}\"\nsplice_after"),
+            )
+        };
+        assert_eq!(
+            parse(&with("256MiB")).unwrap().backends[0].queue_limit,
+            256 << 20
+        );
+        assert!(error(&with("32KiB")).contains("too small"));
+        let message = error(&with("1GiB"));
+        assert!(
+            message.contains("too large: give at most 256.0 MiB"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -132,3 +132,121 @@ fn auto_falls_back_to_the_userspace_data_plane_with_one_warning() {
     });
     assert_eq!(banner, format!("220 {client}\r\n"));
 }
+
+#[test]
+fn check_refuses_what_run_would_refuse_more_servers_than_kgate_publishes() {
+    let mut config = VALID.replace(
+        "[[backends.servers]]\nname = \"node1\"\naddress = \"192.0.2.101:30125\"\n",
+        "",
+    );
+    for i in 0..1100 {
+        config.push_str(&format!(
+            "[[backends.servers]]\nname = \"node{i}\"\naddress = \"192.0.2.{}:{}\"\n",
+            i % 200 + 1,
+            30000 + i
+        ));
+    }
+    let (code, stdout, stderr) = check(&config);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    // The 1025th server's name, on the line after its table header.
+    let line = config
+        .lines()
+        .position(|l| l == "name = \"node1024\"")
+        .unwrap()
+        + 1;
+    assert!(
+        stderr.starts_with(&format!("kgate: FILE:{line}:8: more than 1024 servers")),
+        "{stderr}"
+    );
+}
+
+/// Runs `kgate run -c` on `config` in the lab's gateway, expecting it to refuse:
+/// returns its exit code and what it printed. Panics if it is still running after 30 s.
+fn refused_run(lab: &Lab, config: &str) -> (i32, String) {
+    let path = lab.temp_dir().join("second.toml");
+    fs::write(&path, config).unwrap();
+    let mut child = lab
+        .gateway()
+        .command(kgate_bin())
+        .arg("run")
+        .arg("-c")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the second kgate is still running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+/// A second kgate started by mistake (same control socket, or same pin directory)
+/// must stop before it touches anything of the one that runs: its pins stay, and
+/// `kgate status` keeps working.
+#[test]
+fn a_second_kgate_on_the_same_pins_or_control_socket_refuses_to_start_and_touches_nothing() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(1);
+    let config = |port: u16| {
+        format!(
+            "{}\n[[frontends]]\nname = \"smtp\"\nlisten = [\"{}:{port}\"]\nbackend = \"mail\"\n\
+             [[backends]]\nname = \"mail\"\n[[backends.servers]]\nname = \"node0\"\n\
+             address = \"{}:2525\"\n",
+            global_section(&lab, "sockmap"),
+            lab.gateway().v4(),
+            lab.backend(0).v4()
+        )
+    };
+    let first = Kgate::start(&lab, &config(2525));
+    let pins_before: Vec<_> = fs::read_dir(first.pin_path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(!pins_before.is_empty());
+
+    let (code, output) = refused_run(&lab, &config(2526));
+    assert_ne!(code, 0, "{output}");
+    assert!(
+        output.contains("another kgate runs with this control_socket"),
+        "{output}"
+    );
+
+    let other_socket = lab.temp_dir().join("second.sock");
+    let same_pins = config(2527).replace(
+        &format!(
+            "{:?}",
+            tests::kgate::control_socket_for(&lab).display().to_string()
+        ),
+        &format!("{:?}", other_socket.display().to_string()),
+    );
+    let (code, output) = refused_run(&lab, &same_pins);
+    assert_ne!(code, 0, "{output}");
+    assert!(
+        output.contains("another kgate runs with bpf_pin_path"),
+        "{output}"
+    );
+    assert!(
+        !other_socket.exists(),
+        "the refused kgate left its control socket"
+    );
+
+    let pins_after: Vec<_> = fs::read_dir(first.pin_path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(pins_after, pins_before);
+    let status = first.status();
+    assert_eq!(status["servers"][0]["server"], "node0", "{status}");
+}

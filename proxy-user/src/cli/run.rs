@@ -30,15 +30,28 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    // A kgate already running with this configuration is found before anything is
+    // touched: by its control socket here, by its lock on the pin directory next.
+    let control_socket = config.global.control_socket.clone();
+    let control_listener = control::bind(&control_socket).with_context(|| {
+        format!(
+            "cannot create the control socket {}: set control_socket to a path kgate may create",
+            control_socket.display()
+        )
+    })?;
+    let served = serve_with(config, path, control_listener).await;
+    let _ = std::fs::remove_file(&control_socket);
+    served
+}
+
+async fn serve_with(
+    config: Config,
+    path: PathBuf,
+    control_listener: tokio::net::UnixListener,
+) -> anyhow::Result<()> {
     let mut kernel = load_kernel_side(&config.global)?;
     // XDP before the listeners: no client gets in ahead of the blocklist.
     let early_drop = EarlyDrop::start(&config, &mut kernel.bpf)?;
-    let control_listener = control::bind(&config.global.control_socket).with_context(|| {
-        format!(
-            "cannot create the control socket {}: set control_socket to a path kgate may create",
-            config.global.control_socket.display()
-        )
-    })?;
     let metrics_listener = match config.global.metrics_listen {
         None => None,
         Some(address) => Some(frontend::bind(address).with_context(|| {
@@ -99,7 +112,6 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
             bpf.unpin();
         }
     }
-    let _ = std::fs::remove_file(&global.control_socket);
     Ok(())
 }
 
@@ -137,8 +149,13 @@ fn load_kernel_side(global: &Global) -> anyhow::Result<KernelSide> {
         dataplane: Dataplane::Userspace,
         servers: None,
     };
+    let load = || match load() {
+        // Not a reason to fall back: the pins belong to a kgate that runs.
+        Err(e @ MapsError::PinDirInUse { .. }) => Err(anyhow::Error::new(e)),
+        other => Ok(other),
+    };
     match global.dataplane {
-        DataplaneMode::Sockmap => load().map_err(|e| {
+        DataplaneMode::Sockmap => load()?.map_err(|e| {
             anyhow::anyhow!(
                 "the sockmap data plane cannot start: {}. kgate needs root (or CAP_BPF and \
                  CAP_NET_ADMIN) and a kernel with BPF sockmap; set dataplane = \"auto\" to \
@@ -146,7 +163,7 @@ fn load_kernel_side(global: &Global) -> anyhow::Result<KernelSide> {
                 with_causes(&e)
             )
         }),
-        DataplaneMode::Auto => Ok(load().unwrap_or_else(|e| {
+        DataplaneMode::Auto => Ok(load()?.unwrap_or_else(|e| {
             warn!(
                 "eBPF cannot load here ({}); using the userspace data plane, which copies \
                  every byte through kgate, and `kgate status` will find no pinned maps",
@@ -154,7 +171,7 @@ fn load_kernel_side(global: &Global) -> anyhow::Result<KernelSide> {
             );
             without_ebpf()
         })),
-        DataplaneMode::Userspace => Ok(load().unwrap_or_else(|e| {
+        DataplaneMode::Userspace => Ok(load()?.unwrap_or_else(|e| {
             warn!(
                 "eBPF cannot load here ({}): `kgate status` will find no pinned maps",
                 with_causes(&e)

@@ -78,12 +78,20 @@ pub enum MapsError {
     },
     #[error("pinning maps under {path}")]
     Pin { path: PathBuf, source: io::Error },
+    #[error(
+        "another kgate runs with bpf_pin_path {}: stop it first, or give this one a \
+         bpf_pin_path of its own",
+        path.display()
+    )]
+    PinDirInUse { path: PathBuf },
 }
 
 /// The loaded eBPF object and the maps it pinned; unpins them on drop.
 pub struct Bpf {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// The pin directory, locked for as long as this kgate runs (see [`claim_pin_dir`]).
+    _pin_dir_lock: fs::File,
     pins: Vec<PathBuf>,
     /// Why the XDP program did not load, reported by [`Bpf::xdp`] only: a kernel
     /// that rejects it can still run the splice.
@@ -97,6 +105,7 @@ impl Bpf {
     /// Loads the object and its programs (nothing attached yet) and prepares `pin_dir`.
     /// Must run inside a tokio runtime: the programs' log records are forwarded by a task.
     pub fn load(pin_dir: &Path) -> Result<Bpf, MapsError> {
+        let pin_dir_lock = claim_pin_dir(pin_dir)?;
         let mut loader = EbpfLoader::new();
         xdp::reuse_kept_pins(&mut loader, pin_dir);
         let copied_seq_offset = tcp_layout::copied_seq_offset().unwrap_or_else(|e| {
@@ -111,10 +120,11 @@ impl Bpf {
         let splice: &mut SkSkb = program(&mut ebpf, programs::SPLICE)?;
         splice.load().map_err(program_error(programs::SPLICE))?;
         let xdp_load_error = xdp::load_program(&mut ebpf).err();
-        prepare_pin_dir(pin_dir)?;
+        remove_stale_pins(pin_dir)?;
         Ok(Bpf {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            _pin_dir_lock: pin_dir_lock,
             pins: Vec::new(),
             xdp_load_error,
             joins_mid_stream: copied_seq_offset != 0,
@@ -185,8 +195,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Makes `pin_dir` on a bpf filesystem (mounting bpffs at /sys/fs/bpf where nothing
-/// did) and removes pins a previous kgate left behind.
-fn prepare_pin_dir(pin_dir: &Path) -> Result<(), MapsError> {
+/// did) and locks it (flock) for as long as the returned file is open: a second
+/// kgate with the same `bpf_pin_path` then stops here, before it has touched a pin of
+/// the one that runs. The kernel drops the lock when its holder exits, however.
+fn claim_pin_dir(pin_dir: &Path) -> Result<fs::File, MapsError> {
     let pin_error = |source| MapsError::Pin {
         path: pin_dir.to_owned(),
         source,
@@ -206,6 +218,22 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), MapsError> {
             pin_dir.display()
         ))));
     }
+    let dir = fs::File::open(pin_dir).map_err(pin_error)?;
+    match dir.try_lock() {
+        Ok(()) => Ok(dir),
+        Err(fs::TryLockError::WouldBlock) => Err(MapsError::PinDirInUse {
+            path: pin_dir.to_owned(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(pin_error(e)),
+    }
+}
+
+/// Removes pins a previous kgate left behind (it was killed, or kept them).
+fn remove_stale_pins(pin_dir: &Path) -> Result<(), MapsError> {
+    let pin_error = |source| MapsError::Pin {
+        path: pin_dir.to_owned(),
+        source,
+    };
     for pin in PINS {
         let path = pin_dir.join(pin);
         if path.exists() {

@@ -15,6 +15,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use proxy_common::xdp::MAX_BLOCKED_PREFIXES;
+
 use super::prefix::{Prefix, PrefixError};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,15 @@ pub enum BlocklistFileError {
         line: usize,
         error: PrefixError,
     },
+    #[error(
+        "{path}:{line}: more than {MAX_BLOCKED_PREFIXES} {family} prefixes: the blocklist holds \
+         that many; merge neighbouring prefixes into shorter ones"
+    )]
+    TooMany {
+        path: PathBuf,
+        line: usize,
+        family: &'static str,
+    },
 }
 
 /// Reads and parses the file at `path`.
@@ -46,19 +57,36 @@ pub fn read(path: &Path) -> Result<BTreeSet<Prefix>, BlocklistFileError> {
 /// Parses `text`; `path` only names the file in errors.
 pub fn parse(text: &str, path: &Path) -> Result<BTreeSet<Prefix>, BlocklistFileError> {
     let mut prefixes = BTreeSet::new();
+    let (mut v4, mut v6) = (0, 0);
     for (index, line) in text.lines().enumerate() {
         let content = line.split('#').next().unwrap_or_default().trim();
         if content.is_empty() {
             continue;
         }
-        let prefix = content
+        let prefix: Prefix = content
             .parse()
             .map_err(|error| BlocklistFileError::Invalid {
                 path: path.to_owned(),
                 line: index + 1,
                 error,
             })?;
-        prefixes.insert(prefix);
+        if !prefixes.insert(prefix) {
+            continue;
+        }
+        // One trie per family, each of MAX_BLOCKED_PREFIXES entries.
+        let (count, family) = if prefix.addr().is_ipv4() {
+            (&mut v4, "IPv4")
+        } else {
+            (&mut v6, "IPv6")
+        };
+        *count += 1;
+        if *count > MAX_BLOCKED_PREFIXES {
+            return Err(BlocklistFileError::TooMany {
+                path: path.to_owned(),
+                line: index + 1,
+                family,
+            });
+        }
     }
     Ok(prefixes)
 }
@@ -71,6 +99,27 @@ mod tests {
         parse(text, Path::new("blocklist"))
             .map(|set| set.iter().map(ToString::to_string).collect())
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn more_prefixes_of_a_family_than_its_trie_holds_is_an_error_at_the_first_one_over() {
+        let mut text: String = (0..MAX_BLOCKED_PREFIXES as u32)
+            .map(|i| format!("{}\n", std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+            .collect();
+        text.push_str("2001:db8::/32\n10.0.0.0\n");
+        assert!(
+            parse_text(&text).is_ok(),
+            "a full trie of each family, a repeat"
+        );
+        text.push_str("192.0.2.0/24\n");
+        let message = parse_text(&text).unwrap_err();
+        assert!(
+            message.starts_with(&format!(
+                "blocklist:{}: more than",
+                MAX_BLOCKED_PREFIXES + 3
+            )),
+            "{message}"
+        );
     }
 
     #[test]

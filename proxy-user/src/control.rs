@@ -1,17 +1,26 @@
 //! The control socket: a Unix stream socket where `kgate reload` and `kgate server
 //! set` reach the running daemon. One request line, one reply line: `ok ...` or
 //! `error: ...`. Only root (the socket's owner) may connect.
+//!
+//! At most [`MAX_CONNECTIONS`] are served at once, each given [`IO_TIMEOUT`] to send
+//! its request and take its reply: more wait in the kernel's listen queue, where
+//! they hold no file descriptor of kgate's. A script that opens control connections
+//! and forgets them (20,000 of them took every descriptor kgate had) can no longer
+//! take the descriptors client connections need.
 
 use std::{
     fs, io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
+    sync::Semaphore,
+    time::timeout,
 };
 use tracing::{info, warn};
 
@@ -19,6 +28,10 @@ use crate::{daemon::Daemon, pool::AdminState};
 
 /// Longest request accepted.
 const MAX_REQUEST: usize = 1024;
+/// Control connections served at once.
+const MAX_CONNECTIONS: usize = 16;
+/// How long a control connection may take to send its request, and to take its reply.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds the control socket, replacing a stale one a previous kgate left.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
@@ -43,10 +56,18 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(answer(daemon.clone(), stream));
+                let daemon = daemon.clone();
+                tokio::spawn(async move {
+                    answer(daemon, stream).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 warn!("control socket: accept failed: {e}");
@@ -60,15 +81,16 @@ async fn answer(daemon: Arc<Daemon>, stream: UnixStream) {
     let (reader, mut writer) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(reader).take(MAX_REQUEST as u64);
-    let reply = match reader.read_line(&mut line).await {
-        Ok(_) => execute(&daemon, line.trim()).await,
-        Err(e) => Err(format!("unreadable request: {e}")),
+    let reply = match timeout(IO_TIMEOUT, reader.read_line(&mut line)).await {
+        Ok(Ok(_)) => execute(&daemon, line.trim()).await,
+        Ok(Err(e)) => Err(format!("unreadable request: {e}")),
+        Err(_) => return,
     };
     let reply = match reply {
         Ok(text) => format!("ok {text}\n"),
         Err(text) => format!("error: {text}\n"),
     };
-    let _ = writer.write_all(reply.as_bytes()).await;
+    let _ = timeout(IO_TIMEOUT, writer.write_all(reply.as_bytes())).await;
 }
 
 async fn execute(daemon: &Arc<Daemon>, request: &str) -> Result<String, String> {

@@ -19,26 +19,41 @@ use prometheus_client::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    time::timeout,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{daemon::Daemon, dataplane::Dataplane};
 
 /// Longest request head read; anything longer is refused.
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scrapes served at once: more wait in the kernel's listen queue, holding no file
+/// descriptor of kgate's (as control connections do, see control.rs).
+const MAX_CONNECTIONS: usize = 16;
 
 pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Gauges(daemon)));
     let registry = Arc::new(registry);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, _)) => {
                 let registry = registry.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &registry).await {
-                        warn!("metrics request: {e}");
+                    let answered = timeout(REQUEST_TIMEOUT * 2, answer(stream, &registry)).await;
+                    drop(slot);
+                    // A scraper's failures are its own; logged per request, they would be
+                    // a way to fill the log.
+                    match answered {
+                        Ok(Err(e)) => debug!("metrics request: {e}"),
+                        Err(_) => debug!("metrics request: the reply was not taken in time"),
+                        Ok(Ok(())) => {}
                     }
                 });
             }
@@ -63,7 +78,7 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<(
         }
         Ok::<_, std::io::Error>(())
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, read_head)
+    timeout(REQUEST_TIMEOUT, read_head)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();

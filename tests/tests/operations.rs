@@ -294,6 +294,66 @@ fn sigterm_lets_open_connections_finish_then_exits_0_and_leaves_no_pins() {
     assert!(left.is_empty(), "pins left behind: {left:?}");
 }
 
+/// A script that opens control or metrics connections and forgets them must not take
+/// the file descriptors client connections need: kgate serves a few such connections
+/// at a time, each for a few seconds, and leaves the rest in the kernel's queue.
+#[test]
+fn forgotten_control_and_metrics_connections_hold_few_descriptors_and_clients_still_connect() {
+    if skip_without_root() {
+        return;
+    }
+    const FORGOTTEN: usize = 500;
+    let lab = Lab::new(1);
+    let _server = echo(&lab, 0);
+    let metrics = "127.0.0.1:9464";
+    let kgate = Kgate::start(
+        &lab,
+        &config(
+            &lab,
+            &format!("metrics_listen = \"{metrics}\"\n"),
+            &[("smtp", 2525)],
+            &[0],
+        ),
+    );
+    let fds_at_start = kgate.open_fds();
+    let control = tests::kgate::control_socket_for(&lab);
+    let idle_control: Vec<_> = (0..FORGOTTEN)
+        .map(|_| std::os::unix::net::UnixStream::connect(&control).unwrap())
+        .collect();
+    let idle_metrics = lab.gateway().run(move || {
+        (0..FORGOTTEN)
+            .map(|_| TcpStream::connect(metrics).unwrap())
+            .collect::<Vec<_>>()
+    });
+    thread::sleep(Duration::from_secs(1));
+    let fds = kgate.open_fds();
+    assert!(
+        fds <= fds_at_start + 2 * 16 + 4,
+        "kgate holds {fds} descriptors with {FORGOTTEN} forgotten control and metrics \
+         connections each (it started with {fds_at_start})"
+    );
+    let smtp = at(&lab, 2525);
+    assert!(
+        lab.client().run(move || answers(smtp)),
+        "a client session while they wait"
+    );
+    drop((idle_control, idle_metrics));
+    // Forgotten connections closed: each left in the queue is answered at once.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let reload = loop {
+        let out = kgate.reload();
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        reload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+}
+
 #[test]
 fn metrics_parse_and_count_the_traffic() {
     if skip_without_root() {

@@ -20,6 +20,7 @@ use crate::{
 
 pub fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    raise_open_file_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_start(privileges::on_thread_activity)
@@ -113,6 +114,33 @@ async fn serve_with(
         }
     }
     Ok(())
+}
+
+/// Lets kgate open as many files as its hard limit allows: two sockets per connection
+/// and more, where a shell gives 1,024 by default (the unit sets 1,048,576).
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            ..limit
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            warn!(
+                "open files stay limited to {}: {}",
+                limit.rlim_cur,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 /// What kgate has of the kernel: the eBPF object (when it loads), the data plane, and

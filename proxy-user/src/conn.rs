@@ -24,7 +24,7 @@ use crate::{
     daemon::Open,
     dataplane::{SpliceTerms, Timeouts, Transfer},
     gateway::Gateway,
-    pool::Pool,
+    pool::{Pool, ServerRuntime},
     proxy_header, upstream,
 };
 
@@ -67,6 +67,14 @@ impl Ending {
         self.server = Some(server);
     }
 
+    /// The server's runtime, whose counters the relay adds the bytes it copies to as
+    /// it copies them (the eBPF program counts the spliced ones): `kgate status` shows
+    /// open connections' bytes too.
+    pub fn server_runtime(&self) -> Option<Arc<ServerRuntime>> {
+        self.server
+            .map(|server| self.pool().servers[server].clone())
+    }
+
     /// The relay is over: counts its bytes and logs it.
     pub fn relayed(self, transfer: Transfer) {
         let load = &self.gateway.loads[self.frontend];
@@ -74,15 +82,6 @@ impl Ending {
             .fetch_add(transfer.from_client, Ordering::Relaxed);
         load.bytes_out
             .fetch_add(transfer.from_server, Ordering::Relaxed);
-        if let Some(server) = self.server {
-            let runtime = &self.pool().servers[server];
-            runtime
-                .copied_in
-                .fetch_add(transfer.copied_from_client, Ordering::Relaxed);
-            runtime
-                .copied_out
-                .fetch_add(transfer.copied_from_server, Ordering::Relaxed);
-        }
         self.log(Outcome::Relayed(transfer));
     }
 

@@ -35,6 +35,7 @@ on_both_dataplanes!(
     half_close_delivers_every_byte_before_the_fin_to_a_slow_reader,
     a_reset_from_either_side_resets_the_other,
     a_reset_reaches_the_other_side_while_it_holds_its_reads,
+    status_counts_the_bytes_of_open_connections,
     a_server_that_answers_and_closes_at_once_is_carried_intact,
     a_copied_connection_that_waits_holds_no_copy_buffer,
 );
@@ -645,6 +646,65 @@ fn a_reset_reaches_the_other_side_while_it_holds_its_reads(dataplane: &'static s
         "{lines:#?}"
     );
     rig.assert_paths(&lines);
+    rig.assert_clean();
+}
+
+/// `kgate status` shows the bytes of connections while they are open, not only once
+/// they have ended: bytes kgate copied (the first second on sockmap, all of them on
+/// userspace) and bytes the kernel spliced after that.
+fn status_counts_the_bytes_of_open_connections(dataplane: &'static str) {
+    const CONNECTIONS: usize = 20;
+    const COPIED: usize = 40 << 10;
+    const LATER: usize = 100 << 10;
+    const GREETING: usize = 1000;
+    let rig = Rig::start_with(dataplane, 1, "", "splice_after = \"1s\"");
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).expect("a PROXY header");
+        s.write_all(&[b'g'; GREETING]).unwrap();
+        let _ = receive_all(&mut s);
+    });
+    let frontend = rig.frontend_v4();
+    let bytes = |field: &str| -> u64 {
+        rig.kgate.status()["servers"][0][field]
+            .as_u64()
+            .expect("a byte count")
+    };
+    let (done, finish) = mpsc::channel::<()>();
+    let finish = Arc::new(Mutex::new(finish));
+    let clients = rig.lab.client().spawn(move || {
+        let mut conns: Vec<_> = (0..CONNECTIONS).map(|_| connect(frontend)).collect();
+        for c in &mut conns {
+            let mut greeting = [0u8; GREETING];
+            c.read_exact(&mut greeting).unwrap();
+            send_random(c, 1, COPIED);
+        }
+        // Past splice_after: on sockmap, the rest goes through the splice.
+        thread::sleep(Duration::from_millis(1500));
+        for c in &mut conns {
+            send_random(c, 2, LATER);
+        }
+        let _ = finish.lock().unwrap().recv_timeout(IO_TIMEOUT);
+    });
+    let expected_in = (CONNECTIONS * (COPIED + LATER)) as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bytes("bytes_in") < expected_in && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let status = rig.kgate.status();
+    assert_eq!(
+        status["servers"][0]["active_connections"], CONNECTIONS,
+        "the connections are still open: {status}"
+    );
+    assert_eq!(bytes("bytes_in"), expected_in, "{status}");
+    assert_eq!(
+        bytes("bytes_out"),
+        (CONNECTIONS * GREETING) as u64,
+        "{status}"
+    );
+    done.send(()).unwrap();
+    clients.join().unwrap();
+    rig.connection_lines(CONNECTIONS);
     rig.assert_clean();
 }
 

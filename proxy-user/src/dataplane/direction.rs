@@ -36,7 +36,12 @@
 //! own direction (TCP flow control does the rest) and never the other one. It passes
 //! the FIN on as soon as it has written the last byte.
 
-use std::{io, net::Shutdown, os::fd::AsFd};
+use std::{
+    io,
+    net::Shutdown,
+    os::fd::AsFd,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use proxy_common::FlowCounters;
 use socket2::SockRef;
@@ -163,6 +168,9 @@ pub struct Flow<'a> {
     pending: std::ops::Range<usize>,
     /// Pending bytes wait because `to` has `queue_limit` bytes unacknowledged.
     held_at_bound: bool,
+    /// Where the bytes kgate copies are counted as they go (the server's counter of
+    /// this direction), for `kgate status` and the metrics.
+    tally: Option<&'a AtomicU64>,
 }
 
 impl<'a> Flow<'a> {
@@ -171,6 +179,7 @@ impl<'a> Flow<'a> {
         to: &'a TcpStream,
         splice: Option<&'a Splice>,
         state: FlowState,
+        tally: Option<&'a AtomicU64>,
     ) -> Self {
         Flow {
             from,
@@ -180,6 +189,7 @@ impl<'a> Flow<'a> {
             buf: Vec::new(),
             pending: 0..0,
             held_at_bound: false,
+            tally,
         }
     }
 
@@ -291,6 +301,9 @@ impl<'a> Flow<'a> {
                 Ok(n) => {
                     self.pending.start += n;
                     self.state.copied += n as u64;
+                    if let Some(tally) = self.tally {
+                        tally.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(Fault::Target(e)),

@@ -41,9 +41,6 @@ const DRAIN_POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::fr
 pub struct Transfer {
     pub from_client: u64,
     pub from_server: u64,
-    /// Of those, the bytes kgate moved itself rather than the kernel.
-    pub copied_from_client: u64,
-    pub copied_from_server: u64,
     pub end: End,
     pub path: Path,
 }
@@ -218,8 +215,24 @@ impl Relay {
     async fn relay(&mut self) -> Stop {
         let (client, server, splice) = (&self.client, &self.server, self.splice.as_ref());
         let timeouts = self.progress.timeouts;
-        let mut up = Flow::new(client, server, splice, self.progress.flows[0]);
-        let mut down = Flow::new(server, client, splice, self.progress.flows[1]);
+        let server_runtime = self.progress.ending.server_runtime();
+        let tallies = server_runtime
+            .as_deref()
+            .map(|r| (&r.copied_in, &r.copied_out));
+        let mut up = Flow::new(
+            client,
+            server,
+            splice,
+            self.progress.flows[0],
+            tallies.map(|t| t.0),
+        );
+        let mut down = Flow::new(
+            server,
+            client,
+            splice,
+            self.progress.flows[1],
+            tallies.map(|t| t.1),
+        );
         let modes = [up.state.mode(), down.state.mode()];
         let mut first_fin = None;
         let mut drain_poll = DRAIN_POLL.0;
@@ -348,8 +361,6 @@ fn transfer(up: &Flow, down: &Flow, end: End, modes: [Mode; 2]) -> Transfer {
     Transfer {
         from_client: up.bytes(),
         from_server: down.bytes(),
-        copied_from_client: up.state.copied_bytes(),
-        copied_from_server: down.state.copied_bytes(),
         end,
         path: Path::of(modes),
     }
@@ -450,8 +461,6 @@ fn end_broken(
     ending.relayed(Transfer {
         from_client: flows[0].known_bytes(),
         from_server: flows[1].known_bytes(),
-        copied_from_client: flows[0].copied_bytes(),
-        copied_from_server: flows[1].copied_bytes(),
         end: match lost {
             Side::Client => End::ClientReset,
             Side::Server => End::ServerReset,

@@ -52,6 +52,9 @@ pub enum DataplaneMode {
     #[default]
     Auto,
     Sockmap,
+    /// Connections copied until handed off to TC programs that forward their segments
+    /// (opt-in; see dataplane/packet.rs).
+    Packet,
     Userspace,
 }
 

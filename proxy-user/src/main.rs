@@ -3,13 +3,13 @@
 //!
 //! A connection flows through the modules in this order: `config` -> `frontend`
 //! (listen) -> `daemon` (accept) -> `admission` (limits) -> `balance` (pick a server of
-//! the `pool`) -> `upstream` (connect) -> `proxy_header` -> `dataplane` (splice or
-//! copy) -> `conn` (lifecycle and log line).
+//! the `pool`) -> `upstream` (connect) -> `proxy_header` -> `dataplane` (splice, copy, or
+//! forward packets) -> `conn` (lifecycle and log line).
 //!
 //! Beside it: `health` (checks), `gateway` (one configuration at run time, replaced by
 //! a reload), `control` (the control socket), `publish` (server state into the pinned
-//! map), `metrics`, `xdp` (early drop), `privileges`, `cli/`. `maps` is the only
-//! module that talks to aya.
+//! map), `metrics`, `xdp` (early drop), `interfaces` (this host's interfaces and
+//! addresses), `privileges`, `cli/`. `maps` is the only module that talks to aya.
 
 mod admission;
 mod balance;
@@ -22,6 +22,7 @@ mod dataplane;
 mod frontend;
 mod gateway;
 mod health;
+mod interfaces;
 mod maps;
 mod metrics;
 mod pool;

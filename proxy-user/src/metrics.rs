@@ -324,6 +324,48 @@ impl Collector for Gauges {
                 [(Labels::new(), stats.trim_failures)],
             )?;
         }
+        if let Dataplane::Packet(packet) = &daemon.dataplane {
+            family(
+                &mut encoder,
+                "kgate_packet_forwarded_connections",
+                "Connections the packet data plane's TC programs forward now",
+                Gauge,
+                [(Labels::new(), packet.forwarded() as u64)],
+            )?;
+            family(
+                &mut encoder,
+                "kgate_packet_handoffs",
+                "Connections handed off to the TC programs",
+                Counter,
+                [(Labels::new(), packet.handed_off())],
+            )?;
+            family(
+                &mut encoder,
+                "kgate_packet_fallbacks",
+                "Connections that stayed copied instead of forwarded, by reason",
+                Counter,
+                packet
+                    .fallbacks()
+                    .map(|(reason, n)| (vec![("reason", reason.as_str().to_owned())], n)),
+            )?;
+            if let Ok(stats) = packet.stats() {
+                family(
+                    &mut encoder,
+                    "kgate_packet_segments",
+                    "Segments the TC programs handled, by what they did",
+                    Counter,
+                    [
+                        ("forwarded", stats.forwarded_segments),
+                        ("dropped_frozen", stats.frozen_drops),
+                        ("dropped_held", stats.held_drops),
+                        ("silenced", stats.silenced),
+                        ("no_route", stats.no_route),
+                        ("malformed", stats.malformed),
+                    ]
+                    .map(|(what, n)| (vec![("action", what.to_owned())], n)),
+                )?;
+            }
+        }
         if let Some(early_drop) = &daemon.early_drop
             && let Ok(stats) = early_drop.stats()
         {

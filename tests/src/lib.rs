@@ -10,6 +10,7 @@
 //! - [`smtp`]: a small SMTP client, and the byte sequences of kgate's health checks.
 //! - [`rawtcp`]: a hand-made TCP client that sends overlapping retransmissions.
 //! - [`sockmap`]: counts the entries of kgate's pinned sock hashes.
+//! - [`packet`]: counts the rules of the packet data plane.
 //! - [`xdp`]: reads the XDP counters and runs `kgate block`.
 //!
 //! Everything here needs root (network namespaces); tests start with
@@ -18,6 +19,7 @@
 pub mod backend;
 pub mod kgate;
 pub mod lab;
+pub mod packet;
 pub mod postfix;
 pub mod rawtcp;
 pub mod rig;

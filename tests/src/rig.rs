@@ -13,6 +13,7 @@ use std::{
 use crate::{
     kgate::{Kgate, global_section, metric_value, scrape_metrics},
     lab::Lab,
+    packet::rules_len,
     sockmap::sock_hash_len,
 };
 
@@ -220,15 +221,25 @@ proxy_protocol = "v2"
         }
     }
 
-    /// Every connection was carried by this rig's data plane: spliced for sockmap.
+    /// Every connection was carried by this rig's data plane: spliced for sockmap,
+    /// forwarded or copied (a session over before its first quiet moment) for packet.
     pub fn assert_paths(&self, lines: &[String]) {
-        let expected = match self.dataplane {
-            "sockmap" => " spliced ",
-            _ => " copied ",
+        let expected: &[&str] = match self.dataplane {
+            "sockmap" => &[" spliced "],
+            "packet" => &[" forwarded ", " copied "],
+            _ => &[" copied "],
         };
         for line in lines {
-            assert!(line.contains(expected), "expected{expected}in: {line}");
+            assert!(
+                expected.iter().any(|path| line.contains(path)),
+                "expected one of {expected:?} in: {line}"
+            );
         }
+    }
+
+    /// How many of `lines` the packet data plane forwarded.
+    pub fn forwarded(lines: &[String]) -> usize {
+        lines.iter().filter(|l| l.contains(" forwarded ")).count()
     }
 
     /// Waits (up to 10 s) until `sockets` sockets have joined the splice; at once on the
@@ -257,14 +268,17 @@ proxy_protocol = "v2"
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let fds = self.kgate.open_fds();
-            let maps = if self.dataplane == "sockmap" {
-                let pin = self.kgate.pin_path();
-                (
+            let pin = self.kgate.pin_path();
+            let maps = match self.dataplane {
+                "sockmap" => (
                     sock_hash_len(&pin.join("peers")).expect("reading the pinned peers map"),
                     sock_hash_len(&pin.join("spliced")).expect("reading the pinned spliced map"),
-                )
-            } else {
-                (0, 0)
+                ),
+                "packet" => (
+                    rules_len(&pin.join("packet_rules")).expect("reading the pinned rules"),
+                    0,
+                ),
+                _ => (0, 0),
             };
             if fds == self.fds_at_start && maps == (0, 0) {
                 return;
@@ -272,7 +286,7 @@ proxy_protocol = "v2"
             assert!(
                 Instant::now() < deadline,
                 "after the test kgate has {fds} fds (started with {}) and (peers, spliced) \
-                 entries {maps:?}",
+                 entries or (rules, 0) {maps:?}",
                 self.fds_at_start
             );
             thread::sleep(Duration::from_millis(50));
@@ -280,12 +294,16 @@ proxy_protocol = "v2"
     }
 }
 
-/// Generates `mod sockmap` and `mod userspace`, each with one test per case.
+/// Generates `mod sockmap`, `mod packet` and `mod userspace`, each with one test per
+/// case.
 #[macro_export]
-macro_rules! on_both_dataplanes {
+macro_rules! on_every_dataplane {
     ($($case:ident),* $(,)?) => {
         mod sockmap {
             $(#[test] fn $case() { if !$crate::lab::skip_without_root() { super::$case("sockmap") } })*
+        }
+        mod packet {
+            $(#[test] fn $case() { if !$crate::lab::skip_without_root() { super::$case("packet") } })*
         }
         mod userspace {
             $(#[test] fn $case() { if !$crate::lab::skip_without_root() { super::$case("userspace") } })*

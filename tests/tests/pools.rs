@@ -11,11 +11,11 @@ use std::{
 
 use tests::{
     backend::{TcpServer, read_proxy_header},
-    on_both_dataplanes,
+    on_every_dataplane,
     rig::{Rig, connect, set_timeouts},
 };
 
-on_both_dataplanes!(
+on_every_dataplane!(
     round_robin_follows_the_weights,
     leastconn_evens_out_held_connections,
     source_keeps_a_client_on_one_server,

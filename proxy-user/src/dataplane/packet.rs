@@ -171,15 +171,17 @@ struct Forwarded {
     next_seq: [u32; 2],
     /// The client and server sockets, in repair mode: silent, even when closed.
     _sockets: [std::net::TcpStream; 2],
-    ending: Ending,
+    /// Logs the connection and gives its slots back (frontend, server, shutdown
+    /// count); taken when the connection ends, before its rules linger.
+    ending: Option<Ending>,
     /// Bytes kgate copied before the handoff: from the client, from the server.
     copied_before: [u64; 2],
     timeouts: Timeouts,
     handed_off: Instant,
     /// When to look at its timeouts next.
     check_at: Instant,
-    /// Closed (both FINs acknowledged): its rules go at this time.
-    closing: Option<(Instant, End)>,
+    /// Closed (both FINs acknowledged) and logged: its rules and sockets go at this time.
+    lingers_until: Option<Instant>,
 }
 
 impl Packet {
@@ -448,12 +450,12 @@ impl Packet {
             keys: ticket.keys,
             next_seq: ticket.next_seq,
             _sockets: sockets,
-            ending,
+            ending: Some(ending),
             copied_before,
             timeouts,
             handed_off: now,
             check_at: now + timeouts.idle,
-            closing: None,
+            lingers_until: None,
         };
         let mut flows = self.lock();
         let Some(slot) = flows.get_mut(ticket.slot) else {
@@ -485,12 +487,10 @@ impl Packet {
             HALF_CLOSED => {
                 forwarded.check_at = forwarded.check_at.min(now + forwarded.timeouts.half_closed);
             }
-            CLOSED if forwarded.closing.is_none() => {
-                let end = match self.maps.progress(slot as u32) {
-                    Ok(progress) => closed_by(&progress),
-                    Err(_) => End::ClientClosed,
-                };
-                forwarded.closing = Some((now + LINGER, end));
+            CLOSED if forwarded.lingers_until.is_none() => {
+                let progress = self.maps.progress(slot as u32).unwrap_or_default();
+                forwarded.log(closed_by(&progress), &progress);
+                forwarded.lingers_until = Some(now + LINGER);
             }
             RESET_SEEN => {
                 let end = match self.maps.progress(slot as u32) {
@@ -511,7 +511,7 @@ impl Packet {
         let due: Vec<usize> = flows
             .iter()
             .filter_map(|(slot, entry)| match entry {
-                Slot::Forwarded(f) if f.closing.is_some_and(|(at, _)| at <= now) => Some(slot),
+                Slot::Forwarded(f) if f.lingers_until.is_some_and(|at| at <= now) => Some(slot),
                 Slot::Forwarded(f) if f.check_at <= now => Some(slot),
                 _ => None,
             })
@@ -525,9 +525,9 @@ impl Packet {
         let Some(Slot::Forwarded(forwarded)) = flows.get_mut(slot) else {
             return;
         };
-        if let Some((at, end)) = forwarded.closing {
+        if let Some(at) = forwarded.lingers_until {
             if at <= now {
-                self.finish(flows, slot, end, false);
+                self.finish(flows, slot, End::ClientClosed, false);
             }
             return;
         }
@@ -545,7 +545,8 @@ impl Packet {
             return self.finish(flows, slot, end, false);
         }
         if up.flags & down.flags & FIN_ACKED != 0 {
-            forwarded.closing = Some((now + LINGER, closed_by(&progress)));
+            forwarded.log(closed_by(&progress), &progress);
+            forwarded.lingers_until = Some(now + LINGER);
             return;
         }
         let half_closed = (up.flags | down.flags) & FIN_SEEN != 0;
@@ -573,9 +574,9 @@ impl Packet {
     }
 
     /// Removes the flow's rules, resets its peers if asked, closes its sockets and
-    /// logs it.
+    /// logs it (unless it was logged when it closed).
     fn finish(&self, flows: &mut Slab<Slot>, slot: usize, end: End, reset_peers: bool) {
-        let Some(Slot::Forwarded(forwarded)) = flows.try_remove(slot) else {
+        let Some(Slot::Forwarded(mut forwarded)) = flows.try_remove(slot) else {
             return;
         };
         for key in &forwarded.keys {
@@ -585,17 +586,7 @@ impl Packet {
         if reset_peers && let Some(resetter) = &self.resetter {
             resetter.reset_both(&forwarded.keys, forwarded.next_seq, &progress);
         }
-        let Forwarded {
-            ending,
-            copied_before,
-            ..
-        } = *forwarded;
-        ending.relayed(Transfer {
-            from_client: copied_before[0] + progress.direction[UP as usize].bytes,
-            from_server: copied_before[1] + progress.direction[DOWN as usize].bytes,
-            end,
-            path: Path::Forwarded,
-        });
+        forwarded.log(end, &progress);
     }
 
     /// Resets and forgets every forwarded flow: kgate is exiting.
@@ -628,6 +619,21 @@ impl Packet {
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         local.refresh();
         local.addresses.contains(&ip)
+    }
+}
+
+impl Forwarded {
+    /// Logs the connection (once) with the bytes kgate copied and those the programs
+    /// forwarded, and gives its slots back.
+    fn log(&mut self, end: End, progress: &Progress) {
+        if let Some(ending) = self.ending.take() {
+            ending.relayed(Transfer {
+                from_client: self.copied_before[0] + progress.direction[UP as usize].bytes,
+                from_server: self.copied_before[1] + progress.direction[DOWN as usize].bytes,
+                end,
+                path: Path::Forwarded,
+            });
+        }
     }
 }
 

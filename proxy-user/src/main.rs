@@ -2,7 +2,8 @@
 //! real client address and then splices the connection in the kernel (eBPF sockmap).
 //!
 //! A connection flows through the modules in this order: `config` -> `frontend`
-//! (listen) -> `daemon` (accept) -> `admission` (limits) -> `balance` (pick a server of
+//! (listen) -> `daemon` (accept) -> `accept_proxy` (the PROXY header of a trusted
+//! proxy in front, on frontends that take one) -> `admission` (limits) -> `balance` (pick a server of
 //! the `pool`) -> `upstream` (connect) -> `proxy_header` -> `dataplane` (splice or
 //! copy) -> `conn` (lifecycle and log line).
 //!
@@ -11,6 +12,7 @@
 //! map), `metrics`, `xdp` (early drop), `privileges`, `cli/`. `maps` is the only
 //! module that talks to aya.
 
+mod accept_proxy;
 mod admission;
 mod balance;
 mod cli;
@@ -28,8 +30,11 @@ mod pool;
 mod privileges;
 mod proxy_header;
 mod publish;
+mod rate;
 mod sockopt;
+mod status;
 mod upstream;
+mod web;
 mod xdp;
 
 use std::{io::IsTerminal, process::ExitCode};

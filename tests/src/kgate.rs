@@ -341,11 +341,11 @@ impl Kgate {
         self.exit_status
     }
 
-    /// `kgate status --json` for this kgate's pinned maps, parsed.
+    /// `kgate status --json` of this kgate (through its control socket), parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = Command::new(kgate_bin())
-            .args(["status", "--json", "--pin-path"])
-            .arg(&self.pin_path)
+            .args(["status", "--json", "--socket"])
+            .arg(&self.control_socket)
             .output()
             .expect("running kgate status");
         assert!(

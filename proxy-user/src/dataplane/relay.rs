@@ -169,6 +169,7 @@ impl Relay {
                 flow.spliced_from_here(mode);
             }
         }
+        self.progress.ending.carried_on(Path::of(splice.flows()));
         self.splice = Some(splice);
     }
 

@@ -47,7 +47,12 @@ pub struct Received {
     pub source: SocketAddr,
     /// Where the client connected to, as the header names it (or the frontend address).
     pub destination: SocketAddr,
+    /// The header's bytes, read off the connection.
+    pub header_length: u64,
 }
+
+/// (source, destination) from a header; `None`: keep the connection's own.
+type Addresses = Option<(SocketAddr, SocketAddr)>;
 
 /// Why a connection was closed before its header was taken.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,18 +192,17 @@ pub async fn receive(
         }
         Ok(result) => result?,
     };
-    Ok(addresses.unwrap_or(Received {
-        source: peer,
-        destination: local,
-    }))
+    let (source, destination) = addresses.unwrap_or((peer, local));
+    Ok(Received {
+        source,
+        destination,
+        header_length: header.len() as u64,
+    })
 }
 
 /// Reads one whole header into `header` and parses it: the addresses it names, or
 /// `None` when the connection's own are to be kept.
-async fn read_header(
-    client: &mut TcpStream,
-    header: &mut Vec<u8>,
-) -> Result<Option<Received>, Rejection> {
+async fn read_header(client: &mut TcpStream, header: &mut Vec<u8>) -> Result<Addresses, Rejection> {
     // A client that talks first without a header is told apart at its first bytes,
     // not after the timeout.
     while header.len() < SHORTEST {
@@ -297,7 +301,7 @@ fn closed_inside(header: &[u8]) -> Rejection {
     }
 }
 
-fn parse_v2(header: &[u8]) -> Result<Option<Received>, Rejection> {
+fn parse_v2(header: &[u8]) -> Result<Addresses, Rejection> {
     let parsed = v2::Header::try_from(header).map_err(|e| Rejection::Malformed(e.to_string()))?;
     // A TLV whose length runs past the header is as bad as a wrong length field.
     if let Some(Err(e)) = parsed.tlvs().find(Result::is_err) {
@@ -307,30 +311,30 @@ fn parse_v2(header: &[u8]) -> Result<Option<Received>, Rejection> {
         return Ok(None);
     }
     Ok(match parsed.addresses {
-        v2::Addresses::IPv4(a) => Some(Received {
-            source: (a.source_address, a.source_port).into(),
-            destination: (a.destination_address, a.destination_port).into(),
-        }),
-        v2::Addresses::IPv6(a) => Some(Received {
-            source: (a.source_address, a.source_port).into(),
-            destination: (a.destination_address, a.destination_port).into(),
-        }),
+        v2::Addresses::IPv4(a) => Some((
+            (a.source_address, a.source_port).into(),
+            (a.destination_address, a.destination_port).into(),
+        )),
+        v2::Addresses::IPv6(a) => Some((
+            (a.source_address, a.source_port).into(),
+            (a.destination_address, a.destination_port).into(),
+        )),
         v2::Addresses::Unspecified | v2::Addresses::Unix(_) => None,
     })
 }
 
-fn parse_v1(header: &[u8]) -> Result<Option<Received>, Rejection> {
+fn parse_v1(header: &[u8]) -> Result<Addresses, Rejection> {
     let parsed = v1::Header::try_from(header)
         .map_err(|e| Rejection::Malformed(format!("{e} in {}", quoted(header))))?;
     Ok(match parsed.addresses {
-        v1::Addresses::Tcp4(a) => Some(Received {
-            source: (a.source_address, a.source_port).into(),
-            destination: (a.destination_address, a.destination_port).into(),
-        }),
-        v1::Addresses::Tcp6(a) => Some(Received {
-            source: (a.source_address, a.source_port).into(),
-            destination: (a.destination_address, a.destination_port).into(),
-        }),
+        v1::Addresses::Tcp4(a) => Some((
+            (a.source_address, a.source_port).into(),
+            (a.destination_address, a.destination_port).into(),
+        )),
+        v1::Addresses::Tcp6(a) => Some((
+            (a.source_address, a.source_port).into(),
+            (a.destination_address, a.destination_port).into(),
+        )),
         v1::Addresses::Unknown => None,
     })
 }
@@ -427,6 +431,7 @@ mod tests {
             Received {
                 source: addr("192.0.2.7:40000"),
                 destination: addr("198.51.100.1:25"),
+                header_length: 28,
             }
         );
         assert_eq!(rest, PAYLOAD);
@@ -465,6 +470,7 @@ mod tests {
             Received {
                 source: addr("[2001:db8::7]:40000"),
                 destination: addr("[2001:db8:1::1]:993"),
+                header_length: header.len() as u64,
             }
         );
         assert_eq!(rest, PAYLOAD);
@@ -484,6 +490,7 @@ mod tests {
             Received {
                 source: addr("192.0.2.7:40000"),
                 destination: addr("198.51.100.1:25"),
+                header_length: line.len() as u64,
             }
         );
         assert_eq!(rest, PAYLOAD);

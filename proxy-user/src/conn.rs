@@ -154,10 +154,12 @@ pub async fn handle(
     let Received {
         source,
         destination,
+        header_length,
     } = match &frontend.accept_proxy {
         None => Received {
             source: peer,
             destination: local,
+            header_length: 0,
         },
         Some(settings) => match accept_proxy::receive(&mut client, peer, local, settings).await {
             Ok(received) => received,
@@ -193,6 +195,7 @@ pub async fn handle(
         queue_limit: backend.queue_limit,
         server_slot: pool.servers[server].slot,
         after: backend.splice_after,
+        client_bytes_read: header_length,
     };
     daemon
         .dataplane

@@ -128,7 +128,10 @@ impl Relay {
             client,
             server,
             progress: Progress {
-                flows: [FlowState::new(Mode::Copied); 2],
+                flows: [
+                    FlowState::new(Mode::Copied).after_reading(terms.client_bytes_read),
+                    FlowState::new(Mode::Copied),
+                ],
                 timeouts,
                 idle_check: now + timeouts.idle,
                 ending,
@@ -139,8 +142,15 @@ impl Relay {
                 terms,
             }),
         };
-        // Without the reading position the program cannot join a stream midway.
-        let at_once = |d: &Deferred| d.terms.after.is_zero() || !d.sockmap.maps.joins_mid_stream;
+        // Without the reading position the program cannot join a stream midway: it
+        // splices from the first byte, or, when kgate has read from the client already
+        // (an accepted PROXY header), not at all (the program would forward the
+        // header's segment whole).
+        let mid_stream = |d: &Deferred| d.sockmap.maps.joins_mid_stream;
+        if terms.client_bytes_read > 0 && relay.deferred.as_ref().is_some_and(|d| !mid_stream(d)) {
+            relay.deferred = None;
+        }
+        let at_once = |d: &Deferred| d.terms.after.is_zero() || !mid_stream(d);
         if relay.deferred.as_ref().is_some_and(at_once) {
             relay.join_splice();
         }

@@ -81,7 +81,8 @@ function showAbout(k) {
   const parked = k.parked_connections == null ? "" : " (" + k.parked_connections + " parked)";
   text(document.getElementById("about"),
     "version " + k.version + " · " + k.dataplane + " data plane · up " +
-    duration(k.now - k.started) + " · " + k.open_connections + " connections open" + parked +
+    duration(k.now - k.started) + " · " + k.open_connections +
+    (k.open_connections === 1 ? " connection open" : " connections open") + parked +
     " · pid " + k.pid);
   document.title = "kgate" + (k.host ? " on " + k.host : "");
 }
@@ -106,8 +107,7 @@ function showFrontends(frontends) {
       ["Total", String(f.total_connections), "n"],
       ["Refused", String(f.refused), "n"],
       ["Rate/s (max)", rate(f.rate) + " (" + rate(f.rate_max) + ")", "n"],
-      ["Bytes in", bytes(f.bytes_in), "n"],
-      ["Bytes out", bytes(f.bytes_out), "n"],
+      ["Bytes in / out", bytes(f.bytes_in) + " / " + bytes(f.bytes_out), "n"],
       ["PROXY refused", (td) => {
         text(td, refused);
         if (td.title !== why) td.title = why;
@@ -117,9 +117,11 @@ function showFrontends(frontends) {
 }
 
 const SERVER_COLUMNS = [
-  "Server", "Address", "State", "Why", "Last check", "Active", "Total", "Rate/s",
-  "Spliced / half / copied", "Bytes in", "Bytes out", "Weight",
+  "Server", "State", "Why", "Last check", "Active", "Total", "Rate/s",
+  "Spliced/half/copied", "Bytes in / out", "Weight",
 ];
+const NUMERIC = new Set(["Active", "Total", "Rate/s", "Spliced/half/copied",
+  "Bytes in / out", "Weight"]);
 
 function newBackend() {
   const section = document.createElement("section");
@@ -130,12 +132,14 @@ function newBackend() {
   for (const name of SERVER_COLUMNS) {
     const th = document.createElement("th");
     th.textContent = name;
-    if (["Active", "Total", "Rate/s", "Spliced / half / copied", "Bytes in", "Bytes out",
-      "Weight"].includes(name)) th.className = "n";
+    if (NUMERIC.has(name)) th.className = "n";
     head.appendChild(th);
   }
   table.createTBody();
-  section.append(h2, table);
+  const wide = document.createElement("div");
+  wide.className = "wide";
+  wide.appendChild(table);
+  section.append(h2, wide);
   return section;
 }
 
@@ -151,8 +155,16 @@ function lastCheck(s, now) {
 function showServer(tr, s, now) {
   tr.dataset.server = s.backend + "/" + s.server;
   cells(tr, [
-    ["Server", s.server, "name"],
-    ["Address", s.address],
+    ["Server", (td) => {
+      if (!td.firstChild) {
+        const address = document.createElement("small");
+        address.className = "address";
+        td.append(document.createElement("span"), address);
+      }
+      const [name, address] = td.children;
+      text(name, s.server);
+      text(address, s.address);
+    }, "name"],
     ["State", (td) => {
       if (!td.firstChild) {
         const badge = document.createElement("span");
@@ -171,10 +183,9 @@ function showServer(tr, s, now) {
     ["Active", String(s.active_connections), "n"],
     ["Total", String(s.total_connections), "n"],
     ["Rate/s", rate(s.rate), "n"],
-    ["Spliced / half / copied", s.spliced_connections + " / " + s.half_spliced_connections +
-      " / " + s.copied_connections, "n"],
-    ["Bytes in", bytes(s.bytes_in), "n"],
-    ["Bytes out", bytes(s.bytes_out), "n"],
+    ["Spliced/half/copied", s.spliced_connections + "/" + s.half_spliced_connections +
+      "/" + s.copied_connections, "n"],
+    ["Bytes in / out", bytes(s.bytes_in) + " / " + bytes(s.bytes_out), "n"],
     ["Weight", String(s.weight), "n"],
   ]);
 }

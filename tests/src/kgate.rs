@@ -374,6 +374,11 @@ impl Kgate {
             .expect("running kgate server set")
     }
 
+    /// The control socket of this kgate (`control_socket_for(lab)`).
+    pub fn control_socket(&self) -> PathBuf {
+        self.control_socket.clone()
+    }
+
     /// The pin directory of this kgate (`pin_path_for(lab)`).
     pub fn pin_path(&self) -> PathBuf {
         self.pin_path.clone()

@@ -301,11 +301,21 @@ fn closed_inside(header: &[u8]) -> Rejection {
     }
 }
 
+/// `ppp`'s reason, without its full stop, and the v1 line it is about.
+fn malformed(error: &dyn fmt::Display, line: Option<&[u8]>) -> Rejection {
+    let reason = error.to_string();
+    let reason = reason.trim_end_matches('.');
+    Rejection::Malformed(match line {
+        Some(line) => format!("{reason} (in {})", quoted(line)),
+        None => reason.to_owned(),
+    })
+}
+
 fn parse_v2(header: &[u8]) -> Result<Addresses, Rejection> {
-    let parsed = v2::Header::try_from(header).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let parsed = v2::Header::try_from(header).map_err(|e| malformed(&e, None))?;
     // A TLV whose length runs past the header is as bad as a wrong length field.
     if let Some(Err(e)) = parsed.tlvs().find(Result::is_err) {
-        return Err(Rejection::Malformed(e.to_string()));
+        return Err(malformed(&e, None));
     }
     if parsed.command == v2::Command::Local || parsed.protocol != v2::Protocol::Stream {
         return Ok(None);
@@ -324,8 +334,7 @@ fn parse_v2(header: &[u8]) -> Result<Addresses, Rejection> {
 }
 
 fn parse_v1(header: &[u8]) -> Result<Addresses, Rejection> {
-    let parsed = v1::Header::try_from(header)
-        .map_err(|e| Rejection::Malformed(format!("{e} in {}", quoted(header))))?;
+    let parsed = v1::Header::try_from(header).map_err(|e| malformed(&e, Some(header)))?;
     Ok(match parsed.addresses {
         v1::Addresses::Tcp4(a) => Some((
             (a.source_address, a.source_port).into(),

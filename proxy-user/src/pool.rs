@@ -308,3 +308,83 @@ impl Slots {
         freed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn down_since(at: SystemTime) -> HealthView {
+        HealthView {
+            state: Health::Down,
+            reason: "connection refused (3 failed checks in a row)".to_owned(),
+            since: at,
+            ..HealthView::unchecked("")
+        }
+    }
+
+    #[test]
+    fn the_state_shown_is_the_operators_then_the_checks_with_why_and_since_when() {
+        let server = ServerRuntime::new(0);
+        let view = server.state_view();
+        assert_eq!(view.state, "unchecked");
+        assert_eq!(view.reason, NOT_CHECKED);
+
+        let went_down = SystemTime::now() - Duration::from_secs(60);
+        server.set_health(down_since(went_down));
+        let view = server.state_view();
+        assert_eq!(
+            (view.state.as_str(), view.reason.as_str(), view.since),
+            (
+                "down",
+                "connection refused (3 failed checks in a row)",
+                went_down
+            )
+        );
+
+        server.set_admin(AdminState::Drain);
+        let view = server.state_view();
+        assert_eq!(view.state, "drain");
+        assert_eq!(
+            view.reason,
+            "set to drain by the operator: no new connections, checks go on"
+        );
+        assert!(view.since > went_down);
+        let drained = view.since;
+
+        // Ready again: the checks' state, but changed last by the operator.
+        server.set_admin(AdminState::Ready);
+        let view = server.state_view();
+        assert_eq!(view.state, "down");
+        assert_eq!(view.reason, "set ready by the operator");
+        assert!(view.since >= drained);
+
+        // The checks change the state after that: theirs is the reason again.
+        let came_up = SystemTime::now() + Duration::from_secs(1);
+        server.set_health(HealthView {
+            state: Health::Up,
+            reason: "2 checks passed in a row".to_owned(),
+            since: came_up,
+            ..HealthView::unchecked("")
+        });
+        let view = server.state_view();
+        assert_eq!(
+            (view.state.as_str(), view.reason.as_str(), view.since),
+            ("up", "2 checks passed in a row", came_up)
+        );
+    }
+
+    #[test]
+    fn open_connections_are_counted_by_how_their_bytes_move() {
+        let server = ServerRuntime::new(0);
+        server.moved(Path::Copied, Path::Spliced);
+        server.moved(Path::Copied, Path::Mixed);
+        server.moved(Path::Copied, Path::Spliced);
+        assert_eq!(server.spliced.load(Ordering::Relaxed), 2);
+        assert_eq!(server.half_spliced.load(Ordering::Relaxed), 1);
+        // Two end.
+        server.moved(Path::Spliced, Path::Copied);
+        server.moved(Path::Mixed, Path::Copied);
+        assert_eq!(server.spliced.load(Ordering::Relaxed), 1);
+        assert_eq!(server.half_spliced.load(Ordering::Relaxed), 0);
+    }
+}

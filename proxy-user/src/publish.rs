@@ -1,5 +1,6 @@
 //! Publishing each server's state and counters in the pinned `servers` map, so that
-//! `kgate status` and `bpftool map dump pinned <pin>/servers` show them from any shell.
+//! `bpftool map dump pinned <pin>/servers` shows them from any shell: the entries of
+//! the status document (`status`) that `kgate status` and the stats page show.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 

@@ -203,7 +203,7 @@ fn bad_headers_and_untrusted_sources_are_closed_counted_and_logged(dataplane: &'
             b"PROXY TCP4 garbage 198.51.100.1 40000 25\r\n".to_vec(),
             false,
             "malformed",
-            "PROXY header malformed: Header contains invalid IP address for the source.",
+            "PROXY header malformed: Header contains invalid IP address for the source (in 'PROXY TCP4 garbage",
         ),
         (
             "v2 whose length is too short for its addresses",

@@ -3,8 +3,8 @@
 //! browser would (through an SSH tunnel, say), and the test reads the DOM the page's
 //! own script rendered from `status.json`.
 //!
-//! Set `KGATE_STATS_SCREENSHOT=path.png` to keep a screenshot of the page (the README's
-//! comes from here).
+//! Set `KGATE_STATS_SCREENSHOT=path.png` to keep a screenshot of the page (the README's,
+//! docs/stats-page.png, comes from here).
 
 use std::{
     fs,
@@ -82,7 +82,7 @@ fn the_stats_page_shows_servers_and_their_states_and_follows_a_drain_without_rel
             )
         },
     );
-    let _servers: Vec<TcpServer> = (0..2).map(|i| echo_server(&rig, i)).collect();
+    let mut servers: Vec<TcpServer> = (0..2).map(|i| echo_server(&rig, i)).collect();
     // Checked before the servers listened, they went down; they come back up.
     let deadline = Instant::now() + CHANGE_SHOWS_WITHIN;
     while !rig.kgate.status()["servers"]
@@ -190,6 +190,26 @@ fn the_stats_page_shows_servers_and_their_states_and_follows_a_drain_without_rel
     assert_eq!(
         status_server(&rig.kgate.status(), "node1")["state"],
         "drain"
+    );
+
+    // node0's server stops: the checks take it down, and the page says why.
+    servers.remove(0).stop();
+    browser.wait_until(
+        "document.querySelector('tr[data-server=\"mail/node0\"] .state').dataset.state === 'down'",
+        CHANGE_SHOWS_WITHIN,
+        SERVER_ROWS,
+    );
+    let rows = server_rows(&mut browser);
+    assert!(
+        rows[0][3].starts_with("connection refused (")
+            && rows[0][3].ends_with("failed checks in a row)"),
+        "{rows:?}"
+    );
+    let check =
+        browser.eval("document.querySelector('tr[data-server=\"mail/node0\"] .check').textContent");
+    assert!(
+        check.as_str().unwrap().starts_with("refused, "),
+        "the last check, its duration and its error: {check}"
     );
     if let Some(path) = std::env::var_os("KGATE_STATS_SCREENSHOT") {
         browser.resize(1280, 600, false);

@@ -41,13 +41,14 @@ pub fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Res
 fn text(status: &Status) -> String {
     let about = &status.kgate;
     let mut out = format!(
-        "kgate {} on {}, pid {}, up {}, {} data plane; {} connections open{}\n\n",
+        "kgate {} on {}, pid {}, up {}, {} data plane; {} connection{} open{}\n\n",
         about.version,
         about.host,
         about.pid,
         ago(about.started, about.now),
         about.dataplane,
         about.open_connections,
+        if about.open_connections == 1 { "" } else { "s" },
         about
             .parked_connections
             .map(|n| format!(" ({n} parked)"))
@@ -208,6 +209,140 @@ fn table(columns: &[&str], rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::{About, BackendStatus, FrontendStatus, XdpStatus};
+
+    fn sample() -> Status {
+        let server = ServerStatus {
+            backend: "mail".into(),
+            server: "node1".into(),
+            address: "192.0.2.11:25".into(),
+            weight: 1,
+            state: "down".into(),
+            reason: "connection refused (3 failed checks in a row)".into(),
+            since: 1_000,
+            last_check: "refused".into(),
+            last_check_detail: Some("connection refused".into()),
+            last_check_at: Some(1_118),
+            last_check_ms: Some(3),
+            consecutive_ok: 0,
+            consecutive_fail: 5,
+            active_connections: 3,
+            total_connections: 40,
+            rate: 1.5,
+            spliced_connections: 2,
+            half_spliced_connections: 0,
+            copied_connections: 1,
+            bytes_in: 100,
+            bytes_out: 2000,
+        };
+        Status {
+            kgate: About {
+                version: "0.1.0".into(),
+                host: "gw1".into(),
+                pid: 7,
+                now: 1_120,
+                started: 1_000,
+                dataplane: "sockmap".into(),
+                open_connections: 3,
+                parked_connections: Some(2),
+            },
+            frontends: vec![FrontendStatus {
+                name: "smtp".into(),
+                listen: vec!["192.0.2.1:25".into()],
+                backend: "mail".into(),
+                active_connections: 3,
+                max_connections: Some(100),
+                total_connections: 40,
+                refused: 2,
+                rate: 1.5,
+                rate_max: 9.0,
+                bytes_in: 90,
+                bytes_out: 1900,
+                proxy_refused: Some([("untrusted".to_owned(), 4)].into()),
+            }],
+            backends: vec![BackendStatus {
+                name: "mail".into(),
+                balance: "roundrobin".into(),
+                proxy_protocol: "v2".into(),
+                check: "smtp".into(),
+                no_server: 0,
+            }],
+            servers: vec![server],
+            xdp: Some(XdpStatus {
+                passed: 10,
+                dropped_blocklist: 2,
+                dropped_syn_rate: 1,
+                malformed: 0,
+                blocklist_entries: 5,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_text_shows_every_part_of_the_document() {
+        let out = text(&sample());
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            "kgate 0.1.0 on gw1, pid 7, up 2m, sockmap data plane; 3 connections open (2 parked)"
+        );
+        assert!(lines[2].starts_with("frontend  listen"), "{out}");
+        let frontend: Vec<&str> = lines[3].split_whitespace().collect();
+        assert_eq!(
+            frontend,
+            [
+                "smtp",
+                "192.0.2.1:25",
+                "mail",
+                "3/100",
+                "40",
+                "2",
+                "1.5/9",
+                "90/1900"
+            ]
+        );
+        assert_eq!(lines[4], "smtp: PROXY headers refused: untrusted 4");
+        let server: Vec<&str> = lines[7].split_whitespace().collect();
+        assert_eq!(
+            server[..14],
+            [
+                "mail",
+                "node1",
+                "192.0.2.11:25",
+                "down",
+                "2m",
+                "refused",
+                "3ms",
+                "0",
+                "5",
+                "3",
+                "40",
+                "1.5",
+                "2/0/1",
+                "100/2000"
+            ]
+        );
+        assert!(
+            lines[7].ends_with("connection refused (3 failed checks in a row)"),
+            "the failure is in the reason already: {}",
+            lines[7]
+        );
+        assert_eq!(
+            lines[9],
+            "xdp: passed 10, dropped by blocklist 2, dropped by SYN rate 1, malformed (passed) 0; 5 blocklist entries"
+        );
+    }
+
+    #[test]
+    fn the_document_survives_its_trip_through_json() {
+        let status = sample();
+        let json = serde_json::to_string(&status).unwrap();
+        assert!(
+            !json.contains('\n'),
+            "one line, as the control socket's reply is"
+        );
+        assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), status);
+    }
 
     #[test]
     fn tables_align_their_columns_and_durations_read_as_time() {

@@ -161,6 +161,22 @@ fn the_stats_page_shows_servers_and_their_states_and_follows_a_drain_without_rel
         "performance.getEntriesByType('resource').map(e => e.name).filter(u => !u.startsWith(location.origin))",
     );
     assert_eq!(foreign, Value::Array(vec![]), "assets from elsewhere");
+    let policy = browser
+        .eval("fetch('/').then(r => r.headers.get('content-security-policy'))")
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        policy.starts_with("default-src 'none'; script-src 'self';"),
+        "the page may load nothing from elsewhere: {policy:?}"
+    );
+    assert_eq!(
+        browser.eval(
+            "Promise.all([fetch('/nothing'), fetch('/', { method: 'POST' }), \
+             fetch('/metrics'), fetch('/status.json')]).then(rs => rs.map(r => r.status))"
+        ),
+        serde_json::json!([404, 405, 200, 200])
+    );
 
     // Drained from another shell: the page follows without reloading itself.
     browser.eval("window.kgateSameDocument = true");

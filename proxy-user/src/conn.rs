@@ -5,8 +5,9 @@
 //! where PATH says how the bytes moved (`spliced`, `copied`, `half-spliced`, or `-`
 //! when none did) and CAUSE is one of `client closed`, `server closed`, `client
 //! reset`, `server reset`, `idle timeout`, `half-closed timeout`, `no server`,
-//! `over limit: ...`, `server failed: ...` (before the relay began), or `PROXY header
-//! ...` (an `accept_proxy` frontend refused the connection, see `accept_proxy`).
+//! `over limit: ...`, `server failed: ...` (before the relay began), `client failed:
+//! ...` (its socket, before anything was done), or `PROXY header ...` (an
+//! `accept_proxy` frontend refused the connection, see `accept_proxy`).
 //! CLIENT is the address a PROXY header named, on such a frontend.
 
 use std::{
@@ -43,6 +44,8 @@ enum Outcome {
     ServerFailed(std::io::Error),
     /// The client's PROXY header was not taken (`accept_proxy`).
     ProxyRefused(Rejection),
+    /// The client's socket failed before anything was done for it.
+    ClientFailed(std::io::Error),
 }
 
 /// What a connection carries from accept to its log line, wherever it is relayed: a
@@ -147,9 +150,10 @@ pub async fn handle(
     let backend_index = frontend.backend;
     let backend = &gateway.config.backends[backend_index];
 
-    let Ok(local) = client.local_addr() else {
+    let local = match client.local_addr() {
+        Ok(local) => local,
         // Reset before it could be looked at.
-        return;
+        Err(e) => return ending.log(Outcome::ClientFailed(e)),
     };
     let Received {
         source,
@@ -233,6 +237,9 @@ impl fmt::Display for Outcome {
             }
             Outcome::ProxyRefused(rejection) => {
                 write!(f, "- bytes_in=0 bytes_out=0 end=\"{rejection}\"")
+            }
+            Outcome::ClientFailed(e) => {
+                write!(f, "- bytes_in=0 bytes_out=0 end=\"client failed: {e}\"")
             }
         }
     }

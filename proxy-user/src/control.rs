@@ -1,6 +1,6 @@
 //! The control socket: a Unix stream socket where `kgate reload`, `kgate status` and
-//! `kgate server set` reach the running daemon. One request line, one reply line: `ok ...` or
-//! `error: ...`. Only root (the socket's owner) may connect.
+//! `kgate server set` reach the running daemon. One request line, one reply line:
+//! `ok ...` or `error: ...`. Only root (the socket's owner) may connect.
 //!
 //! At most [`MAX_CONNECTIONS`] are served at once, each given [`IO_TIMEOUT`] to send
 //! its request and take its reply: more wait in the kernel's listen queue, where

@@ -10,13 +10,14 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use crate::{daemon::Daemon, dataplane::Dataplane};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet},
     metrics::MetricType,
     registry::Registry,
 };
+
+use crate::{daemon::Daemon, dataplane::Dataplane};
 
 /// The registry whose collector reads `daemon` at each scrape.
 pub fn registry(daemon: Arc<Daemon>) -> Registry {

@@ -4,6 +4,7 @@
 //! - [`lab`]: a client, a gateway and backends, each in its own network namespace,
 //!   joined by veths and routed through the gateway ([`lab::Lab`], [`lab::NetNs`]).
 //! - [`kgate`]: runs the `kgate` daemon in the gateway and watches its log.
+//! - [`browser`]: headless Chromium, driven over the DevTools protocol, for pages kgate serves.
 //! - [`backend`]: what sits behind the proxy: PROXY header reading, a threaded TCP
 //!   server and a mock mail server.
 //! - [`postfix`]: a real, private Postfix (postscreen behind PROXY v2) in a namespace.
@@ -17,6 +18,7 @@
 //! [`lab::skip_without_root`], the only allowed reason to skip.
 
 pub mod backend;
+pub mod browser;
 pub mod kgate;
 pub mod lab;
 pub mod packet;

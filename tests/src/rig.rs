@@ -173,6 +173,16 @@ proxy_protocol = "v2"
         metric_value(&scrape_metrics(&self.lab, METRICS), name, &[])
     }
 
+    /// The value of the sample of metric `name` with `labels` (among others) right now.
+    pub fn metric_with(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&scrape_metrics(&self.lab, METRICS), name, labels)
+    }
+
+    /// Where the stats page and the metrics are served, in the gateway namespace.
+    pub fn metrics_listen(&self) -> &'static str {
+        METRICS
+    }
+
     /// Waits (up to 10 s) for metric `name` to reach `value`; returns its last value.
     pub fn wait_for_metric(&self, name: &str, value: f64) -> f64 {
         let deadline = Instant::now() + Duration::from_secs(10);

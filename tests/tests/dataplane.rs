@@ -1020,7 +1020,11 @@ fn a_copied_connection_that_waits_holds_no_copy_buffer(dataplane: &'static str) 
         "{per_connection} B per waiting copied connection"
     );
     let lines = rig.connection_lines(WAITING);
-    let path = if dataplane == "packet" { " forwarded " } else { " copied " };
+    let path = if dataplane == "packet" {
+        " forwarded "
+    } else {
+        " copied "
+    };
     assert!(lines.iter().all(|l| l.contains(path)), "{lines:#?}");
     rig.assert_clean();
 }

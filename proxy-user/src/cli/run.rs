@@ -14,7 +14,7 @@ use crate::{
     dataplane::{Dataplane, Packet, Sockmap},
     frontend, interfaces,
     maps::{Bpf, MapsError, ServerMaps},
-    metrics, privileges, publish,
+    privileges, publish, web,
     xdp::EarlyDrop,
 };
 
@@ -66,7 +66,7 @@ async fn serve_with(
     tokio::spawn(control::serve(daemon.clone(), control_listener));
     tokio::spawn(publish::run(daemon.clone()));
     if let Some(listener) = metrics_listener {
-        tokio::spawn(metrics::serve(daemon.clone(), listener));
+        tokio::spawn(web::serve(daemon.clone(), listener));
     }
     privileges::drop_now();
     info!(dataplane = daemon.dataplane.name(), "kgate ready");
@@ -213,14 +213,14 @@ fn load_kernel_side(global: &Global) -> anyhow::Result<KernelSide> {
         DataplaneMode::Auto => Ok(load()?.unwrap_or_else(|e| {
             warn!(
                 "eBPF cannot load here ({}); using the userspace data plane, which copies \
-                 every byte through kgate, and `kgate status` will find no pinned maps",
+                 every byte through kgate, and bpftool will find no pinned maps",
                 with_causes(&e)
             );
             without_ebpf()
         })),
         DataplaneMode::Userspace => Ok(load()?.unwrap_or_else(|e| {
             warn!(
-                "eBPF cannot load here ({}): `kgate status` will find no pinned maps",
+                "eBPF cannot load here ({}): bpftool will find no pinned maps",
                 with_causes(&e)
             );
             without_ebpf()

@@ -118,6 +118,10 @@ pub struct SpliceTerms {
     pub server_slot: u32,
     /// How long the connection is copied first; see [`SPLICE_AFTER_BYTES`].
     pub after: Duration,
+    /// Bytes kgate read from the client before the relay began, not to be forwarded
+    /// (an accepted PROXY header, see `accept_proxy`): the client socket's TCP
+    /// counters include them.
+    pub client_bytes_read: u64,
 }
 
 /// A connection that has copied this many bytes (both directions together) is

@@ -441,10 +441,11 @@ impl Packet {
         &self,
         ticket: Ticket,
         sockets: [std::net::TcpStream; 2],
-        ending: Ending,
+        mut ending: Ending,
         copied_before: [u64; 2],
         timeouts: Timeouts,
     ) {
+        ending.carried_on(Path::Forwarded);
         let now = Instant::now();
         let forwarded = Forwarded {
             keys: ticket.keys,

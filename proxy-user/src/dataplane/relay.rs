@@ -190,14 +190,26 @@ impl Relay {
             client,
             server,
             progress: Progress {
-                flows: [FlowState::new(Mode::Copied); 2],
+                flows: [
+                    FlowState::new(Mode::Copied).after_reading(terms.client_bytes_read),
+                    FlowState::new(Mode::Copied),
+                ],
                 timeouts,
                 idle_check: now + timeouts.idle,
                 ending,
             },
             later,
         };
-        // Without the reading position the program cannot join a stream midway.
+        // Without the reading position the program cannot join a stream midway: it
+        // splices from the first byte, or, when kgate has read from the client already
+        // (an accepted PROXY header), not at all (the program would forward the
+        // header's segment whole).
+        if let Some(Later::Splice { sockmap, .. }) = &relay.later
+            && terms.client_bytes_read > 0
+            && !sockmap.maps.joins_mid_stream
+        {
+            relay.later = None;
+        }
         let splice_at_once = |later: &Later| match later {
             Later::Splice { terms, sockmap, .. } => {
                 terms.after.is_zero() || !sockmap.maps.joins_mid_stream
@@ -328,6 +340,7 @@ impl Relay {
                 flow.spliced_from_here(mode);
             }
         }
+        self.progress.ending.carried_on(Path::of(splice.flows()));
         self.splice = Some(splice);
     }
 

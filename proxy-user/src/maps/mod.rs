@@ -28,9 +28,9 @@ use proxy_common::{maps as names, programs};
 use tracing::{info, warn};
 
 pub use packet::{PacketEvents, PacketMaps};
-pub use servers::{ServerMaps, read_published};
+pub use servers::ServerMaps;
 pub use splice::{GrantRequests, SpliceMaps};
-pub use xdp::{Attached, Blocklist, XdpMaps, read_xdp_stats};
+pub use xdp::{Attached, Blocklist, XdpMaps};
 
 /// The eBPF object, built by build.rs from proxy-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));

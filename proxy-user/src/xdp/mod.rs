@@ -154,6 +154,13 @@ impl EarlyDrop {
         self.maps.stats()
     }
 
+    /// Blocklist entries that apply now, both families (for the status page).
+    pub fn blocklist_len(&self) -> Result<usize, MapError> {
+        let now = boot_seconds();
+        let entries = self.maps.blocklist().entries()?;
+        Ok(entries.iter().filter(|(_, e)| e.applies_at(now)).count())
+    }
+
     /// One log line with the counters, at shutdown.
     pub fn log_totals(&self) {
         match self.stats() {

@@ -145,7 +145,7 @@ fn the_stats_page_shows_servers_and_their_states_and_follows_a_drain_without_rel
         "[...document.querySelectorAll('tr[data-server] [data-label^=Spliced]')].map(td => td.textContent)",
     );
     assert!(
-        spliced.as_array().unwrap().iter().any(|s| s == "1/0/0"),
+        spliced.as_array().unwrap().iter().any(|s| s == "1/0/0/0"),
         "the open connection shows as spliced: {spliced}"
     );
     assert_eq!(

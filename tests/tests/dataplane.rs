@@ -327,9 +327,6 @@ fn a_partly_repeated_segment_reaches_the_backend_once(dataplane: &'static str) {
 /// The raw client's port (the namespace is the test's own).
 const RAW_CLIENT_PORT: u16 = 40_123;
 
-/// `streams` connections at once, each moving `bytes` of random data both ways at the
-/// same time; checks lengths, checksums and each connection's log line.
-
 const HALF_CLOSE_BYTES: usize = 50_000_000;
 
 fn half_close_delivers_every_byte_before_the_fin_to_a_slow_reader(dataplane: &'static str) {

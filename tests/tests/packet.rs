@@ -114,8 +114,9 @@ fn an_ipv6_connection_is_forwarded_intact_both_ways() {
     const BYTES: usize = 8 << 20;
     let rig = v6_rig();
     let server = SocketAddr::new(IpAddr::V6(rig.lab.backend(0).v6()), 2525);
-    // (bytes and checksum it received, checksum of what it sent).
-    let server_saw: Arc<Mutex<Option<((usize, u64), u64)>>> = Arc::default();
+    /// (bytes and checksum it received, checksum of what it sent).
+    type Seen = Option<((usize, u64), u64)>;
+    let server_saw: Arc<Mutex<Seen>> = Arc::default();
     let _server = {
         let server_saw = server_saw.clone();
         TcpServer::start(rig.lab.backend(0), server, move |mut s| {

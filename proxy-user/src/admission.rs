@@ -135,6 +135,7 @@ mod tests {
             half_closed_timeout: Duration::from_secs(1),
             max_connections: max,
             max_connections_per_source: per_source,
+            freebind: false,
         }
     }
 

@@ -7,7 +7,8 @@
 //! copy) -> `conn` (lifecycle and log line).
 //!
 //! Beside it: `health` (checks), `gateway` (one configuration at run time, replaced by
-//! a reload), `control` (the control socket), `publish` (server state into the pinned
+//! a reload), `control` (the control socket), `handover` (an upgrade: the running
+//! kgate hands its sockets to the new binary), `publish` (server state into the pinned
 //! map), `metrics`, `xdp` (early drop), `privileges`, `cli/`. `maps` is the only
 //! module that talks to aya.
 
@@ -21,6 +22,7 @@ mod daemon;
 mod dataplane;
 mod frontend;
 mod gateway;
+mod handover;
 mod health;
 mod maps;
 mod metrics;

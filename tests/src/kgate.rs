@@ -142,7 +142,18 @@ impl Kgate {
 
     /// Like [`Kgate::start`] with another binary (a release build for benchmarks, say).
     pub fn start_with(lab: &Lab, bin: &Path, config_toml: &str) -> Kgate {
-        Kgate::spawn(lab, bin, config_toml, None)
+        Kgate::spawn(lab, bin, config_toml, None, &[])
+    }
+
+    /// Like [`Kgate::start_with`], with variables added to kgate's environment
+    /// (`NOTIFY_SOCKET`, say).
+    pub fn start_with_env(
+        lab: &Lab,
+        bin: &Path,
+        config_toml: &str,
+        env: &[(&str, &Path)],
+    ) -> Kgate {
+        Kgate::spawn(lab, bin, config_toml, None, env)
     }
 
     /// Like [`Kgate::start`], as user and group `nobody`: no privilege to load eBPF.
@@ -152,10 +163,16 @@ impl Kgate {
         let bin = lab.temp_dir().join("kgate");
         fs::copy(kgate_bin(), &bin)
             .unwrap_or_else(|e| panic!("copying kgate to {}: {e}", bin.display()));
-        Kgate::spawn(lab, &bin, config_toml, Some(NOBODY))
+        Kgate::spawn(lab, &bin, config_toml, Some(NOBODY), &[])
     }
 
-    fn spawn(lab: &Lab, bin: &Path, config_toml: &str, user: Option<u32>) -> Kgate {
+    fn spawn(
+        lab: &Lab,
+        bin: &Path,
+        config_toml: &str,
+        user: Option<u32>,
+        env: &[(&str, &Path)],
+    ) -> Kgate {
         let n = CONFIG_COUNTER.fetch_add(1, Ordering::Relaxed);
         let config_path = lab.temp_dir().join(format!("kgate-{n}.toml"));
         fs::write(&config_path, config_toml)
@@ -193,6 +210,7 @@ impl Kgate {
         if env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));

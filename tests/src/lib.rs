@@ -3,6 +3,8 @@
 //!
 //! - [`lab`]: a client, a gateway and backends, each in its own network namespace,
 //!   joined by veths and routed through the gateway ([`lab::Lab`], [`lab::NetNs`]).
+//! - [`pair`]: two gateways sharing a virtual address on a bridge, a client and a
+//!   backend ([`pair::PairLab`]); [`keepalived`] runs a private keepalived in one.
 //! - [`kgate`]: runs the `kgate` daemon in the gateway and watches its log.
 //! - [`backend`]: what sits behind the proxy: PROXY header reading, a threaded TCP
 //!   server and a mock mail server.
@@ -16,8 +18,10 @@
 //! [`lab::skip_without_root`], the only allowed reason to skip.
 
 pub mod backend;
+pub mod keepalived;
 pub mod kgate;
 pub mod lab;
+pub mod pair;
 pub mod postfix;
 pub mod rawtcp;
 pub mod rig;

@@ -1,6 +1,7 @@
 //! `kgate upgrade`: the running kgate hands its listening sockets to a new binary and
 //! drains. Not one connection refused, not one byte lost, the old connections (spliced
-//! on the sockmap plane) finish in the old process, and the new one owns the pins.
+//! on the sockmap plane) finish in the old process, and the new one owns the pins and
+//! the XDP attachment.
 
 use std::{
     fs,
@@ -24,9 +25,13 @@ use tests::{
     lab::Lab,
     on_both_dataplanes,
     rig::{Rng, connect, receive_all, set_timeouts},
+    xdp::{kgate_block_ok, xdp_counters},
 };
 
-on_both_dataplanes!(an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish);
+on_both_dataplanes!(
+    an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish,
+    an_upgrade_to_a_kgate_that_cannot_start_changes_nothing,
+);
 
 const PORT: u16 = 2525;
 /// Long transfers running through the upgrade, each this many bytes each way.
@@ -170,6 +175,24 @@ fn bpftool_server_names(pin: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The id of the XDP program on the gateway's client interface, if one is attached.
+fn xdp_program(lab: &Lab) -> Option<u64> {
+    let out = Command::new("ip")
+        .args([
+            "-j",
+            "-n",
+            lab.gateway().name(),
+            "link",
+            "show",
+            "dev",
+            lab.gateway().ifname(),
+        ])
+        .output()
+        .expect("running ip link show");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    links[0]["xdp"]["prog"]["id"].as_u64()
+}
+
 /// Reads every notification that arrived on the fake systemd socket, one string each.
 fn notifications(socket: &UnixDatagram) -> Vec<String> {
     let mut got = Vec::new();
@@ -202,9 +225,11 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
         "{}shutdown_timeout = \"60s\"\nmetrics_listen = \"127.0.0.1:9464\"\n\n\
          [[frontends]]\nname = \"smtp\"\nlisten = [\"{frontend}\"]\nbackend = \"mail\"\n\n\
          [[backends]]\nname = \"mail\"\nsplice_after = \"0s\"\n\
-         [[backends.servers]]\nname = \"node0\"\naddress = \"{}:{PORT}\"\n",
+         [[backends.servers]]\nname = \"node0\"\naddress = \"{}:{PORT}\"\n\n\
+         [xdp]\ninterfaces = [\"{}\"]\n",
         global_section(&lab, dataplane),
         lab.backend(0).v4(),
+        lab.gateway().ifname(),
     );
     let mut old = Kgate::start_with_env(
         &lab,
@@ -215,6 +240,7 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
     assert_eq!(notifications(&notify), ["READY=1\n"]);
     let pin_path = pin_path_for(&lab);
     let old_servers_map = pinned_map_id(&pin_path.join("servers"));
+    let old_xdp_program = xdp_program(&lab).expect("XDP attached");
 
     // Long transfers, started before the upgrade and paced to outlast it.
     let long: Vec<_> = (0..LONG_TRANSFERS)
@@ -391,6 +417,20 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
             .all(|e| !e.file_name().to_string_lossy().starts_with("takeover-")),
         "a staging directory was left behind"
     );
+    // The interface kept an XDP program all along, now the new kgate's: it counts the
+    // traffic and applies a block made after the upgrade.
+    let new_xdp_program = xdp_program(&lab).expect("XDP still attached");
+    assert_ne!(new_xdp_program, old_xdp_program);
+    assert!(xdp_counters(&pin_path).unwrap().passed > 0);
+    let client_prefix = format!("{client}/32");
+    kgate_block_ok(&pin_path, &["add", &client_prefix]);
+    assert!(
+        lab.client().run(move || ping(frontend, 0)).is_err(),
+        "a blocked client got through"
+    );
+    kgate_block_ok(&pin_path, &["del", &client_prefix]);
+    assert_eq!(lab.client().run(move || ping(frontend, 0)), Ok(()));
+
     let status = Command::new(kgate_bin())
         .args(["status", "--json", "--pin-path"])
         .arg(&pin_path)
@@ -429,4 +469,69 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
         old_gone - upgraded
     );
     drop(new);
+}
+
+fn an_upgrade_to_a_kgate_that_cannot_start_changes_nothing(dataplane: &'static str) {
+    let lab = Lab::new(1);
+    let client: IpAddr = lab.client().v4().into();
+    let wrong_source = Arc::new(AtomicUsize::new(0));
+    let _backend = echo_backend(&lab, client, wrong_source.clone());
+    let frontend = SocketAddr::new(lab.gateway().v4().into(), PORT);
+    let config = |extra_frontend: &str| {
+        format!(
+            "{}\n[[frontends]]\nname = \"smtp\"\nlisten = [\"{frontend}\"]\nbackend = \"mail\"\n\
+             {extra_frontend}\n[[backends]]\nname = \"mail\"\n\
+             [[backends.servers]]\nname = \"node0\"\naddress = \"{}:{PORT}\"\n\n\
+             [xdp]\ninterfaces = [\"{}\"]\n",
+            global_section(&lab, dataplane),
+            lab.backend(0).v4(),
+            lab.gateway().ifname(),
+        )
+    };
+    let mut old = Kgate::start(&lab, &config(""));
+    let pin_path = pin_path_for(&lab);
+    let servers_map = pinned_map_id(&pin_path.join("servers"));
+    let xdp = xdp_program(&lab).expect("XDP attached");
+
+    // The new kgate gets as far as taking the XDP attachment over, then cannot bind
+    // an address its host does not have (TEST-NET-1, no freebind): it must give
+    // everything back.
+    fs::write(
+        old.config_path(),
+        config("\n[[frontends]]\nname = \"other\"\nlisten = [\"192.0.2.1:2526\"]\nbackend = \"mail\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(kgate_bin())
+        .args(["upgrade", "--socket"])
+        .arg(control_socket_for(&lab))
+        .output()
+        .expect("running kgate upgrade");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the upgrade succeeded: {stderr}");
+    assert!(
+        stderr.contains("did not take over")
+            && stderr.contains("cannot listen on 192.0.2.1:2526")
+            && stderr.contains("this kgate goes on serving"),
+        "{stderr}"
+    );
+
+    // The old kgate serves as before, with its pins and its XDP program.
+    assert!(old.is_running());
+    for n in 0..20 {
+        assert_eq!(lab.client().run(move || ping(frontend, n)), Ok(()));
+    }
+    assert_eq!(pinned_map_id(&pin_path.join("servers")), servers_map);
+    assert_eq!(xdp_program(&lab), Some(xdp), "the XDP attachment went back");
+    assert!(
+        fs::read_dir(&pin_path).unwrap().flatten().all(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            !name.starts_with("takeover-") && !name.starts_with("xdp_link_")
+        }),
+        "the failed upgrade left files in {}",
+        pin_path.display()
+    );
+    assert_eq!(old.status()["servers"][0]["server"], "node0");
+    assert_eq!(wrong_source.load(Ordering::SeqCst), 0);
+    old.stop();
+    assert!(old.exit_status().unwrap().success());
 }

@@ -205,17 +205,30 @@ async fn serve_with(
                 break Duration::ZERO;
             }
             Some(request) = upgrade_requests.recv() => {
-                let offer = offer(
-                    &daemon,
-                    (&global.control_socket, &control_fd),
-                    metrics_fd.as_ref(),
-                    kernel.bpf.as_ref(),
-                )
-                .await;
+                let links = match &mut kernel.bpf {
+                    Some(bpf) => bpf.offer_xdp_links(),
+                    None => Ok(()),
+                };
+                let offer = match links {
+                    Ok(()) => offer(
+                        &daemon,
+                        (&global.control_socket, &control_fd),
+                        metrics_fd.as_ref(),
+                        kernel.bpf.as_ref(),
+                    )
+                    .await
+                    .map_err(|e| e.to_string()),
+                    Err(e) => Err(with_causes(&e)),
+                };
                 let outcome = match offer {
                     Ok(offer) => handover::hand_over(&request.binary, &path, offer).await,
-                    Err(e) => Err(format!("cannot hand the sockets over: {e}")),
+                    Err(e) => Err(format!("cannot hand over: {e}")),
                 };
+                if outcome.is_err()
+                    && let Some(bpf) = &mut kernel.bpf
+                {
+                    bpf.withdraw_xdp_links();
+                }
                 match outcome {
                     Ok(next) => {
                         let open = daemon.open_connections();

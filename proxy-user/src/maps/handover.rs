@@ -12,6 +12,11 @@
 //!   own file descriptors until it exits.
 //! - The old kgate then forgets its pins ([`Bpf::hand_over_pins`]): it must not
 //!   remove at exit what are now the new one's names.
+//! - XDP: an interface takes one XDP link, so the new kgate cannot attach beside the
+//!   old one. The old kgate pins each of its links ([`Bpf::offer_xdp_links`]); the new
+//!   one opens the pin, removes it, and moves the link to its own program in one step
+//!   (`bpf_link_update`): no packet meets an interface without the program. Should the
+//!   upgrade fail, the old kgate moves the links back ([`Bpf::withdraw_xdp_links`]).
 
 use std::{
     fs, io,
@@ -22,9 +27,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use aya::programs::{
+    Xdp,
+    links::{FdLink, LinkError, PinnedLink},
+    xdp::XdpLink,
+};
 use tracing::{info, warn};
 
-use super::{Bpf, MapsError, PINS};
+use super::{Bpf, MapsError, PINS, program, program_error};
+
+/// Pins of XDP links offered to the next kgate: `<pin_dir>/xdp_link_<interface>`.
+const XDP_LINK_PREFIX: &str = "xdp_link_";
 
 /// Staging directories are `<pin_dir>/takeover-<pid>` (bpffs refuses names with a dot).
 const STAGING_PREFIX: &str = "takeover-";
@@ -70,21 +83,37 @@ pub(super) fn take_lock(
     Ok((lock, Some(staging)))
 }
 
-/// Removes staging directories that a kgate killed in the middle of a takeover left.
-/// Only called while holding the lock as the only kgate of `pin_dir`.
+/// Removes what a kgate killed in the middle of an upgrade left: staging directories,
+/// and XDP links offered and never taken (removing the pin detaches a dead kgate's
+/// program). Only called while holding the lock as the only kgate of `pin_dir`.
 pub(super) fn remove_stale_staging(pin_dir: &Path) {
+    remove_leftovers(pin_dir);
+}
+
+/// Removes staging directories and offered XDP links under `pin_dir`.
+fn remove_leftovers(pin_dir: &Path) {
     let Ok(entries) = fs::read_dir(pin_dir) else {
         return;
     };
     for entry in entries.flatten() {
-        if entry
-            .file_name()
-            .to_str()
-            .is_some_and(|name| name.starts_with(STAGING_PREFIX))
-        {
-            warn!(dir = %entry.path().display(), "removing what an interrupted upgrade left");
-            let _ = fs::remove_dir_all(entry.path());
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if name.starts_with(STAGING_PREFIX) {
+            warn!(dir = %path.display(), "removing what an interrupted upgrade left");
+            let _ = fs::remove_dir_all(&path);
+        } else if name.starts_with(XDP_LINK_PREFIX) {
+            info!(pin = %path.display(), "removing an XDP attachment no kgate took over");
+            let _ = fs::remove_file(&path);
         }
+    }
+}
+
+fn link_error(path: &Path) -> impl Fn(LinkError) -> MapsError + '_ {
+    move |e| MapsError::Pin {
+        path: path.to_owned(),
+        source: io::Error::other(e),
     }
 }
 
@@ -133,8 +162,76 @@ impl Bpf {
             }
         }
         let _ = fs::remove_dir(&staging);
+        // XDP links the old kgate offered for interfaces this one does not attach to.
+        remove_leftovers(&self.pin_dir);
         info!(pin_dir = %self.pin_dir.display(), "took over the pinned maps");
         Ok(())
+    }
+
+    /// Before an upgrade: pins each XDP attachment for the new kgate to take over.
+    pub fn offer_xdp_links(&mut self) -> Result<(), MapsError> {
+        if self.xdp_links.is_empty() {
+            return Ok(());
+        }
+        let xdp: &mut Xdp = program(&mut self.ebpf, proxy_common::xdp::PROGRAM)?;
+        for (interface, id) in std::mem::take(&mut self.xdp_links) {
+            let path = self.pin_dir.join(format!("{XDP_LINK_PREFIX}{interface}"));
+            let link = xdp
+                .take_link(id)
+                .map_err(program_error(proxy_common::xdp::PROGRAM))?;
+            let pinned = FdLink::try_from(link)
+                .map_err(link_error(&path))?
+                .pin(&path)
+                .map_err(|e| MapsError::Pin {
+                    path: path.clone(),
+                    source: io::Error::other(e),
+                })?;
+            self.offered_links.push((interface, pinned));
+        }
+        Ok(())
+    }
+
+    /// The upgrade failed: moves the offered XDP attachments back to this kgate's
+    /// program (the new one may have taken them before it failed).
+    pub fn withdraw_xdp_links(&mut self) {
+        if self.offered_links.is_empty() {
+            return;
+        }
+        let xdp: &mut Xdp = match program(&mut self.ebpf, proxy_common::xdp::PROGRAM) {
+            Ok(xdp) => xdp,
+            Err(e) => return warn!("cannot take the XDP attachments back: {e}"),
+        };
+        for (interface, pinned) in std::mem::take(&mut self.offered_links) {
+            let path = self.pin_dir.join(format!("{XDP_LINK_PREFIX}{interface}"));
+            let _ = fs::remove_file(&path);
+            let back = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| e.to_string())
+                .and_then(|link| xdp.attach_to_link(link).map_err(|e| e.to_string()));
+            match back {
+                Ok(id) => self.xdp_links.push((interface, id)),
+                Err(e) => warn!(%interface, "cannot take the XDP attachment back: {e}"),
+            }
+        }
+    }
+
+    /// At start: moves the XDP attachment of `interface` that the old kgate offered
+    /// to this one's program. False when none was offered.
+    pub(super) fn take_over_xdp_link(&mut self, interface: &str) -> Result<bool, MapsError> {
+        let path = self.pin_dir.join(format!("{XDP_LINK_PREFIX}{interface}"));
+        if !path.exists() {
+            return Ok(false);
+        }
+        let link = FdLink::from(PinnedLink::from_pin(&path).map_err(link_error(&path))?);
+        // Unpinned before the update: if this kgate dies, closing its fd detaches
+        // nothing the old one still holds.
+        let _ = fs::remove_file(&path);
+        let link = XdpLink::try_from(link).map_err(link_error(&path))?;
+        let xdp: &mut Xdp = program(&mut self.ebpf, proxy_common::xdp::PROGRAM)?;
+        let id = xdp
+            .attach_to_link(link)
+            .map_err(program_error(proxy_common::xdp::PROGRAM))?;
+        self.xdp_links.push((interface.to_owned(), id));
+        Ok(true)
     }
 
     /// The new kgate has taken over. When it took the pins (the same `bpf_pin_path`),

@@ -105,6 +105,10 @@ pub struct Bpf {
     /// Whether the splice program can learn where a socket's stream stands when it
     /// joins (see tcp_layout.rs): only then may a connection join mid-stream.
     joins_mid_stream: bool,
+    /// The XDP attachments, by interface (xdp.rs).
+    xdp_links: Vec<(String, aya::programs::xdp::XdpLinkId)>,
+    /// XDP attachments pinned for the kgate an upgrade starts (handover.rs).
+    offered_links: Vec<(String, aya::programs::links::PinnedLink)>,
 }
 
 impl Bpf {
@@ -144,6 +148,8 @@ impl Bpf {
             pins: Vec::new(),
             xdp_load_error,
             joins_mid_stream: copied_seq_offset != 0,
+            xdp_links: Vec::new(),
+            offered_links: Vec::new(),
         })
     }
 

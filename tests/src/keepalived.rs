@@ -68,15 +68,25 @@ impl Keepalived {
         fs::read_to_string(self.dir.join(format!("{}.log", self.name))).unwrap_or_default()
     }
 
+    /// SIGTERM to the process the test started, without waiting: keepalived gives its
+    /// addresses up and exits ([`Keepalived::stop`] waits for it).
+    pub fn terminate(&mut self) {
+        if let Some(child) = &mut self.child
+            && let Ok(None) = child.try_wait()
+        {
+            // SAFETY: kill(2) on our unreaped child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+
     /// SIGTERM to the process the test started, then SIGKILL after [`STOP_TIMEOUT`];
     /// the VRRP child it forked is killed by its pid file if it is still there.
     /// Idempotent.
     pub fn stop(&mut self) {
+        self.terminate();
         let Some(mut child) = self.child.take() else {
             return;
         };
-        // SAFETY: kill(2) on our unreaped child.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         if proc::wait_timeout(&mut child, STOP_TIMEOUT).is_none() {
             let _ = child.kill();
             let _ = child.wait();

@@ -278,7 +278,8 @@ fn a_keepalived_pair_fails_over_to_the_backup_kgate_bound_to_the_vip() {
 
     // 1. The master's keepalived stops (SIGTERM: it gives the VIP up with a priority-0
     //    advert).
-    let (stopped_keepalived, failed_1) = fail_over(&lab, || keepalived[0].stop());
+    let (stopped_keepalived, failed_1) = fail_over(&lab, || keepalived[0].terminate());
+    keepalived[0].stop();
     // The master comes back (its priority is higher), then:
     keepalived[0] = start_keepalived(0);
     wait_until_serving(&lab, 0, &keepalived);

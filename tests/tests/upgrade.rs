@@ -126,6 +126,20 @@ struct Loop {
     failed: Vec<String>,
 }
 
+/// Puts a copy of `binary` at `path` as dpkg does: a new file renamed over the old.
+/// `cp` writes it, not this process: a test thread forking meanwhile would carry the
+/// open file into its child, and executing the copy would fail with ETXTBSY.
+fn install(binary: &Path, path: &Path) {
+    let staged = path.with_extension("new");
+    let cp = Command::new("cp")
+        .arg(binary)
+        .arg(&staged)
+        .status()
+        .unwrap();
+    assert!(cp.success(), "cp {} {}", binary.display(), staged.display());
+    fs::rename(&staged, path).unwrap();
+}
+
 /// The map id behind a pin, from bpftool (which must be able to read it).
 fn pinned_map_id(pin: &Path) -> u64 {
     let out = Command::new("bpftool")
@@ -212,7 +226,7 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
     // The installed binary, replaced below the way dpkg replaces it (a new file renamed
     // over the old one) while the old kgate runs from it.
     let installed = lab.temp_dir().join("kgate");
-    fs::copy(kgate_bin(), &installed).unwrap();
+    install(&kgate_bin(), &installed);
     // systemd's side of sd_notify, to see who tells it what.
     let notify_path = lab.temp_dir().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
@@ -294,9 +308,7 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
 
     thread::sleep(Duration::from_millis(700));
     // The package upgrade: a new file in place of the one the old kgate runs.
-    let staged = lab.temp_dir().join("kgate.new");
-    fs::copy(kgate_bin(), &staged).unwrap();
-    fs::rename(&staged, &installed).unwrap();
+    install(&kgate_bin(), &installed);
 
     let upgrade_started = Instant::now();
     let out = Command::new(&installed)

@@ -21,8 +21,9 @@
 //!    over the old ones once it accepts (maps/handover.rs). The old kgate's open
 //!    connections stay in the old kgate's own sock hashes (keyed by socket cookie),
 //!    which the new one never opens.
-//! 4. Once it accepts, the new kgate answers `Ready` with its pid, and tells systemd
-//!    `MAINPID=` its pid and `READY=1`. Any error before that (a file that does not
+//! 4. Once it accepts, the new kgate answers `Ready` with its pid, and the old one,
+//!    still the service's main process, tells systemd `MAINPID=` the new pid (so the
+//!    unit needs no `NotifyAccess=all`). Any error before that (a file that does not
 //!    validate, say) is answered `Failed` with the message, or the new kgate exits:
 //!    either way the old one carries on as before, and `kgate upgrade` fails with the
 //!    reason.

@@ -207,14 +207,34 @@ fn xdp_program(lab: &Lab) -> Option<u64> {
     links[0]["xdp"]["prog"]["id"].as_u64()
 }
 
-/// Reads every notification that arrived on the fake systemd socket, one string each.
-fn notifications(socket: &UnixDatagram) -> Vec<String> {
+/// Every notification that arrived on the fake systemd socket: the sender's pid (from
+/// its credentials, as systemd reads them to apply `NotifyAccess=main`) and the text.
+fn notifications(socket: &UnixDatagram) -> Vec<(u32, String)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = socket.recv(&mut buf) {
-        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    loop {
+        let mut buf = [0u8; 4096];
+        let mut space = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let Ok(message) = recvmsg::<()>(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        ) else {
+            return got;
+        };
+        let pid = message
+            .cmsgs()
+            .unwrap()
+            .find_map(|c| match c {
+                ControlMessageOwned::ScmCredentials(creds) => Some(creds.pid() as u32),
+                _ => None,
+            })
+            .expect("credentials (SO_PASSCRED)");
+        let len = message.bytes;
+        got.push((pid, String::from_utf8_lossy(&buf[..len]).into_owned()));
     }
-    got
 }
 
 fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'static str) {
@@ -233,6 +253,7 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
     notify
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
+    nix::sys::socket::setsockopt(&notify, nix::sys::socket::sockopt::PassCred, &true).unwrap();
 
     let frontend = SocketAddr::new(lab.gateway().v4().into(), PORT);
     let config = format!(
@@ -251,7 +272,10 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
         &config,
         &[("NOTIFY_SOCKET", &notify_path)],
     );
-    assert_eq!(notifications(&notify), ["READY=1\n"]);
+    assert_eq!(
+        notifications(&notify),
+        [(old.pid(), "READY=1\n".to_owned())]
+    );
     let pin_path = pin_path_for(&lab);
     let old_servers_map = pinned_map_id(&pin_path.join("servers"));
     let old_xdp_program = xdp_program(&lab).expect("XDP attached");
@@ -340,10 +364,11 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
         "{:?}",
         exe(old.pid())
     );
+    // The old kgate, the main process until then, names the new one: systemd takes
+    // that with the unit's default NotifyAccess=main.
     assert_eq!(
         notifications(&notify),
-        [format!("MAINPID={new_pid}\nREADY=1\n")],
-        "the new kgate tells systemd it is the main process"
+        [(old.pid(), format!("MAINPID={new_pid}\nREADY=1\n"))],
     );
 
     // The old kgate drains: it exits once the long transfers are done, well before

@@ -178,7 +178,9 @@ async fn serve_with(
             "kgate ready"
         ),
     }
-    tell_systemd_ready(took_over_from.is_some());
+    if took_over_from.is_none() {
+        tell_systemd(&[NotifyState::Ready]);
+    }
 
     let mut hangup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
@@ -246,6 +248,9 @@ async fn serve_with(
                             std::process::id(),
                             global.shutdown_timeout
                         )));
+                        // Still the main process, this one may name the new one:
+                        // systemd follows it from now on (NotifyAccess stays `main`).
+                        tell_systemd(&[NotifyState::MainPid(next.pid), NotifyState::Ready]);
                         successor = Some(next);
                         break global.shutdown_timeout;
                     }
@@ -326,15 +331,11 @@ async fn offer(
     Ok(offer)
 }
 
-/// Tells systemd (`Type=notify`) that kgate serves; after an upgrade, also that this
-/// process is now the service's main one. Nothing without `NOTIFY_SOCKET`.
-fn tell_systemd_ready(took_over: bool) {
-    let mut states = vec![NotifyState::Ready];
-    if took_over {
-        states.insert(0, NotifyState::MainPid(std::process::id()));
-    }
-    if let Err(e) = sd_notify::notify(&states) {
-        warn!("could not tell systemd that kgate is ready: {e}");
+/// Tells systemd (`Type=notify`) that kgate serves, or after an upgrade which process
+/// is the service's main one now. Nothing without `NOTIFY_SOCKET`.
+fn tell_systemd(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!("could not tell systemd that kgate serves: {e}");
     }
 }
 

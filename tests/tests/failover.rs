@@ -21,7 +21,7 @@ use tests::{
     backend::{TcpServer, read_proxy_header},
     keepalived::Keepalived,
     kgate::{Kgate, kgate_bin},
-    lab::skip_without_root,
+    lab::{Lab, skip_without_root},
     pair::{LAN_IF, PREFIX, PairLab, VIP},
     rig::set_timeouts,
 };
@@ -304,4 +304,49 @@ fn a_keepalived_pair_fails_over_to_the_backup_kgate_bound_to_the_vip() {
          was stopped ({failed_1} connection attempts failed meanwhile), {killed_kgate:?} after \
          the master's kgate was killed ({failed_2} failed)"
     );
+}
+
+/// `kgate check` on a gateway: a listen address the host lacks gets a note (the file
+/// may be checked elsewhere, so it stays valid), unless its frontend has `freebind`.
+#[test]
+fn kgate_check_notes_listen_addresses_the_host_lacks_unless_freebind() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(0);
+    let check = |freebind: &str| {
+        let config = lab.temp_dir().join("check.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[frontends]]\nname = \"here\"\nlisten = [\"{}:25\", \"0.0.0.0:587\"]\nbackend = \"b\"\n\
+                 [[frontends]]\nname = \"vip\"\nlisten = [\"192.0.2.1:25\"]\nbackend = \"b\"\n{freebind}\n\
+                 [[backends]]\nname = \"b\"\n[[backends.servers]]\nname = \"s\"\naddress = \"192.0.2.9:25\"\n",
+                lab.gateway().v4()
+            ),
+        )
+        .unwrap();
+        let out = lab
+            .gateway()
+            .command(kgate_bin())
+            .arg("check")
+            .arg("-c")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("valid (2 frontends"));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let notes = check("");
+    assert_eq!(
+        notes.lines().collect::<Vec<_>>(),
+        [
+            "note: frontend `vip` listens on 192.0.2.1:25, which is not an address of this host: \
+          `kgate run` here cannot bind it until it is; on the backup of a VRRP pair, set \
+          `freebind = true`"
+        ],
+        "{notes}"
+    );
+    assert_eq!(check("freebind = true"), "");
 }

@@ -10,7 +10,8 @@
 //!    fd 3 (`KGATE_HANDOVER_FD=3`). It sends over it one message per socket, the file
 //!    descriptor attached (SCM_RIGHTS): each frontend listener, the metrics listener,
 //!    the control socket, and the open pin directory that holds its `flock`; then
-//!    `Done`.
+//!    the servers the operator set to drain or maint (`kgate server set`, a run-time
+//!    state that a reload keeps too); then `Done`.
 //! 3. The new kgate reads them before anything else, then starts as any kgate does
 //!    from its configuration file (read again: it may have changed), with what it was
 //!    handed: a listen address it was handed is not bound again (the same socket, so
@@ -62,6 +63,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tracing::info;
 
+use crate::pool::AdminState;
+
 /// The environment variable that tells a starting kgate where its predecessor's end of
 /// the socket pair is.
 pub const FD_ENV: &str = "KGATE_HANDOVER_FD";
@@ -80,7 +83,11 @@ enum Message {
     Metrics(SocketAddr),
     Control(PathBuf),
     PinDirLock(PathBuf),
-    Done { pid: u32 },
+    /// `BACKEND/SERVER` and its operator state (no fd).
+    ServerState(String, String),
+    Done {
+        pid: u32,
+    },
 }
 
 /// New to old.
@@ -100,6 +107,7 @@ pub struct Request {
 #[derive(Default)]
 pub struct Offer {
     sockets: Vec<(Message, OwnedFd)>,
+    server_states: Vec<Message>,
 }
 
 impl Offer {
@@ -117,6 +125,12 @@ impl Offer {
 
     pub fn pin_dir_lock(&mut self, path: &Path, fd: BorrowedFd<'_>) -> io::Result<()> {
         self.add(Message::PinDirLock(path.to_owned()), fd)
+    }
+
+    /// A server the operator set to `state` (drain or maint).
+    pub fn server_state(&mut self, server: String, state: AdminState) {
+        self.server_states
+            .push(Message::ServerState(server, state.to_string()));
     }
 
     fn add(&mut self, message: Message, fd: BorrowedFd<'_>) -> io::Result<()> {
@@ -170,6 +184,9 @@ pub async fn hand_over(binary: &Path, config: &Path, offer: Offer) -> Result<Suc
     let exchange = tokio::task::spawn_blocking(move || -> io::Result<Answer> {
         for (message, fd) in &offer.sockets {
             send(&ours, message, Some(fd.as_fd()))?;
+        }
+        for message in &offer.server_states {
+            send(&ours, message, None)?;
         }
         send(
             &ours,
@@ -300,6 +317,8 @@ pub struct Handed {
     pub metrics: Option<(SocketAddr, std::net::TcpListener)>,
     pub control: Option<(PathBuf, UnixListener)>,
     pub pin_dir_lock: Option<(PathBuf, fs::File)>,
+    /// `BACKEND/SERVER` set to drain or maint in the old kgate.
+    pub server_states: Vec<(String, AdminState)>,
 }
 
 impl Handed {
@@ -395,8 +414,14 @@ pub fn receive_handover() -> anyhow::Result<Option<(Handed, Predecessor)>> {
     let pid = loop {
         let (message, fd) =
             receive::<Message>(&channel).context("receiving the sockets from the running kgate")?;
-        if let Message::Done { pid } = message {
-            break pid;
+        match message {
+            Message::Done { pid } => break pid,
+            Message::ServerState(server, state) => {
+                let state = state.parse().map_err(anyhow::Error::msg)?;
+                handed.server_states.push((server, state));
+                continue;
+            }
+            _ => {}
         }
         let fd = fd.with_context(|| format!("{message:?} came without its socket"))?;
         match message {
@@ -412,7 +437,7 @@ pub fn receive_handover() -> anyhow::Result<Option<(Handed, Predecessor)>> {
             }
             Message::Control(path) => handed.control = Some((path, UnixListener::from(fd))),
             Message::PinDirLock(path) => handed.pin_dir_lock = Some((path, fs::File::from(fd))),
-            Message::Done { .. } => unreachable!("handled above"),
+            Message::Done { .. } | Message::ServerState(..) => unreachable!("handled above"),
         }
     };
     info!(

@@ -260,11 +260,13 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
         "{}shutdown_timeout = \"60s\"\nmetrics_listen = \"127.0.0.1:9464\"\n\n\
          [[frontends]]\nname = \"smtp\"\nlisten = [\"{frontend}\"]\nbackend = \"mail\"\n\n\
          [[backends]]\nname = \"mail\"\nsplice_after = \"0s\"\n\
-         [[backends.servers]]\nname = \"node0\"\naddress = \"{}:{PORT}\"\n\n\
+         [[backends.servers]]\nname = \"node0\"\naddress = \"{backend}:{PORT}\"\n\
+         [[backends.servers]]\nname = \"node1\"\naddress = \"{backend}:{}\"\n\n\
          [xdp]\ninterfaces = [\"{}\"]\n",
         global_section(&lab, dataplane),
-        lab.backend(0).v4(),
+        PORT + 1,
         lab.gateway().ifname(),
+        backend = lab.backend(0).v4(),
     );
     let mut old = Kgate::start_with_env(
         &lab,
@@ -276,6 +278,8 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
         notifications(&notify),
         [(old.pid(), "READY=1\n".to_owned())]
     );
+    // The operator's state of a server outlives the process, as it outlives a reload.
+    assert!(old.server_set("mail/node1", "maint").status.success());
     let pin_path = pin_path_for(&lab);
     let old_servers_map = pinned_map_id(&pin_path.join("servers"));
     let old_xdp_program = xdp_program(&lab).expect("XDP attached");
@@ -441,7 +445,7 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
     // The new kgate owns the pins: its own maps, readable by bpftool and kgate status.
     let servers_pin = pin_path.join("servers");
     assert_ne!(pinned_map_id(&servers_pin), old_servers_map);
-    assert_eq!(bpftool_server_names(&servers_pin), ["node0"]);
+    assert_eq!(bpftool_server_names(&servers_pin), ["node0", "node1"]);
     if dataplane == "sockmap" {
         for pin in ["peers", "spliced", "splice_stats"] {
             pinned_map_id(&pin_path.join(pin));
@@ -483,6 +487,7 @@ fn an_upgrade_refuses_no_connection_and_lets_the_old_ones_finish(dataplane: &'st
         .as_u64()
         .unwrap_or_else(|| panic!("{status}"));
     assert!(total > 0, "the new kgate counted no connection: {status}");
+    assert_eq!(status["servers"][1]["state"], "maint", "{status}");
     // And it serves the control socket.
     let reload = Command::new(kgate_bin())
         .args(["reload", "--socket"])

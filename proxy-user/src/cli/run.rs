@@ -21,7 +21,9 @@ use crate::{
     frontend,
     handover::{self, Handed, Predecessor},
     maps::{Bpf, MapsError, ServerMaps},
-    metrics, privileges, publish,
+    metrics,
+    pool::AdminState,
+    privileges, publish,
     xdp::EarlyDrop,
 };
 
@@ -129,6 +131,16 @@ async fn serve_with(
         early_drop,
         handed,
     )?;
+    for (server, state) in std::mem::take(&mut handed.server_states) {
+        // As a reload does: the operator's drain or maint outlives the process.
+        match daemon.gateway().server(&server) {
+            Some((b, s)) => {
+                daemon.gateway().pools[b].servers[s].set_admin(state);
+                info!(%server, "kept {state} from the old kgate");
+            }
+            None => info!(%server, "was {state} in the old kgate, and is no longer configured"),
+        }
+    }
     daemon.start(listeners).await;
     // Copies of the control and metrics sockets, to hand over at an upgrade.
     let control_fd = control_listener.as_fd().try_clone_to_owned()?;
@@ -322,6 +334,14 @@ async fn offer(
         })
         .await?;
     offer.control(control_path, control_fd.as_fd())?;
+    let gateway = daemon.gateway();
+    for (backend, pool) in gateway.config.backends.iter().zip(&gateway.pools) {
+        for (server, runtime) in backend.servers.iter().zip(&pool.servers) {
+            if runtime.admin() != AdminState::Ready {
+                offer.server_state(format!("{}/{}", backend.name, server.name), runtime.admin());
+            }
+        }
+    }
     if let Some((address, fd)) = metrics {
         offer.metrics(*address, fd.as_fd())?;
     }

@@ -462,3 +462,68 @@ fn is_socket(fd: RawFd) -> bool {
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     unsafe { libc::fstat(fd, &mut stat) == 0 && (stat.st_mode & libc::S_IFMT) == libc::S_IFSOCK }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_listener_sent_over_the_pair_is_the_same_socket_on_the_other_side() {
+        let (old, new) = pair();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        send(&old, &Message::Listener(address), Some(listener.as_fd())).unwrap();
+        // The sender closes its own: the socket lives on in the message.
+        drop(listener);
+        let (message, fd) = receive::<Message>(&new).unwrap();
+        assert!(matches!(message, Message::Listener(a) if a == address));
+        let received = std::net::TcpListener::from(fd.expect("the fd came along"));
+        assert_eq!(received.local_addr().unwrap(), address);
+
+        // A client of the old socket is accepted from the received one.
+        let mut client = std::net::TcpStream::connect(address).unwrap();
+        let (mut accepted, _) = received.accept().unwrap();
+        client.write_all(b"hello").unwrap();
+        let mut got = [0u8; 5];
+        accepted.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+    }
+
+    #[test]
+    fn answers_round_trip_and_a_closed_end_reads_as_eof() {
+        let (old, new) = pair();
+        send(
+            &new,
+            &Answer::Ready {
+                pid: 42,
+                pins_taken: true,
+            },
+            None,
+        )
+        .unwrap();
+        let (answer, fd) = receive::<Answer>(&old).unwrap();
+        assert!(matches!(
+            answer,
+            Answer::Ready {
+                pid: 42,
+                pins_taken: true
+            }
+        ));
+        assert!(fd.is_none());
+        drop(new);
+        let eof = receive::<Answer>(&old).unwrap_err();
+        assert_eq!(eof.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}

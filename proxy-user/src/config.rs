@@ -45,6 +45,8 @@ pub struct Global {
     pub shutdown_timeout: Duration,
     /// Leave the pinned maps in place at exit (a restart removes and recreates them).
     pub keep_pins: bool,
+    /// `freebind` for every frontend that does not set its own.
+    pub freebind: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -76,6 +78,9 @@ pub struct Frontend {
     pub max_connections_per_source: Option<u32>,
     /// Clients come through trusted proxies that send a PROXY header first.
     pub accept_proxy: Option<AcceptProxy>,
+    /// Listen even where the address is not (yet) on this host (`IP_FREEBIND`): the
+    /// backup of a VRRP pair listens on the virtual address it does not hold.
+    pub freebind: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -282,6 +287,8 @@ struct GlobalSection {
     shutdown_timeout: Option<Duration>,
     #[serde(default)]
     keep_pins: bool,
+    #[serde(default)]
+    freebind: bool,
 }
 
 impl Default for GlobalSection {
@@ -293,6 +300,7 @@ impl Default for GlobalSection {
             metrics_listen: None,
             shutdown_timeout: None,
             keep_pins: false,
+            freebind: false,
         }
     }
 }
@@ -329,6 +337,7 @@ struct FrontendSection {
     trusted_sources: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     accept_proxy_timeout: Option<Spanned<String>>,
+    freebind: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -548,6 +557,7 @@ impl ConfigFile {
                     accept_proxy_timeout: section.accept_proxy_timeout,
                 }
                 .validate(name)?,
+                freebind: section.freebind.unwrap_or(global.freebind),
             });
         }
         if frontends.is_empty() {
@@ -607,6 +617,7 @@ impl GlobalSection {
             metrics_listen: self.metrics_listen.map(|a| a.into_inner().0),
             shutdown_timeout: self.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
             keep_pins: self.keep_pins,
+            freebind: self.freebind,
         })
     }
 }
@@ -1116,6 +1127,36 @@ name = "b"
             .expect("README.md has a ```toml example");
         let config = parse(example).unwrap();
         assert_eq!(config.frontends[0].name, "smtp");
+    }
+
+    #[test]
+    fn freebind_is_off_unless_set_and_a_frontend_overrides_the_global_default() {
+        let text = |global: &str, frontend: &str| {
+            format!(
+                "[global]\n{global}\n[[frontends]]\nname = \"a\"\nlisten = [\"10.0.20.1:25\"]\n\
+                 backend = \"b\"\n{frontend}\n[[frontends]]\nname = \"c\"\n\
+                 listen = [\"10.0.20.1:587\"]\nbackend = \"b\"\n[[backends]]\nname = \"b\"\n\
+                 [[backends.servers]]\nname = \"s\"\naddress = \"127.0.0.1:25\"\n"
+            )
+        };
+        let freebind =
+            |config: Config| -> Vec<bool> { config.frontends.iter().map(|f| f.freebind).collect() };
+        assert_eq!(freebind(parse(&text("", "")).unwrap()), [false, false]);
+        assert_eq!(
+            freebind(parse(&text("", "freebind = true")).unwrap()),
+            [true, false]
+        );
+        assert_eq!(
+            freebind(parse(&text("freebind = true", "")).unwrap()),
+            [true, true]
+        );
+        assert_eq!(
+            freebind(parse(&text("freebind = true", "freebind = false")).unwrap()),
+            [false, true]
+        );
+        let error = error(&text("", "freebind = \"yes\""));
+        assert!(error.contains("kgate.toml:7:12:"), "{error}");
+        assert!(error.contains("invalid type"), "{error}");
     }
 
     #[test]

@@ -13,11 +13,13 @@
 //! touched.
 //!
 //! Shutdown: SIGTERM stops accepting and waits up to `shutdown_timeout` for open
-//! connections, then ends; SIGINT ends at once.
+//! connections, then ends; SIGINT ends at once. After an upgrade has handed the
+//! listeners over (handover.rs), the old kgate shuts down the same way as on SIGTERM.
 
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd},
     path::PathBuf,
     sync::{
         Arc, RwLock,
@@ -35,6 +37,7 @@ use crate::{
     dataplane::Dataplane,
     frontend,
     gateway::Gateway,
+    handover::Handed,
     health::wiring::{self, Watcher},
     maps::ServerMaps,
     pool::Slots,
@@ -59,25 +62,38 @@ pub struct Daemon {
 
 #[derive(Default)]
 struct Resources {
-    listeners: HashMap<SocketAddr, JoinHandle<()>>,
+    listeners: HashMap<SocketAddr, Listening>,
     watchers: HashMap<(String, String), Watcher>,
     slots: Slots,
 }
 
+/// A listening socket and the task accepting on it.
+struct Listening {
+    socket: Arc<TcpListener>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl Daemon {
-    /// Builds the first gateway and binds its listeners. Nothing is accepted before
-    /// [`Daemon::start`].
+    /// Builds the first gateway and binds its listeners, or takes those `handed` over
+    /// by the kgate this one replaces. Nothing is accepted before [`Daemon::start`].
     pub fn new(
         config: Config,
         config_path: PathBuf,
         dataplane: Dataplane,
         server_maps: Option<ServerMaps>,
         early_drop: Option<EarlyDrop>,
+        handed: &mut Handed,
     ) -> anyhow::Result<(Arc<Daemon>, Listeners)> {
         let mut resources = Resources::default();
         // Bind everything before accepting anything: a gateway that serves half of
         // its frontends is worse than one that refuses to start.
-        let listeners = bind_new(&config, &HashSet::new())?;
+        let listeners = bind_new(&config, &HashSet::new(), handed)?;
         let gateway = Gateway::build(config, None, &mut resources.slots)?;
         let daemon = Arc::new(Daemon {
             started: SystemTime::now(),
@@ -97,8 +113,9 @@ impl Daemon {
     pub async fn start(self: &Arc<Self>, listeners: Listeners) {
         let mut resources = self.resources.lock().await;
         for (address, listener) in listeners {
-            let task = tokio::spawn(accept(self.clone(), address, listener));
-            resources.listeners.insert(address, task);
+            resources
+                .listeners
+                .insert(address, self.listen(address, listener));
         }
         let gateway = self.gateway();
         wiring::update(self, &gateway, &mut resources.watchers);
@@ -142,7 +159,8 @@ impl Daemon {
 
         let mut resources = self.resources.lock().await;
         let listening: HashSet<SocketAddr> = resources.listeners.keys().copied().collect();
-        let new_listeners = bind_new(&config, &listening).map_err(|e| format!("{e:#}"))?;
+        let new_listeners =
+            bind_new(&config, &listening, &mut Handed::default()).map_err(|e| format!("{e:#}"))?;
         if let Some(early_drop) = &self.early_drop {
             early_drop.apply(&config).map_err(|e| format!("{e:#}"))?;
         }
@@ -158,18 +176,16 @@ impl Daemon {
             .flat_map(|f| f.listen.iter().copied())
             .collect();
         let mut closed = 0;
-        resources.listeners.retain(|address, task| {
+        resources.listeners.retain(|address, _| {
             let keep = wanted.contains(address);
-            if !keep {
-                task.abort();
-                closed += 1;
-            }
+            closed += usize::from(!keep);
             keep
         });
         let opened = new_listeners.len();
         for (address, listener) in new_listeners {
-            let task = tokio::spawn(accept(self.clone(), address, listener));
-            resources.listeners.insert(address, task);
+            resources
+                .listeners
+                .insert(address, self.listen(address, listener));
         }
         wiring::update(self, &gateway, &mut resources.watchers);
         self.changed.notify_one();
@@ -188,13 +204,23 @@ impl Daemon {
         Ok(summary)
     }
 
+    /// Closes this process's listening sockets (after an upgrade, its copies: the
+    /// sockets stay open in the kgate that took them over). Nothing is accepted once
+    /// this returns.
+    pub async fn stop_accepting(&self) {
+        let mut resources = self.resources.lock().await;
+        for (_, mut listening) in resources.listeners.drain() {
+            // An aborted task drops its socket only when the runtime next reaches it.
+            listening.task.abort();
+            let _ = (&mut listening.task).await;
+        }
+    }
+
     /// Stops accepting and the health checks; waits up to `timeout` for the open
     /// connections (none when `timeout` is zero). Returns how many were left.
     pub async fn shut_down(&self, timeout: Duration) -> usize {
+        self.stop_accepting().await;
         let mut resources = self.resources.lock().await;
-        for (_, task) in resources.listeners.drain() {
-            task.abort();
-        }
         wiring::stop_all(&mut resources.watchers);
         let deadline = Instant::now() + timeout;
         loop {
@@ -213,6 +239,26 @@ impl Daemon {
 
     pub fn open_connections(&self) -> usize {
         self.connections.load(Ordering::Acquire)
+    }
+
+    /// Calls `each` with every listening socket, for an upgrade to hand them over.
+    /// Reloads wait meanwhile, so the set cannot change under the caller.
+    pub async fn with_listeners<T>(
+        &self,
+        each: impl FnOnce(&mut dyn Iterator<Item = (SocketAddr, BorrowedFd<'_>)>) -> T,
+    ) -> T {
+        let resources = self.resources.lock().await;
+        let mut sockets = resources
+            .listeners
+            .iter()
+            .map(|(address, listening)| (*address, listening.socket.as_fd()));
+        each(&mut sockets)
+    }
+
+    fn listen(self: &Arc<Self>, address: SocketAddr, listener: TcpListener) -> Listening {
+        let socket = Arc::new(listener);
+        let task = tokio::spawn(accept(self.clone(), address, socket.clone()));
+        Listening { socket, task }
     }
 }
 
@@ -234,18 +280,33 @@ impl Drop for Open {
 /// Bound listeners, not accepting yet.
 pub type Listeners = Vec<(SocketAddr, TcpListener)>;
 
-/// Binds the listen addresses of `config` that are not in `listening`.
-fn bind_new(config: &Config, listening: &HashSet<SocketAddr>) -> anyhow::Result<Listeners> {
+/// Binds the listen addresses of `config` that are not in `listening`, taking those
+/// `handed` over by the kgate this one replaces instead of binding them again.
+fn bind_new(
+    config: &Config,
+    listening: &HashSet<SocketAddr>,
+    handed: &mut Handed,
+) -> anyhow::Result<Listeners> {
     let mut bound = Vec::new();
     for frontend in &config.frontends {
         for &address in &frontend.listen {
             if listening.contains(&address) {
                 continue;
             }
-            let listener = frontend::bind(address).map_err(|e| {
+            if let Some(listener) = handed.take_listener(address) {
+                bound.push((address, TcpListener::from_std(listener)?));
+                continue;
+            }
+            let listener = frontend::bind(address, frontend.freebind).map_err(|e| {
+                let hint = if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                    "the address is not on this host: configure it, or set `freebind = true` \
+                     if it comes later (the virtual address of a VRRP pair)"
+                } else {
+                    "is the address configured on this host, and is no other program \
+                     listening on it?"
+                };
                 anyhow::anyhow!(
-                    "frontend `{}` cannot listen on {address}: {e}: is the address configured \
-                     on this host, and is no other program listening on it?",
+                    "frontend `{}` cannot listen on {address}: {e}: {hint}",
                     frontend.name
                 )
             })?;
@@ -257,7 +318,7 @@ fn bind_new(config: &Config, listening: &HashSet<SocketAddr>) -> anyhow::Result<
 
 /// Accepts on one address for as long as some frontend of the current gateway
 /// listens there; each client goes to that frontend.
-async fn accept(daemon: Arc<Daemon>, address: SocketAddr, listener: TcpListener) {
+async fn accept(daemon: Arc<Daemon>, address: SocketAddr, listener: Arc<TcpListener>) {
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {

@@ -3,6 +3,8 @@
 //!
 //! - [`lab`]: a client, a gateway and backends, each in its own network namespace,
 //!   joined by veths and routed through the gateway ([`lab::Lab`], [`lab::NetNs`]).
+//! - [`pair`]: two gateways sharing a virtual address on a bridge, a client and a
+//!   backend ([`pair::PairLab`]); [`keepalived`] runs a private keepalived in one.
 //! - [`kgate`]: runs the `kgate` daemon in the gateway and watches its log.
 //! - [`browser`]: headless Chromium, driven over the DevTools protocol, for pages kgate serves.
 //! - [`backend`]: what sits behind the proxy: PROXY header reading, a threaded TCP
@@ -19,9 +21,11 @@
 
 pub mod backend;
 pub mod browser;
+pub mod keepalived;
 pub mod kgate;
 pub mod lab;
 pub mod packet;
+pub mod pair;
 pub mod postfix;
 pub mod rawtcp;
 pub mod rig;

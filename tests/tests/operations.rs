@@ -462,8 +462,10 @@ fn after_start_kgate_keeps_only_the_capabilities_it_needs_and_hides_its_state() 
             assert!(answers(smtp));
         }
     });
-    // CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12), CAP_BPF (39).
-    let kept: u64 = (1 << 10) | (1 << 12) | (1 << 39);
+    // CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12), CAP_NET_RAW (13, for the packet
+    // plane's resets), CAP_PERFMON (38, for the programs of the binary an upgrade
+    // starts), CAP_BPF (39).
+    let kept: u64 = (1 << 10) | (1 << 12) | (1 << 13) | (1 << 38) | (1 << 39);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let threads: Vec<(String, u64)> = fs::read_dir(format!("/proc/{}/task", kgate.pid()))

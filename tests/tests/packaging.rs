@@ -163,8 +163,9 @@ fn the_debian_package_installs_binary_unit_and_example_and_systemd_accepts_the_u
         "the package must not install under /etc:\n{contents}"
     );
 
-    // Maintainer scripts: the unit is registered, never enabled or started on install,
-    // restarted on upgrade only if it runs, stopped on removal.
+    // Maintainer scripts: the unit is registered, never enabled or started on install;
+    // on upgrade a running kgate hands over to the new binary (restarted only if that
+    // fails), and is neither stopped nor restarted by debhelper; stopped on removal.
     let postinst = run_ok(
         Command::new("dpkg-deb")
             .arg("--info")
@@ -172,6 +173,17 @@ fn the_debian_package_installs_binary_unit_and_example_and_systemd_accepts_the_u
             .arg("postinst"),
     );
     assert!(postinst.contains("deb-systemd-helper update-state kgate.service"));
+    let debhelper = postinst
+        .find("deb-systemd-helper")
+        .expect("debhelper's snippet");
+    let upgrade = postinst
+        .find("/usr/bin/kgate upgrade -c /etc/kgate/kgate.toml")
+        .unwrap_or_else(|| panic!("postinst must hand over with `kgate upgrade`:\n{postinst}"));
+    let reload = postinst.find("daemon-reload").expect("a daemon-reload");
+    assert!(
+        debhelper < reload && reload < upgrade,
+        "the unit must be reloaded before the hand-over:\n{postinst}"
+    );
     assert!(postinst.contains("deb-systemd-invoke try-restart kgate.service"));
     assert!(
         !postinst.contains("invoke start") && !postinst.contains("invoke restart"),
@@ -184,6 +196,10 @@ fn the_debian_package_installs_binary_unit_and_example_and_systemd_accepts_the_u
             .arg("prerm"),
     );
     assert!(prerm.contains("deb-systemd-invoke stop kgate.service"));
+    assert!(
+        prerm.contains(r#""$1" = remove"#),
+        "prerm must stop kgate on removal only, not on upgrade:\n{prerm}"
+    );
 
     // Unpacked into a scratch root: each file in place, as in the source tree.
     let root = scratch.0.join("root");
@@ -194,6 +210,10 @@ fn the_debian_package_installs_binary_unit_and_example_and_systemd_accepts_the_u
     for (installed, source) in [
         (&unit, "packaging/kgate.service"),
         (&example, "packaging/kgate.toml"),
+        (
+            &root.join("usr/share/doc/kgate/examples/keepalived.conf"),
+            "packaging/keepalived.conf",
+        ),
         (&root.join("usr/share/doc/kgate/README.md"), "README.md"),
     ] {
         assert_eq!(

@@ -88,6 +88,11 @@ pub const DEBIAN_PACKAGES: &[DebianPackage] = &[
         "SMTP sessions from the lab's client namespace, through kgate to Postfix",
     ),
     DebianPackage::new(
+        "keepalived",
+        "VRRP between the two gateways of tests/tests/failover.rs, run as private instances \
+         in the lab's namespaces (own config and pid files); the system service is not used",
+    ),
+    DebianPackage::new(
         "systemd",
         "`systemd-analyze verify` and `security --offline` check kgate's unit in the packaging \
          test (it runs no systemd; installing the package starts nothing in a container)",

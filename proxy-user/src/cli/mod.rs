@@ -6,6 +6,7 @@ mod reload;
 mod run;
 mod server;
 mod status;
+mod upgrade;
 
 use std::path::PathBuf;
 
@@ -71,6 +72,25 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Replaces the running kgate with a new binary without refusing a connection: the
+    /// running kgate starts the new one and hands it its listening sockets; the new one
+    /// serves, the old one lets its open connections finish (up to `shutdown_timeout`)
+    /// and exits. Exit code 1, and the old kgate goes on serving, if the new one cannot
+    /// start (a configuration that does not validate, say).
+    ///
+    /// Example: kgate upgrade
+    /// Example: kgate upgrade --binary /usr/bin/kgate
+    Upgrade {
+        /// The configuration file, for `control_socket`.
+        #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
+        config: PathBuf,
+        /// The control socket (instead of the configuration's `control_socket`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The new kgate binary (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Changes a server at run time.
     #[command(subcommand)]
     Server(ServerCommand),
@@ -110,6 +130,11 @@ impl Cli {
                 json,
             } => status::status(&config, socket, json),
             Command::Reload { config, socket } => reload::reload(&config, socket),
+            Command::Upgrade {
+                config,
+                socket,
+                binary,
+            } => upgrade::upgrade(&config, socket, binary),
             Command::Server(ServerCommand::Set {
                 server,
                 state,

@@ -68,7 +68,7 @@ impl EarlyDrop {
         };
         check_interfaces(&settings.interfaces)?;
         if bpf.is_none() {
-            let loaded = Bpf::load(&config.global.bpf_pin_path).context(
+            let loaded = Bpf::load(&config.global.bpf_pin_path, None).context(
                 "[xdp] is configured, but eBPF cannot load here: run kgate as root (or with \
                  CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON), or remove the [xdp] section",
             )?;

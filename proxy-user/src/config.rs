@@ -203,6 +203,18 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// "1 frontend, 2 backends, 8 servers".
+    pub fn summary(&self) -> String {
+        let servers: usize = self.backends.iter().map(|b| b.servers.len()).sum();
+        let count = |n: usize, noun: &str| format!("{n} {noun}{}", if n == 1 { "" } else { "s" });
+        format!(
+            "{}, {}, {}",
+            count(self.frontends.len(), "frontend"),
+            count(self.backends.len(), "backend"),
+            count(servers, "server")
+        )
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),

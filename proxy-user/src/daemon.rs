@@ -174,15 +174,8 @@ impl Daemon {
         wiring::update(self, &gateway, &mut resources.watchers);
         self.changed.notify_one();
         let summary = format!(
-            "reloaded: {} frontends, {} backends, {} servers; {opened} listeners opened, {closed} closed",
-            gateway.config.frontends.len(),
-            gateway.config.backends.len(),
-            gateway
-                .config
-                .backends
-                .iter()
-                .map(|b| b.servers.len())
-                .sum::<usize>()
+            "reloaded: {}; {opened} listeners opened, {closed} closed",
+            gateway.config.summary()
         );
         info!("{summary}");
         Ok(summary)

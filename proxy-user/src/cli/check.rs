@@ -12,13 +12,6 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
     {
         crate::xdp::read_blocklist_file(file)?;
     }
-    let servers: usize = config.backends.iter().map(|b| b.servers.len()).sum();
-    println!(
-        "{}: valid ({} frontends, {} backends, {} servers)",
-        path.display(),
-        config.frontends.len(),
-        config.backends.len(),
-        servers
-    );
+    println!("{}: valid ({})", path.display(), config.summary());
     Ok(())
 }

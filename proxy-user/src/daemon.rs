@@ -38,6 +38,7 @@ use crate::{
     health::wiring::{self, Watcher},
     maps::ServerMaps,
     pool::Slots,
+    restart_only,
     xdp::EarlyDrop,
 };
 
@@ -112,32 +113,15 @@ impl Daemon {
             .clone()
     }
 
-    /// Re-reads the configuration file and applies what changed; on any error
-    /// nothing changes and the error says why.
+    /// Re-reads the configuration file and applies what changed. An error says why:
+    /// an invalid file changes nothing; changes only a restart applies (see
+    /// `restart_only`) leave the rest applied, and are listed.
     pub async fn reload(self: &Arc<Self>) -> Result<String, String> {
         let config = Config::load(&self.config_path).map_err(|e| e.to_string())?;
         let old = self.gateway();
-        for (what, changed) in [
-            (
-                "bpf_pin_path",
-                config.global.bpf_pin_path != old.config.global.bpf_pin_path,
-            ),
-            (
-                "control_socket",
-                config.global.control_socket != old.config.global.control_socket,
-            ),
-            (
-                "dataplane",
-                config.global.dataplane != old.config.global.dataplane,
-            ),
-            (
-                "metrics_listen",
-                config.global.metrics_listen != old.config.global.metrics_listen,
-            ),
-        ] {
-            if changed {
-                warn!("reload: `{what}` changed; it takes effect when kgate restarts");
-            }
+        let restart_only = restart_only::changes(&old.config, &config, self.early_drop.is_some());
+        for change in &restart_only {
+            warn!("reload: {change} takes effect when kgate restarts");
         }
 
         let mut resources = self.resources.lock().await;
@@ -178,7 +162,14 @@ impl Daemon {
             gateway.config.summary()
         );
         info!("{summary}");
-        Ok(summary)
+        if restart_only.is_empty() {
+            Ok(summary)
+        } else {
+            Err(format!(
+                "{summary}; not applied until kgate restarts (systemctl restart kgate): {}",
+                restart_only.join("; ")
+            ))
+        }
     }
 
     /// Stops accepting and the health checks; waits up to `timeout` for the open

@@ -35,6 +35,7 @@ mod privileges;
 mod proxy_header;
 mod publish;
 mod rate;
+mod restart_only;
 mod sockopt;
 mod status;
 mod upstream;

@@ -79,7 +79,7 @@ async fn serve_with(
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading the configuration");
                 if let Err(e) = daemon.reload().await {
-                    warn!("reload failed, the running configuration stays: {e}");
+                    warn!("reload: {e}");
                 }
             }
             _ = terminate.recv() => {

@@ -103,7 +103,20 @@ async fn execute(daemon: &Arc<Daemon>, request: &str) -> Result<String, String> 
             let state: AdminState = state.parse()?;
             let gateway = daemon.gateway();
             let (b, s) = gateway.server(name).ok_or_else(|| {
-                format!("no server `{name}`: give BACKEND/SERVER as in the configuration")
+                let known: Vec<String> = gateway
+                    .config
+                    .backends
+                    .iter()
+                    .flat_map(|b| {
+                        b.servers
+                            .iter()
+                            .map(move |s| format!("{}/{}", b.name, s.name))
+                    })
+                    .collect();
+                format!(
+                    "no server `{name}`: give BACKEND/SERVER as in the configuration, one of: {}",
+                    known.join(", ")
+                )
             })?;
             gateway.pools[b].servers[s].set_admin(state);
             daemon.changed.notify_one();

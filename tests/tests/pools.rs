@@ -311,7 +311,12 @@ fn drain_and_maint_do_what_they_say_and_status_agrees_with_bpftool() {
 
     let bad = rig.kgate.server_set("mail/node9", "drain");
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("no server `mail/node9`"));
+    let complaint = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        complaint.contains("no server `mail/node9`")
+            && complaint.contains("one of: mail/node0, mail/node1"),
+        "{complaint}"
+    );
 
     // What kgate status says is what the pinned map holds, once kgate has published it
     // (every second, from the same entries).

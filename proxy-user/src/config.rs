@@ -208,6 +208,18 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// "1 frontend, 2 backends, 8 servers".
+    pub fn summary(&self) -> String {
+        let servers: usize = self.backends.iter().map(|b| b.servers.len()).sum();
+        let count = |n: usize, noun: &str| format!("{n} {noun}{}", if n == 1 { "" } else { "s" });
+        format!(
+            "{}, {}, {}",
+            count(self.frontends.len(), "frontend"),
+            count(self.backends.len(), "backend"),
+            count(servers, "server")
+        )
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -401,10 +413,19 @@ impl<'de> Deserialize<'de> for Address {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         text.parse().map(Address).map_err(|_| {
-            de::Error::custom(format!(
-                "`{text}` is not an address with a port: write it as \"192.0.2.1:25\" \
-                 or \"[2001:db8::1]:25\""
-            ))
+            let form = "write it as \"192.0.2.1:25\" or \"[2001:db8::1]:25\"";
+            let (host, port) = text.rsplit_once(':').unwrap_or((&text, ""));
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            de::Error::custom(
+                match (host.parse::<std::net::IpAddr>(), port.parse::<u64>()) {
+                    (Ok(_), Ok(port)) => format!("`{text}`: port {port} is over 65535"),
+                    (Err(_), Ok(_)) if !host.is_empty() => format!(
+                        "`{text}` names a host: kgate takes IP addresses (it resolves no names); \
+                     {form}"
+                    ),
+                    _ => format!("`{text}` is not an address with a port: {form}"),
+                },
+            )
         })
     }
 }
@@ -412,14 +433,30 @@ impl<'de> Deserialize<'de> for Address {
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let duration = optional_delay(d)?;
     if duration.is_some_and(|d| d.is_zero()) {
-        return Err(de::Error::custom("a timeout of zero would never connect"));
+        return Err(de::Error::custom(
+            "zero is not allowed here: give a duration such as \"2s\"",
+        ));
     }
     Ok(duration)
 }
 
 /// A duration that may be zero ("at once").
 fn optional_delay<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text = String::deserialize(d)?;
+    // A bare number is the commonest slip (`interval = 1`): say which unit to add.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Number(i64),
+    }
+    let text = match Written::deserialize(d)? {
+        Written::Text(text) => text,
+        Written::Number(n) => {
+            return Err(de::Error::custom(format!(
+                "`{n}` has no unit: write \"{n}s\" for seconds (or \"{n}ms\", \"{n}m\")"
+            )));
+        }
+    };
     let duration = humantime::parse_duration(&text).map_err(|e| {
         de::Error::custom(format!(
             "`{text}` is not a duration ({e}): write it as \"500ms\", \"5s\" or \"2m\""
@@ -1015,6 +1052,29 @@ address = "127.0.0.1:25"
             "{message}"
         );
         assert!(message.contains("`mail-smtp`"), "{message}");
+    }
+
+    #[test]
+    fn addresses_durations_and_their_slips_get_messages_that_say_the_fix() {
+        let message = |listen: &str, interval: &str| {
+            let text = format!(
+                "[[frontends]]\nname = \"f\"\nlisten = [{listen}]\nbackend = \"b\"\n\
+                 [[backends]]\nname = \"b\"\n[backends.health]\ncheck = \"tcp\"\n\
+                 interval = {interval}\n[[backends.servers]]\nname = \"s\"\n\
+                 address = \"127.0.0.1:25\"\n"
+            );
+            Config::parse(&text, Path::new("k.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let m = message("\"127.0.0.1:70000\"", "\"2s\"");
+        assert!(m.contains("port 70000 is over 65535"), "{m}");
+        let m = message("\"mail.example.org:25\"", "\"2s\"");
+        assert!(m.contains("names a host"), "{m}");
+        let m = message("\"127.0.0.1:25\"", "1");
+        assert!(m.contains("`1` has no unit: write \"1s\""), "{m}");
+        let m = message("\"127.0.0.1:25\"", "\"0s\"");
+        assert!(m.contains("zero is not allowed here"), "{m}");
     }
 
     #[test]

@@ -109,14 +109,27 @@ async fn answer(
 async fn execute(daemon: &Arc<Daemon>, request: &str) -> Result<String, String> {
     let words: Vec<&str> = request.split_whitespace().collect();
     match words.as_slice() {
-        ["reload"] => daemon.reload().await,
+        ["reload"] => daemon.reload().await.map_err(|e| e.to_string()),
         // One line of JSON: the reply is one line.
         ["status"] => serde_json::to_string(&status::build(daemon)).map_err(|e| e.to_string()),
         ["server", "set", name, state] => {
             let state: AdminState = state.parse()?;
             let gateway = daemon.gateway();
             let (b, s) = gateway.server(name).ok_or_else(|| {
-                format!("no server `{name}`: give BACKEND/SERVER as in the configuration")
+                let known: Vec<String> = gateway
+                    .config
+                    .backends
+                    .iter()
+                    .flat_map(|b| {
+                        b.servers
+                            .iter()
+                            .map(move |s| format!("{}/{}", b.name, s.name))
+                    })
+                    .collect();
+                format!(
+                    "no server `{name}`: give BACKEND/SERVER as in the configuration, one of: {}",
+                    known.join(", ")
+                )
             })?;
             gateway.pools[b].servers[s].set_admin(state);
             daemon.changed.notify_one();

@@ -41,6 +41,7 @@ use crate::{
     health::wiring::{self, Watcher},
     maps::ServerMaps,
     pool::Slots,
+    restart_only,
     xdp::EarlyDrop,
 };
 
@@ -129,43 +130,30 @@ impl Daemon {
             .clone()
     }
 
-    /// Re-reads the configuration file and applies what changed; on any error
-    /// nothing changes and the error says why.
-    pub async fn reload(self: &Arc<Self>) -> Result<String, String> {
-        let config = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+    /// Re-reads the configuration file and applies what changed. An error says why:
+    /// an invalid file changes nothing; changes only a restart applies (see
+    /// `restart_only`) leave the rest applied, and are listed.
+    pub async fn reload(self: &Arc<Self>) -> Result<String, ReloadError> {
+        let refused = |e: String| ReloadError::Refused(e);
+        let config = Config::load(&self.config_path).map_err(|e| refused(e.to_string()))?;
         let old = self.gateway();
-        for (what, changed) in [
-            (
-                "bpf_pin_path",
-                config.global.bpf_pin_path != old.config.global.bpf_pin_path,
-            ),
-            (
-                "control_socket",
-                config.global.control_socket != old.config.global.control_socket,
-            ),
-            (
-                "dataplane",
-                config.global.dataplane != old.config.global.dataplane,
-            ),
-            (
-                "metrics_listen",
-                config.global.metrics_listen != old.config.global.metrics_listen,
-            ),
-        ] {
-            if changed {
-                warn!("reload: `{what}` changed; it takes effect when kgate restarts");
-            }
+        let restart_only = restart_only::changes(&old.config, &config, self.early_drop.is_some());
+        for change in &restart_only {
+            warn!("reload: {change} takes effect when kgate restarts");
         }
 
         let mut resources = self.resources.lock().await;
         let listening: HashSet<SocketAddr> = resources.listeners.keys().copied().collect();
-        let new_listeners =
-            bind_new(&config, &listening, &mut Handed::default()).map_err(|e| format!("{e:#}"))?;
+        let new_listeners = bind_new(&config, &listening, &mut Handed::default())
+            .map_err(|e| refused(format!("{e:#}")))?;
         if let Some(early_drop) = &self.early_drop {
-            early_drop.apply(&config).map_err(|e| format!("{e:#}"))?;
+            early_drop
+                .apply(&config)
+                .map_err(|e| refused(format!("{e:#}")))?;
         }
         let gateway = Arc::new(
-            Gateway::build(config, Some(&old), &mut resources.slots).map_err(|e| e.to_string())?,
+            Gateway::build(config, Some(&old), &mut resources.slots)
+                .map_err(|e| refused(e.to_string()))?,
         );
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = gateway.clone();
 
@@ -190,18 +178,18 @@ impl Daemon {
         wiring::update(self, &gateway, &mut resources.watchers);
         self.changed.notify_one();
         let summary = format!(
-            "reloaded: {} frontends, {} backends, {} servers; {opened} listeners opened, {closed} closed",
-            gateway.config.frontends.len(),
-            gateway.config.backends.len(),
-            gateway
-                .config
-                .backends
-                .iter()
-                .map(|b| b.servers.len())
-                .sum::<usize>()
+            "reloaded: {}; {opened} listeners opened, {closed} closed",
+            gateway.config.summary()
         );
         info!("{summary}");
-        Ok(summary)
+        if restart_only.is_empty() {
+            Ok(summary)
+        } else {
+            Err(ReloadError::Partly {
+                summary,
+                restart_only,
+            })
+        }
     }
 
     /// Closes this process's listening sockets (after an upgrade, its copies: the
@@ -260,6 +248,23 @@ impl Daemon {
         let task = tokio::spawn(accept(self.clone(), address, socket.clone()));
         Listening { socket, task }
     }
+}
+
+/// Why a reload did not apply the whole file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// Nothing changed: the running configuration stays.
+    #[error("{0}")]
+    Refused(String),
+    /// Applied but for what only a restart can change.
+    #[error(
+        "{summary}; not applied until kgate restarts (systemctl restart kgate): {}",
+        restart_only.join("; ")
+    )]
+    Partly {
+        summary: String,
+        restart_only: Vec<String>,
+    },
 }
 
 /// A client connection, counted open (for a graceful shutdown) until dropped.

@@ -37,6 +37,7 @@ mod privileges;
 mod proxy_header;
 mod publish;
 mod rate;
+mod restart_only;
 mod sockopt;
 mod status;
 mod upstream;

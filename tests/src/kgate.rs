@@ -95,9 +95,7 @@ pub fn scrape_metrics(lab: &Lab, address: &str) -> prometheus_parse::Scrape {
     });
     let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    // prometheus-parse does not take an empty label set (`name{} 1`), which the text
-    // format allows and kgate writes for its unlabelled series.
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.replacen("{} ", " ", 1))))
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
         .expect("the Prometheus text format")
 }
 

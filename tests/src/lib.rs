@@ -10,6 +10,7 @@
 //! - [`backend`]: what sits behind the proxy: PROXY header reading, a threaded TCP
 //!   server and a mock mail server.
 //! - [`postfix`]: a real, private Postfix (postscreen behind PROXY v2) in a namespace.
+//! - [`prometheus`]: `promtool check metrics`, and a real Prometheus scraping kgate.
 //! - [`smtp`]: a small SMTP client, and the byte sequences of kgate's health checks.
 //! - [`rawtcp`]: a hand-made TCP client that sends overlapping retransmissions.
 //! - [`sockmap`]: counts the entries of kgate's pinned sock hashes.
@@ -27,6 +28,7 @@ pub mod lab;
 pub mod packet;
 pub mod pair;
 pub mod postfix;
+pub mod prometheus;
 pub mod rawtcp;
 pub mod rig;
 pub mod smtp;

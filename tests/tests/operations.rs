@@ -496,3 +496,38 @@ fn after_start_kgate_keeps_only_the_capabilities_it_needs_and_hides_its_state() 
     let control = std::path::PathBuf::from(format!("/run/kgate-test-{}.sock", lab.unique_name()));
     assert_eq!(mode(&control), 0o600, "control socket");
 }
+
+/// A reload applies what it can and says, with a non-zero exit, what waits for a
+/// restart: a changed `metrics_listen` and an added `[xdp]` section.
+#[test]
+fn reload_lists_what_only_a_restart_applies_and_exits_non_zero() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(1);
+    let _server = echo(&lab, 0);
+    let kgate = Kgate::start(&lab, &config(&lab, "", &[("smtp", 2525)], &[0]));
+    let mut changed = config(
+        &lab,
+        "metrics_listen = \"127.0.0.1:9464\"\n",
+        &[("smtp", 2525), ("submission", 2587)],
+        &[0],
+    );
+    changed.push_str(&format!(
+        "\n[xdp]\ninterfaces = [\"{}\"]\n",
+        lab.gateway_ifname_toward_backend(0)
+    ));
+    fs::write(kgate.config_path(), changed).unwrap();
+    let reload = kgate.reload();
+    let stderr = String::from_utf8_lossy(&reload.stderr);
+    assert!(!reload.status.success(), "reload exited 0: {stderr}");
+    assert!(
+        stderr.contains("`metrics_listen`: none -> 127.0.0.1:9464")
+            && stderr.contains("[xdp] added")
+            && stderr.contains("systemctl restart kgate"),
+        "{stderr}"
+    );
+    // The rest is applied: the new frontend answers.
+    let submission = at(&lab, 2587);
+    assert!(lab.client().run(move || answers(submission)), "{stderr}");
+}

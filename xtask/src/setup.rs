@@ -103,6 +103,15 @@ pub const DEBIAN_PACKAGES: &[DebianPackage] = &[
          test reads the page it rendered (tests/tests/stats_page.rs)",
     ),
     DebianPackage::new(
+        "prometheus",
+        "`promtool check metrics` lints kgate's /metrics, and a real Prometheus scrapes it \
+         in the lab (tests/tests/metrics_prometheus.rs); the system service is not used",
+    ),
+    DebianPackage::new(
+        "lintian",
+        "checks the Debian package `cargo xtask deb` builds (tests/tests/packaging.rs)",
+    ),
+    DebianPackage::new(
         "dpkg-dev",
         "`dpkg-shlibdeps`: cargo-deb computes the Debian package's Depends with it",
     ),

@@ -24,14 +24,7 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
              set `freebind = true`"
         );
     }
-    let servers: usize = config.backends.iter().map(|b| b.servers.len()).sum();
-    println!(
-        "{}: valid ({} frontends, {} backends, {} servers)",
-        path.display(),
-        config.frontends.len(),
-        config.backends.len(),
-        servers
-    );
+    println!("{}: valid ({})", path.display(), config.summary());
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 
 mod block;
 mod check;
+mod man;
 mod reload;
 mod run;
 mod server;
@@ -97,6 +98,13 @@ enum Command {
     /// Blocks source prefixes in XDP, before they reach a socket ([xdp] in the config).
     #[command(subcommand)]
     Block(block::BlockCommand),
+    /// Writes the manual pages (kgate.1, kgate-run.1, ...) into DIR, for the Debian
+    /// package.
+    #[command(hide = true)]
+    Man {
+        /// Where to write them.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -142,6 +150,7 @@ impl Cli {
                 socket,
             }) => server::set(&config, socket, &server, &state),
             Command::Block(command) => block::block(command),
+            Command::Man { dir } => man::write(&dir),
         }
     }
 }

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::{
     config::{Config, DataplaneMode, Global},
     control,
-    daemon::Daemon,
+    daemon::{Daemon, ReloadError},
     dataplane::{Dataplane, Packet, Sockmap},
     frontend,
     handover::{self, Handed, Predecessor},
@@ -202,8 +202,13 @@ async fn serve_with(
         tokio::select! {
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                if let Err(e) = daemon.reload().await {
-                    warn!("reload failed, the running configuration stays: {e}");
+                match daemon.reload().await {
+                    Ok(_) => {}
+                    Err(e @ ReloadError::Refused(_)) => {
+                        warn!("reload failed, the running configuration stays: {e}");
+                    }
+                    // Each change a restart applies was logged already.
+                    Err(ReloadError::Partly { .. }) => {}
                 }
             }
             _ = terminate.recv() => {

@@ -165,6 +165,11 @@ impl Bpf {
     /// Takes map `name` out of the object and pins it as `pin_dir/pin`.
     fn take_pinned(&mut self, name: &'static str, pin: &str) -> Result<Map, MapsError> {
         let map = self.ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
+        self.pin(map, pin)
+    }
+
+    /// Pins `map` as `pin` in the pin directory, removed with the others at exit.
+    fn pin(&mut self, map: Map, pin: &str) -> Result<Map, MapsError> {
         let path = self.staging.as_ref().unwrap_or(&self.pin_dir).join(pin);
         map.pin(&path).map_err(|e| MapsError::Pin {
             path: path.clone(),

@@ -505,7 +505,7 @@ fn dataplane_families(daemon: &Daemon) -> Vec<Family> {
                     )
                 },
             ];
-            if let Ok(stats) = packet.stats() {
+            if let Some(Ok(stats)) = packet.stats() {
                 all.push(Family {
                     series: [
                         ("forwarded", stats.forwarded_segments),

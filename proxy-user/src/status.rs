@@ -42,7 +42,7 @@ pub struct About {
     pub pid: u32,
     pub now: u64,
     pub started: u64,
-    /// `sockmap` or `userspace`.
+    /// `sockmap`, `packet` or `userspace`.
     pub dataplane: String,
     pub open_connections: usize,
     /// Spliced connections waiting without a task (sockmap only).
@@ -60,6 +60,9 @@ pub struct PacketStatus {
     pub handoffs: u64,
     /// Connections that stayed copied, by reason.
     pub fallbacks: BTreeMap<String, u64>,
+    /// Why the TC programs could not load or attach: every connection is copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -154,6 +157,7 @@ pub fn build(daemon: &Daemon) -> Status {
                 .fallbacks()
                 .map(|(reason, n)| (reason.as_str().to_owned(), n))
                 .collect(),
+            unavailable: packet.unavailable_reason().map(str::to_owned),
         }),
         _ => None,
     };

@@ -9,7 +9,9 @@
 //! - half-closes and resets from each side of forwarded connections, and a backend
 //!   process killed mid-transfer;
 //! - timeouts and SIGTERM resetting both peers of forwarded connections;
-//! - connections that cannot be translated staying copied, counted by reason;
+//! - connections that cannot be translated, whose server is reached through an
+//!   interface added after kgate started, or that find no programs loaded, staying
+//!   copied, counted by reason;
 //! - a real Postfix postscreen session, and a real TLS session (client first).
 //!
 //! Needs root (network namespaces, eBPF); without it each test prints why it skips.
@@ -25,7 +27,7 @@ use std::{
 
 use tests::{
     backend::{TcpServer, read_proxy_header},
-    kgate::{Kgate, global_section},
+    kgate::{Kgate, control_socket_for, global_section, kgate_bin, metric_value, scrape_metrics},
     lab::{Lab, NetNs, skip_without_root},
     postfix::Postfix,
     rig::{IO_TIMEOUT, Rig, connect, move_bulk_both_ways, receive_all, send_random, set_timeouts},
@@ -475,6 +477,207 @@ fn connections_that_cannot_be_translated_stay_copied_and_are_counted_by_reason()
         &[("reason", "address families")],
     );
     assert_eq!(scraped, 1.0);
+}
+
+/// Runs `ip` in `ns` with `args`; panics with its error output when it fails.
+fn ip_in(ns: &NetNs, args: &[&str]) {
+    let out = ns.command("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_server_reached_through_an_interface_added_after_start_stays_copied() {
+    if skip_without_root() {
+        return;
+    }
+    let rig = Rig::start("packet", 1);
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        let _ = s.read(&mut buf);
+    });
+    let frontend = rig.frontend_v4();
+    let ping = move || {
+        let mut c = connect(frontend);
+        // Quiet after the header: the moment of a handoff.
+        thread::sleep(Duration::from_millis(300));
+        c.write_all(b"ping\n").unwrap();
+        let mut echo = [0u8; 5];
+        c.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"ping\n");
+    };
+    rig.lab.client().run(ping);
+    assert!(rig.connection_lines(1)[0].contains(" forwarded "));
+
+    // A second link to the backend, made after kgate attached its programs, and a
+    // route to the backend's address through it: the server's segments now come in
+    // where no program sees them. Both ends are born inside the lab's namespaces.
+    let (gateway, backend) = (rig.lab.gateway(), rig.lab.backend(0));
+    ip_in(
+        gateway,
+        &[
+            "link",
+            "add",
+            "kglate0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "kglate1",
+            "netns",
+            backend.name(),
+        ],
+    );
+    ip_in(gateway, &["addr", "add", "10.201.0.1/30", "dev", "kglate0"]);
+    ip_in(gateway, &["link", "set", "kglate0", "up"]);
+    ip_in(backend, &["addr", "add", "10.201.0.2/30", "dev", "kglate1"]);
+    ip_in(backend, &["link", "set", "kglate1", "up"]);
+    let backend_host = format!("{}/32", backend.v4());
+    ip_in(
+        gateway,
+        &[
+            "route",
+            "add",
+            &backend_host,
+            "via",
+            "10.201.0.2",
+            "dev",
+            "kglate0",
+        ],
+    );
+
+    rig.lab.client().run(ping);
+    let lines = rig.connection_lines(2);
+    assert!(lines[1].contains(" copied "), "{}", lines[1]);
+    let status = rig.kgate.status();
+    assert_eq!(
+        status["kgate"]["packet"]["fallbacks"]["unattached interface"], 1,
+        "{status}"
+    );
+    assert_eq!(
+        rig.metric_with(
+            "kgate_packet_fallbacks_total",
+            &[("reason", "unattached interface")],
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn without_its_programs_the_packet_plane_copies_every_connection_and_says_why() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(1);
+    let backend = SocketAddr::new(IpAddr::V4(lab.backend(0).v4()), 2525);
+    let _server = TcpServer::start(lab.backend(0), backend, |mut s| {
+        set_timeouts(&s);
+        let header = read_proxy_header(&mut s).expect("a PROXY header");
+        let source = header.source.expect("a source address");
+        s.write_all(format!("220 {}\r\n", source.ip()).as_bytes())
+            .unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+    });
+    // `nobody` may create its control socket in /tmp, not in /run.
+    let control_socket = control_socket_for(&lab)
+        .display()
+        .to_string()
+        .replace("/run/", "/tmp/");
+    let config = format!(
+        "{}metrics_listen = \"127.0.0.1:9464\"\n\n[[frontends]]\nname = \"smtp\"\n\
+         listen = [\"{}:2525\"]\nbackend = \"mail\"\n[[backends]]\nname = \"mail\"\n\
+         [[backends.servers]]\nname = \"node0\"\naddress = \"{backend}\"\n",
+        global_section(&lab, "packet").replace(
+            &control_socket_for(&lab).display().to_string(),
+            &control_socket
+        ),
+        lab.gateway().v4()
+    );
+    // As `nobody`, kgate may not load eBPF programs.
+    let kgate = Kgate::start_unprivileged(&lab, &config);
+    let log = kgate.log();
+    assert_eq!(
+        log.matches("the packet data plane's programs cannot load here")
+            .count(),
+        1,
+        "one warning: {log}"
+    );
+
+    let frontend = SocketAddr::new(IpAddr::V4(lab.gateway().v4()), 2525);
+    let client = lab.client().v4();
+    for _ in 0..2 {
+        let banner = lab.client().run(move || {
+            let mut c = connect(frontend);
+            let mut banner = [0u8; 64];
+            let n = c.read(&mut banner).unwrap();
+            // Quiet: a moment a handoff would take.
+            thread::sleep(Duration::from_millis(200));
+            c.write_all(b"ping\n").unwrap();
+            let mut echo = [0u8; 5];
+            c.read_exact(&mut echo).unwrap();
+            assert_eq!(&echo, b"ping\n");
+            String::from_utf8_lossy(&banner[..n]).into_owned()
+        });
+        assert_eq!(banner, format!("220 {client}\r\n"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kgate.log().matches("kgate::conn").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", kgate.log());
+        thread::sleep(Duration::from_millis(20));
+    }
+    let log = kgate.log();
+    let copied = log
+        .lines()
+        .filter(|l| l.contains("kgate::conn") && l.contains(" copied "))
+        .count();
+    assert_eq!(copied, 2, "{log}");
+
+    let out = Command::new(kgate_bin())
+        .args(["status", "--json", "--socket", &control_socket])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let packet = &status["kgate"]["packet"];
+    assert_eq!(packet["fallbacks"]["programs not loaded"], 2, "{status}");
+    assert!(
+        packet["unavailable"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{status}"
+    );
+    let text = Command::new(kgate_bin())
+        .args(["status", "--socket", &control_socket])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("programs are not loaded") && text.contains("every connection is copied"),
+        "{text}"
+    );
+    let scraped = scrape_metrics(&lab, "127.0.0.1:9464");
+    assert_eq!(
+        metric_value(
+            &scraped,
+            "kgate_packet_fallbacks_total",
+            &[("reason", "programs not loaded")]
+        ),
+        2.0
+    );
 }
 
 #[test]

@@ -1,8 +1,4 @@
-use std::{
-    collections::HashSet,
-    net::{IpAddr, SocketAddr},
-    path::Path,
-};
+use std::{net::SocketAddr, path::Path};
 
 use crate::config::Config;
 
@@ -31,18 +27,9 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
 /// The listen addresses, of frontends without `freebind`, that no interface of this
 /// host has (in this network namespace). None when the interfaces cannot be listed.
 fn addresses_not_here(config: &Config) -> Vec<(String, SocketAddr)> {
-    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+    let Ok(here) = crate::interfaces::addresses() else {
         return Vec::new();
     };
-    let here: HashSet<IpAddr> = interfaces
-        .filter_map(|interface| {
-            let address = interface.address?;
-            address
-                .as_sockaddr_in()
-                .map(|v4| IpAddr::V4(v4.ip()))
-                .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-        })
-        .collect();
     config
         .frontends
         .iter()

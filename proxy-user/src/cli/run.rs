@@ -2,6 +2,7 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -20,7 +21,7 @@ use crate::{
     dataplane::{Dataplane, Packet, Sockmap},
     frontend,
     handover::{self, Handed, Predecessor},
-    interfaces,
+    interfaces::{self, Routes},
     maps::{Bpf, MapsError, ServerMaps},
     pool::AdminState,
     privileges, publish, web,
@@ -418,16 +419,10 @@ fn load_kernel_side(
                 })?;
                 Dataplane::Sockmap(sockmap)
             }
-            DataplaneMode::Packet => {
-                // Every interface a client or a server may come in on; loopback never
-                // carries a forwarded flow (a peer on this host stays copied).
-                let interfaces = interfaces::non_loopback().map_err(|source| MapsError::Poll {
-                    name: "interfaces",
-                    source,
-                })?;
-                let (maps, events) = bpf.packet(&interfaces)?;
-                Dataplane::Packet(Packet::start(maps, events))
-            }
+            DataplaneMode::Packet => Dataplane::Packet(match attach_packet(&mut bpf) {
+                Ok(packet) => packet,
+                Err(e) => packet_unavailable(&e),
+            }),
             DataplaneMode::Userspace => Dataplane::Userspace,
         };
         let servers = bpf.servers()?;
@@ -448,14 +443,10 @@ fn load_kernel_side(
         other => Ok(other),
     };
     match global.dataplane {
-        DataplaneMode::Packet => load()?.map_err(|e| {
-            anyhow::anyhow!(
-                "the packet data plane cannot start: {}. kgate needs root (or CAP_BPF, \
-                 CAP_NET_ADMIN and CAP_PERFMON) and a kernel with tcx (6.6 or later); set \
-                 dataplane = \"auto\" for the sockmap data plane",
-                with_causes(&e)
-            )
-        }),
+        DataplaneMode::Packet => Ok(load()?.unwrap_or_else(|e| KernelSide {
+            dataplane: Dataplane::Packet(packet_unavailable(&e)),
+            ..without_ebpf()
+        })),
         DataplaneMode::Sockmap => load()?.map_err(|e| {
             anyhow::anyhow!(
                 "the sockmap data plane cannot start: {}. kgate needs root (or CAP_BPF and \
@@ -480,6 +471,42 @@ fn load_kernel_side(
             without_ebpf()
         })),
     }
+}
+
+/// Loads the packet data plane's maps and attaches its programs to every interface a
+/// client or a server may come in on: all but loopback, which never carries a
+/// forwarded flow (a peer on this host stays copied).
+fn attach_packet(bpf: &mut Bpf) -> Result<Arc<Packet>, MapsError> {
+    let interfaces = interfaces::non_loopback().map_err(|source| MapsError::Poll {
+        name: "interfaces",
+        source,
+    })?;
+    let attached = interfaces
+        .iter()
+        .map(|name| interfaces::index(name))
+        .collect::<std::io::Result<_>>()
+        .map_err(|source| MapsError::Poll {
+            name: "interfaces",
+            source,
+        })?;
+    let routes = Routes::open().map_err(|source| MapsError::Poll {
+        name: "routes",
+        source,
+    })?;
+    let (maps, events) = bpf.packet(&interfaces)?;
+    Ok(Packet::start(maps, events, attached, routes))
+}
+
+/// The packet data plane without its programs: kgate still serves, copying every
+/// connection, and says why once here and in `kgate status`.
+fn packet_unavailable(error: &MapsError) -> Arc<Packet> {
+    let reason = with_causes(error);
+    warn!(
+        "the packet data plane's programs cannot load here ({reason}); every connection \
+         is copied through kgate. They need root (or CAP_BPF, CAP_NET_ADMIN and \
+         CAP_PERFMON) and a kernel with tcx (6.6 or later)"
+    );
+    Packet::unavailable(reason)
 }
 
 /// An error and its sources on one line (aya keeps the OS error as a source), each

@@ -72,6 +72,12 @@ fn text(status: &Status) -> String {
             }))
             .unwrap_or_default()
     );
+    if let Some(reason) = about.packet.as_ref().and_then(|p| p.unavailable.as_ref()) {
+        out.insert_str(
+            out.len() - 1,
+            &format!("the packet data plane's programs are not loaded ({reason}): every connection is copied\n"),
+        );
+    }
     let frontends: Vec<Vec<String>> = status
         .frontends
         .iter()

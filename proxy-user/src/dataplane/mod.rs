@@ -76,7 +76,8 @@ impl Dataplane {
     pub fn log_totals(&self) {
         if let Dataplane::Packet(packet) = self {
             match packet.stats() {
-                Ok(stats) => info!(
+                None => {}
+                Some(Ok(stats)) => info!(
                     handed_off = packet.handed_off(),
                     forwarded_segments = stats.forwarded_segments,
                     frozen_drops = stats.frozen_drops,
@@ -87,7 +88,7 @@ impl Dataplane {
                     events_lost = stats.events_lost,
                     "packet totals"
                 ),
-                Err(e) => warn!("reading the packet counters: {e}"),
+                Some(Err(e)) => warn!("reading the packet counters: {e}"),
             }
         }
         if let Dataplane::Sockmap(sockmap) = self {

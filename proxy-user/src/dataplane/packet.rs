@@ -66,6 +66,7 @@ use super::{
 };
 use crate::{
     conn::Ending,
+    interfaces::{self, Routes},
     maps::{PacketEvents, PacketMaps},
     sockopt::{self, TcpShape},
 };
@@ -81,30 +82,36 @@ const TIMESTAMP_BYTES: u32 = 12;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fallback {
     LocalPeer,
+    UnattachedInterface,
     AddressFamilies,
     Timestamps,
     Mss,
     NoFlowSlot,
+    NotLoaded,
     Error,
 }
 
 impl Fallback {
-    pub const ALL: [Fallback; 6] = [
+    pub const ALL: [Fallback; 8] = [
         Fallback::LocalPeer,
+        Fallback::UnattachedInterface,
         Fallback::AddressFamilies,
         Fallback::Timestamps,
         Fallback::Mss,
         Fallback::NoFlowSlot,
+        Fallback::NotLoaded,
         Fallback::Error,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Fallback::LocalPeer => "local peer",
+            Fallback::UnattachedInterface => "unattached interface",
             Fallback::AddressFamilies => "address families",
             Fallback::Timestamps => "timestamps on one side",
             Fallback::Mss => "mss",
             Fallback::NoFlowSlot => "no flow slot",
+            Fallback::NotLoaded => "programs not loaded",
             Fallback::Error => "error",
         }
     }
@@ -147,12 +154,20 @@ pub struct Ticket {
 
 /// The packet data plane: its maps, the forwarded flows, and what fell back.
 pub struct Packet {
-    maps: PacketMaps,
+    /// None when the programs could not load or attach: every connection then stays
+    /// copied ([`Fallback::NotLoaded`]), and no flow or hold ever exists.
+    maps: Option<PacketMaps>,
+    /// Why the programs are not there.
+    unavailable: Option<String>,
     flows: Mutex<Slab<Slot>>,
     fallbacks: [AtomicU64; Fallback::ALL.len()],
     handed_off: AtomicU64,
     resetter: Option<Resetter>,
     local: Mutex<LocalAddresses>,
+    /// The interfaces the programs are attached to (indexes).
+    attached: HashSet<u32>,
+    /// None without the programs.
+    routes: Option<Mutex<Routes>>,
 }
 
 enum Slot {
@@ -188,7 +203,12 @@ impl Packet {
     /// The data plane over `maps`, and the task that watches its flows (run it inside
     /// the tokio runtime). Opens the raw sockets for resets now: capabilities are
     /// dropped later.
-    pub fn start(maps: PacketMaps, events: PacketEvents) -> Arc<Packet> {
+    pub fn start(
+        maps: PacketMaps,
+        events: PacketEvents,
+        attached: HashSet<u32>,
+        routes: Routes,
+    ) -> Arc<Packet> {
         let resetter = match Resetter::open() {
             Ok(resetter) => Some(resetter),
             Err(e) => {
@@ -200,15 +220,47 @@ impl Packet {
             }
         };
         let packet = Arc::new(Packet {
-            maps,
+            maps: Some(maps),
+            unavailable: None,
             flows: Mutex::default(),
             fallbacks: Default::default(),
             handed_off: AtomicU64::new(0),
             resetter,
             local: Mutex::new(LocalAddresses::default()),
+            attached,
+            routes: Some(Mutex::new(routes)),
         });
         tokio::spawn(watch(packet.clone(), events));
         packet
+    }
+
+    /// The data plane without its programs, which could not load or attach
+    /// (`reason`): every connection stays copied, counted.
+    pub fn unavailable(reason: String) -> Arc<Packet> {
+        Arc::new(Packet {
+            maps: None,
+            unavailable: Some(reason),
+            flows: Mutex::default(),
+            fallbacks: Default::default(),
+            handed_off: AtomicU64::new(0),
+            resetter: None,
+            local: Mutex::new(LocalAddresses::default()),
+            attached: HashSet::new(),
+            routes: None,
+        })
+    }
+
+    /// Why the programs could not load or attach, if they could not.
+    pub fn unavailable_reason(&self) -> Option<&str> {
+        self.unavailable.as_deref()
+    }
+
+    /// The programs' maps, for what runs only with flows or holds, which exist only
+    /// with the maps.
+    fn maps(&self) -> &PacketMaps {
+        self.maps
+            .as_ref()
+            .expect("the packet data plane keeps no flow without its programs")
     }
 
     fn lock(&self) -> MutexGuard<'_, Slab<Slot>> {
@@ -234,14 +286,22 @@ impl Packet {
     }
 
     /// The programs' counters.
-    pub fn stats(&self) -> Result<proxy_common::packet::PacketStats, crate::maps::MapError> {
-        self.maps.stats()
+    /// The programs' counters; `None` without the programs.
+    pub fn stats(
+        &self,
+    ) -> Option<Result<proxy_common::packet::PacketStats, crate::maps::MapError>> {
+        self.maps.as_ref().map(PacketMaps::stats)
     }
 
     /// Holds a busy connection for its handoff: from now on the TC program drops what
     /// its peers send with data (they keep it and send it again), so that the sockets
     /// can drain and get quiet. Undone by [`Packet::release`] or by the handoff.
     pub fn hold(self: &Arc<Self>, client: &TcpStream, server: &TcpStream) -> io::Result<Held> {
+        let Some(maps) = &self.maps else {
+            return Err(io::Error::other(
+                "the packet data plane's programs are not loaded",
+            ));
+        };
         let keys = [
             key(client.peer_addr()?, client.local_addr()?),
             key(server.peer_addr()?, server.local_addr()?),
@@ -251,7 +311,7 @@ impl Packet {
             ..Rule::default()
         };
         for key in &keys {
-            if let Err(e) = self.maps.set_rule(key, &held) {
+            if let Err(e) = maps.set_rule(key, &held) {
                 self.undo(&keys, &[], None);
                 return Err(io::Error::other(e));
             }
@@ -272,6 +332,9 @@ impl Packet {
         server_slot: u32,
         held: Option<&mut Held>,
     ) -> HandOff {
+        if self.maps.is_none() {
+            return self.refuse(Fallback::NotLoaded);
+        }
         match self.hand_off(client, server, server_slot, held) {
             Ok(handoff) => handoff,
             Err(e) => {
@@ -313,6 +376,9 @@ impl Packet {
         {
             return Ok(self.refuse(Fallback::LocalPeer));
         }
+        if !self.routed_through_attached(&peers, &locals)? {
+            return Ok(self.refuse(Fallback::UnattachedInterface));
+        }
         let shapes = [sockopt::tcp_shape(client)?, sockopt::tcp_shape(server)?];
         if let Some(reason) = mismatch(&shapes) {
             return Ok(self.refuse(reason));
@@ -329,11 +395,11 @@ impl Packet {
             state: FREEZE,
             ..Rule::default()
         };
-        self.maps
+        self.maps()
             .reset_progress(slot as u32)
             .map_err(io::Error::other)?;
         for key in &keys {
-            if let Err(e) = self.maps.set_rule(key, &frozen) {
+            if let Err(e) = self.maps().set_rule(key, &frozen) {
                 self.undo(&keys, &[], back.as_ref());
                 return Err(io::Error::other(e));
             }
@@ -394,7 +460,7 @@ impl Packet {
             ..up
         };
         for (key, rule) in keys.iter().zip([&up, &down]) {
-            if let Err(e) = self.maps.set_rule(key, rule) {
+            if let Err(e) = self.maps().set_rule(key, rule) {
                 // Nothing was forwarded with a half-set flow that a retransmission
                 // cannot mend: its segments came back as they were.
                 self.undo(&keys, &sockets, back.as_ref());
@@ -420,12 +486,12 @@ impl Packet {
         for key in keys {
             match back {
                 Some(rule) => {
-                    if let Err(e) = self.maps.set_rule(key, rule) {
+                    if let Err(e) = self.maps().set_rule(key, rule) {
                         warn!("putting a hold back: {e}");
-                        self.maps.remove_rule(key);
+                        self.maps().remove_rule(key);
                     }
                 }
-                None => self.maps.remove_rule(key),
+                None => self.maps().remove_rule(key),
             }
         }
         for socket in repaired {
@@ -489,12 +555,12 @@ impl Packet {
                 forwarded.check_at = forwarded.check_at.min(now + forwarded.timeouts.half_closed);
             }
             CLOSED if forwarded.lingers_until.is_none() => {
-                let progress = self.maps.progress(slot as u32).unwrap_or_default();
+                let progress = self.maps().progress(slot as u32).unwrap_or_default();
                 forwarded.log(closed_by(&progress), &progress);
                 forwarded.lingers_until = Some(now + LINGER);
             }
             RESET_SEEN => {
-                let end = match self.maps.progress(slot as u32) {
+                let end = match self.maps().progress(slot as u32) {
                     Ok(progress) if progress.direction[DOWN as usize].flags & RESET != 0 => {
                         End::ServerReset
                     }
@@ -532,7 +598,7 @@ impl Packet {
             }
             return;
         }
-        let Ok(progress) = self.maps.progress(slot as u32) else {
+        let Ok(progress) = self.maps().progress(slot as u32) else {
             return self.finish(flows, slot, End::ServerReset, true);
         };
         let [up, down] = progress.direction;
@@ -581,9 +647,9 @@ impl Packet {
             return;
         };
         for key in &forwarded.keys {
-            self.maps.remove_rule(key);
+            self.maps().remove_rule(key);
         }
-        let progress = self.maps.progress(slot as u32).unwrap_or_default();
+        let progress = self.maps().progress(slot as u32).unwrap_or_default();
         if reset_peers && let Some(resetter) = &self.resetter {
             resetter.reset_both(&forwarded.keys, forwarded.next_seq, &progress);
         }
@@ -597,23 +663,47 @@ impl Packet {
         for slot in slots {
             if let Some(Slot::Forwarded(forwarded)) = flows.try_remove(slot) {
                 for key in &forwarded.keys {
-                    self.maps.remove_rule(key);
+                    self.maps().remove_rule(key);
                 }
                 if let Some(resetter) = &self.resetter {
-                    let progress = self.maps.progress(slot as u32).unwrap_or_default();
+                    let progress = self.maps().progress(slot as u32).unwrap_or_default();
                     resetter.reset_both(&forwarded.keys, forwarded.next_seq, &progress);
                 }
             }
         }
     }
 
+    /// Whether each peer is reached through an interface the programs are attached
+    /// to: its segments come in there (routes are taken to be symmetric), and only
+    /// there are they forwarded. Not so for an interface that came after kgate.
+    fn routed_through_attached(
+        &self,
+        peers: &[SocketAddr; 2],
+        locals: &[SocketAddr; 2],
+    ) -> io::Result<bool> {
+        let Some(routes) = &self.routes else {
+            return Ok(false);
+        };
+        let mut routes = routes.lock().unwrap_or_else(|p| p.into_inner());
+        for (peer, local) in peers.iter().zip(locals) {
+            match routes.egress(local.ip(), peer.ip()) {
+                Ok(Some(index)) if self.attached.contains(&index) => {}
+                Ok(_) => return Ok(false),
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("looking up the route to {}: {e}", peer.ip()),
+                    ));
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// Whether `ip` is one of this host's addresses (or loopback), as of at most a
     /// second ago.
     fn local_addresses_contain(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = interfaces::unmapped(ip);
         if ip.is_loopback() {
             return true;
         }
@@ -728,7 +818,7 @@ impl LocalAddresses {
         {
             return;
         }
-        match crate::interfaces::addresses() {
+        match interfaces::addresses() {
             Ok(addresses) => self.addresses = addresses,
             Err(e) => warn!("listing this host's addresses: {e}"),
         }

@@ -19,7 +19,9 @@ use proxy_common::{MAX_SERVERS, xdp::MAX_FRONTEND_ADDRESSES};
 use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
+mod crowdsec;
 mod xdp;
+pub use crowdsec::{ApiKey, Crowdsec};
 pub use xdp::{Xdp, XdpMode};
 
 /// A validated configuration.
@@ -30,6 +32,8 @@ pub struct Config {
     pub backends: Vec<Backend>,
     /// `[xdp]`: early drop in the driver; `None` when the section is absent.
     pub xdp: Option<Xdp>,
+    /// `[crowdsec]`: CrowdSec's ban decisions in the XDP blocklist; needs `[xdp]`.
+    pub crowdsec: Option<Crowdsec>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -258,6 +262,8 @@ struct ConfigFile {
     backends: Vec<BackendSection>,
     #[serde(default)]
     xdp: Option<xdp::XdpSection>,
+    #[serde(default)]
+    crowdsec: Option<Spanned<crowdsec::CrowdsecSection>>,
 }
 
 #[derive(Deserialize)]
@@ -552,11 +558,26 @@ impl ConfigFile {
             });
         }
 
+        let crowdsec = match self.crowdsec {
+            Some(section) if xdp.is_none() => {
+                return Err(Located {
+                    span: section.span(),
+                    message: "[crowdsec] puts its bans in the XDP blocklist: add an [xdp] \
+                              section (the interfaces clients come in on), or remove [crowdsec]"
+                        .to_owned(),
+                });
+            }
+            section => section
+                .map(crowdsec::CrowdsecSection::validate)
+                .transpose()?,
+        };
+
         Ok(Config {
             global,
             frontends,
             backends,
             xdp,
+            crowdsec,
         })
     }
 }

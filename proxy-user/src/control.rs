@@ -108,6 +108,13 @@ async fn execute(daemon: &Arc<Daemon>, request: &str) -> Result<String, String> 
             info!(server = %name, "set to {state} by the operator");
             Ok(format!("{name} {state}"))
         }
+        // For `kgate status`: the bouncer's state as one line of JSON.
+        ["crowdsec"] => daemon
+            .early_drop
+            .as_ref()
+            .and_then(|e| e.crowdsec_status())
+            .map(|s| serde_json::to_string(&s).expect("JSON of strings and numbers"))
+            .ok_or_else(|| "the running configuration has no [crowdsec]".to_owned()),
         _ => Err(format!(
             "unknown request `{request}`: expected `reload` or `server set BACKEND/SERVER ready|drain|maint`"
         )),

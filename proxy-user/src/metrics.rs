@@ -24,6 +24,8 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
+use proxy_common::xdp::{ORIGIN_COMMAND, ORIGIN_CROWDSEC, ORIGIN_FILE};
+
 use crate::{daemon::Daemon, dataplane::Dataplane};
 
 /// Longest request head read; anything longer is refused.
@@ -342,6 +344,66 @@ impl Collector for Gauges {
                         vec![("verdict", "dropped_syn_rate".to_owned())],
                         stats.dropped_syn_rate,
                     ),
+                ],
+            )?;
+            family(
+                &mut encoder,
+                "kgate_xdp_blocklist_drops",
+                "Packets the XDP program dropped by blocklist, by the origin of the entry",
+                Counter,
+                [
+                    ("file", ORIGIN_FILE),
+                    ("command", ORIGIN_COMMAND),
+                    ("crowdsec", ORIGIN_CROWDSEC),
+                ]
+                .map(|(name, origin)| {
+                    (vec![("origin", name.to_owned())], stats.dropped_by(origin))
+                }),
+            )?;
+        }
+        if let Some(early_drop) = &daemon.early_drop {
+            let counts = early_drop.blocklist_counts();
+            family(
+                &mut encoder,
+                "kgate_blocklist_entries",
+                "Blocklist prefixes that apply, by origin (counted every 10 s and after \
+                 kgate's own changes)",
+                Gauge,
+                [
+                    ("file", counts.file),
+                    ("command", counts.command),
+                    ("crowdsec", counts.crowdsec),
+                ]
+                .map(|(origin, n)| (vec![("origin", origin.to_owned())], n as u64)),
+            )?;
+        }
+        if let Some(bouncer) = daemon.early_drop.as_ref().and_then(|e| e.crowdsec_status()) {
+            use crate::xdp::crowdsec::LapiState;
+            family(
+                &mut encoder,
+                "kgate_crowdsec_lapi_up",
+                "1 when the last pull of CrowdSec decisions worked",
+                Gauge,
+                [(
+                    Labels::new(),
+                    u64::from(bouncer.state == LapiState::Connected),
+                )],
+            )?;
+            family(
+                &mut encoder,
+                "kgate_crowdsec_bans",
+                "Prefixes banned by the CrowdSec decisions kgate holds",
+                Gauge,
+                [(Labels::new(), bouncer.bans as u64)],
+            )?;
+            family(
+                &mut encoder,
+                "kgate_crowdsec_pulls",
+                "Pulls of the CrowdSec decision stream, by result",
+                Counter,
+                [
+                    (vec![("result", "ok".to_owned())], bouncer.pulls),
+                    (vec![("result", "failed".to_owned())], bouncer.failed_pulls),
                 ],
             )?;
         }

@@ -1,14 +1,30 @@
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use proxy_common::ServerEntry;
+use proxy_common::{
+    ServerEntry,
+    xdp::{ORIGIN_COMMAND, ORIGIN_CROWDSEC, ORIGIN_FILE},
+};
 
-use crate::{config::Config, maps, publish::text};
+use crate::{
+    config::Config,
+    control,
+    maps::{self, OriginCounts},
+    publish::text,
+    xdp,
+};
 
 pub fn status(config: &Path, pin_path: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
-    let pin_path = match pin_path {
-        Some(path) => path,
-        None => Config::load(config)?.global.bpf_pin_path,
+    // With --pin-path the file is optional: it only says where the control socket is.
+    let (pin_path, loaded) = match pin_path {
+        Some(path) => (path, Config::load(config).ok()),
+        None => {
+            let loaded = Config::load(config)?;
+            (loaded.global.bpf_pin_path.clone(), Some(loaded))
+        }
     };
     let servers = maps::read_published(&pin_path).with_context(|| {
         format!(
@@ -18,6 +34,20 @@ pub fn status(config: &Path, pin_path: Option<PathBuf>, json: bool) -> anyhow::R
     })?;
     // Pinned only when the configuration has an [xdp] section.
     let xdp = maps::read_xdp_stats(&pin_path).ok();
+    let blocklist = xdp.and_then(|_| {
+        let entries = maps::Blocklist::open_pinned(&pin_path)
+            .ok()?
+            .entries()
+            .ok()?;
+        Some(OriginCounts::of(
+            entries.iter().map(|(_, e)| e),
+            xdp::boot_seconds(),
+        ))
+    });
+    // Only the daemon knows how its pulls go: asked over the control socket.
+    let crowdsec = loaded
+        .filter(|c| c.crowdsec.is_some())
+        .map(|c| crowdsec_status(&c.global.control_socket));
     if json {
         let mut value = to_json(&servers);
         if let Some(x) = &xdp {
@@ -26,7 +56,25 @@ pub fn status(config: &Path, pin_path: Option<PathBuf>, json: bool) -> anyhow::R
                 "dropped_blocklist": x.dropped_blocklist,
                 "dropped_syn_rate": x.dropped_syn_rate,
                 "malformed": x.malformed,
+                "dropped_by_origin": {
+                    "file": x.dropped_by(ORIGIN_FILE),
+                    "command": x.dropped_by(ORIGIN_COMMAND),
+                    "crowdsec": x.dropped_by(ORIGIN_CROWDSEC),
+                },
             });
+        }
+        if let Some(b) = &blocklist {
+            value["blocklist"] = serde_json::json!({
+                "file": b.file,
+                "command": b.command,
+                "crowdsec": b.crowdsec,
+            });
+        }
+        if let Some(c) = &crowdsec {
+            value["crowdsec"] = match c {
+                Ok(status) => status.clone(),
+                Err(e) => serde_json::json!({ "state": "unknown", "error": e }),
+            };
         }
         println!(
             "{}",
@@ -36,12 +84,74 @@ pub fn status(config: &Path, pin_path: Option<PathBuf>, json: bool) -> anyhow::R
         print!("{}", table(&servers));
         if let Some(x) = &xdp {
             println!(
-                "\nxdp: passed {}, dropped by blocklist {}, dropped by SYN rate {}, malformed (passed) {}",
-                x.passed, x.dropped_blocklist, x.dropped_syn_rate, x.malformed
+                "\nxdp: passed {}, dropped by blocklist {} (file {}, command {}, crowdsec {}), \
+                 dropped by SYN rate {}, malformed (passed) {}",
+                x.passed,
+                x.dropped_blocklist,
+                x.dropped_by(ORIGIN_FILE),
+                x.dropped_by(ORIGIN_COMMAND),
+                x.dropped_by(ORIGIN_CROWDSEC),
+                x.dropped_syn_rate,
+                x.malformed
             );
+        }
+        if let Some(b) = &blocklist {
+            println!(
+                "blocklist: {} prefixes (file {}, command {}, crowdsec {})",
+                b.total(),
+                b.file,
+                b.command,
+                b.crowdsec
+            );
+        }
+        if let Some(c) = &crowdsec {
+            println!("{}", crowdsec_line(c));
         }
     }
     Ok(())
+}
+
+/// The bouncer's state from the running kgate, as JSON; why not, when it cannot say.
+fn crowdsec_status(control_socket: &Path) -> Result<serde_json::Value, String> {
+    let reply =
+        control::request(&control_socket.to_owned(), "crowdsec").map_err(|e| format!("{e:#}"))?;
+    let json = reply
+        .strip_prefix("ok ")
+        .ok_or_else(|| reply.trim_start_matches("error: ").to_owned())?;
+    serde_json::from_str(json).map_err(|e| format!("unreadable answer from kgate: {e}"))
+}
+
+/// One line for the table view: `crowdsec: connected to URL, 3 bans, pulled 2s ago
+/// (every 10s)`, or since when and why not.
+fn crowdsec_line(status: &Result<serde_json::Value, String>) -> String {
+    let status = match status {
+        Ok(status) => status,
+        Err(e) => return format!("crowdsec: state unknown ({e})"),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let ago = |key: &str| {
+        status[key].as_u64().map(|t| {
+            humantime::format_duration(Duration::from_secs(now.saturating_sub(t))).to_string()
+        })
+    };
+    let url = status["url"].as_str().unwrap_or("?");
+    let bans = status["bans"].as_u64().unwrap_or(0);
+    let every = status["interval_seconds"].as_u64().unwrap_or(0);
+    let last = ago("last_pull").map_or("never".to_owned(), |a| format!("{a} ago"));
+    match status["state"].as_str() {
+        Some("connected") => {
+            format!("crowdsec: connected to {url}, {bans} bans, pulled {last} (every {every}s)")
+        }
+        Some("unreachable") => format!(
+            "crowdsec: UNREACHABLE at {url} for {}: {}; the blocklist keeps its CrowdSec \
+             entries (last pull that worked: {last}), retrying",
+            ago("since").unwrap_or_default(),
+            status["error"].as_str().unwrap_or("?")
+        ),
+        _ => format!("crowdsec: starting, first pull from {url} not answered yet"),
+    }
 }
 
 const COLUMNS: [&str; 10] = [

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 pub use servers::{ServerMaps, read_published};
 pub use splice::{GrantRequests, SpliceMaps};
-pub use xdp::{Attached, Blocklist, XdpMaps, read_xdp_stats};
+pub use xdp::{Attached, Blocklist, OriginCounts, XdpMaps, read_xdp_stats};
 
 /// The eBPF object, built by build.rs from proxy-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));

@@ -12,9 +12,11 @@
 //!    path otherwise (`mode = "auto"`), and the log says which.
 //!
 //! Blocklist entries, and why they last:
-//! - Entries come from the blocklist file (origin "file") or from `kgate block add`
-//!   (origin "command"). Loading the file adds its prefixes and removes the file
-//!   entries it no longer lists; command entries are left alone.
+//! - Entries come from the blocklist file (origin "file"), from `kgate block add`
+//!   (origin "command") or from CrowdSec's ban decisions (origin "crowdsec", with
+//!   `[crowdsec]`: crowdsec/mod.rs). Loading the file adds its prefixes and removes the
+//!   file entries it no longer lists; the bouncer only ever adds and removes crowdsec
+//!   entries; command entries are left alone by both.
 //! - Kept across restarts: the two blocklist maps stay pinned when kgate exits, and
 //!   the next kgate opens the same maps, so command entries survive a restart or an
 //!   upgrade, and `kgate block` works from any shell, even while kgate is stopped.
@@ -26,13 +28,14 @@
 //!   expired entries.
 
 mod blocklist_file;
+pub mod crowdsec;
 mod prefix;
 
 use std::{
     collections::{BTreeSet, HashMap},
     ffi::CStr,
     io,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -43,19 +46,44 @@ use tracing::{info, warn};
 pub use blocklist_file::read as read_blocklist_file;
 pub use prefix::Prefix;
 
+use self::crowdsec::{Bouncer, BouncerStatus, sync_crowdsec_entries};
 use crate::{
     config::{Config, XdpMode},
-    maps::{Attached, Blocklist, Bpf, MapError, XdpMaps},
+    maps::{Attached, Blocklist, Bpf, MapError, OriginCounts, XdpMaps},
 };
 
 /// How often the daemon removes expired blocklist entries.
 pub const CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The running XDP program's maps, and the task that removes expired entries. The
-/// program itself stays attached as long as the [`Bpf`] it was attached from.
+/// The running XDP program's maps, the task that removes expired entries, and the
+/// CrowdSec bouncer. The program itself stays attached as long as the [`Bpf`] it was
+/// attached from.
 pub struct EarlyDrop {
     maps: Arc<XdpMaps>,
+    census: Arc<Census>,
     cleanup: tokio::task::JoinHandle<()>,
+    /// Running while the configuration has `[crowdsec]`.
+    bouncer: Mutex<Option<Bouncer>>,
+}
+
+/// The blocklist's entries by origin, as the cleanup task last counted them (every
+/// [`CLEANUP_INTERVAL`], and soon after kgate itself changed the list): for the
+/// metrics, which should not walk a quarter of a million entries at each scrape.
+#[derive(Default)]
+pub struct Census {
+    counts: Mutex<OriginCounts>,
+    changed: tokio::sync::Notify,
+}
+
+impl Census {
+    /// Asks for a count soon: the list changed.
+    pub fn refresh(&self) {
+        self.changed.notify_one();
+    }
+
+    pub fn counts(&self) -> OriginCounts {
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl EarlyDrop {
@@ -80,9 +108,12 @@ impl EarlyDrop {
              bpf_ktime_get_boot_ns (5.8 or later)",
         )?;
         let maps = Arc::new(maps);
+        let census = Arc::new(Census::default());
         let early_drop = EarlyDrop {
-            cleanup: tokio::spawn(remove_expired_entries(maps.clone())),
+            cleanup: tokio::spawn(remove_expired_entries(maps.clone(), census.clone())),
             maps,
+            census,
+            bouncer: Mutex::new(None),
         };
         early_drop.apply(config)?;
         for interface in &settings.interfaces {
@@ -101,9 +132,11 @@ impl EarlyDrop {
         Ok(Some(early_drop))
     }
 
-    /// Makes the maps match `config`: the frontends, the SYN rate limit and the
-    /// blocklist file's entries. At start, and again on each reload. Nothing changes
-    /// when the blocklist file cannot be read or has a bad line.
+    /// Makes the maps match `config`: the frontends, the SYN rate limit, the
+    /// blocklist file's entries, and the CrowdSec bouncer (started, restarted with new
+    /// settings, or stopped with its entries removed). At start, and again on each
+    /// reload. Nothing changes when the blocklist file or the bouncer's key cannot be
+    /// read, or the file has a bad line.
     pub fn apply(&self, config: &Config) -> anyhow::Result<()> {
         let Some(settings) = &config.xdp else {
             bail!("the configuration has no [xdp] section any more: restart kgate to detach XDP");
@@ -111,6 +144,10 @@ impl EarlyDrop {
         let file = match &settings.blocklist_file {
             Some(path) => read_blocklist_file(path)?,
             None => BTreeSet::new(),
+        };
+        let crowdsec = match &config.crowdsec {
+            Some(settings) => Some((settings, crowdsec::read_key(&settings.api_key)?)),
+            None => None,
         };
         let frontends: Vec<_> = config
             .frontends
@@ -146,7 +183,55 @@ impl EarlyDrop {
                 "no blocklist file configured: its earlier entries were removed"
             );
         }
+        self.census.refresh();
+
+        let mut bouncer = self.bouncer.lock().unwrap_or_else(|p| p.into_inner());
+        match crowdsec {
+            Some((settings, key)) => {
+                if !bouncer
+                    .as_ref()
+                    .is_some_and(|b| b.runs_with(settings, &key))
+                {
+                    if bouncer.is_some() {
+                        info!("[crowdsec] changed: the bouncer starts again with the new settings");
+                    }
+                    *bouncer = Some(Bouncer::start(
+                        settings,
+                        key,
+                        self.maps.clone(),
+                        self.census.clone(),
+                    ));
+                }
+            }
+            None => {
+                if bouncer.take().is_some() {
+                    info!("[crowdsec] removed: the bouncer stopped");
+                }
+                let synced = sync_crowdsec_entries(self.maps.blocklist(), &HashMap::new())
+                    .context("removing the CrowdSec entries of the blocklist")?;
+                if synced.removed > 0 {
+                    info!(
+                        removed = synced.removed,
+                        "no [crowdsec] configured: the CrowdSec entries of the blocklist were removed"
+                    );
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The CrowdSec bouncer's state, with `[crowdsec]`.
+    pub fn crowdsec_status(&self) -> Option<BouncerStatus> {
+        self.bouncer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Bouncer::status)
+    }
+
+    /// The blocklist's entries by origin, as last counted (see [`Census`]).
+    pub fn blocklist_counts(&self) -> OriginCounts {
+        self.census.counts()
     }
 
     /// The program's counters, summed over CPUs.
@@ -172,6 +257,11 @@ impl EarlyDrop {
 impl Drop for EarlyDrop {
     fn drop(&mut self) {
         self.cleanup.abort();
+        // The bouncer's task stops with it.
+        self.bouncer
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 }
 
@@ -203,19 +293,25 @@ pub fn sync_file_entries(
     Ok((added, removed))
 }
 
-async fn remove_expired_entries(maps: Arc<XdpMaps>) {
+async fn remove_expired_entries(maps: Arc<XdpMaps>, census: Arc<Census>) {
     let mut tick = tokio::time::interval(CLEANUP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = census.changed.notified() => {}
+        }
         let maps = maps.clone();
         // A long list takes many syscalls: off the async workers.
         let result =
             tokio::task::spawn_blocking(move || maps.blocklist().remove_expired(boot_seconds()))
                 .await;
+        if let Ok(Ok((_, counts))) = &result {
+            *census.counts.lock().unwrap_or_else(|p| p.into_inner()) = *counts;
+        }
         match result {
-            Ok(Ok(0)) => {}
-            Ok(Ok(removed)) => info!(removed, "expired blocklist entries removed"),
+            Ok(Ok((0, _))) => {}
+            Ok(Ok((removed, _))) => info!(removed, "expired blocklist entries removed"),
             Ok(Err(e)) => warn!("removing expired blocklist entries failed: {e}"),
             Err(e) => warn!("removing expired blocklist entries failed: {e}"),
         }

@@ -341,10 +341,13 @@ impl Kgate {
         self.exit_status
     }
 
-    /// `kgate status --json` for this kgate's pinned maps, parsed.
+    /// `kgate status --json` for this kgate's pinned maps (and, for what only the
+    /// daemon knows, its control socket), parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = Command::new(kgate_bin())
-            .args(["status", "--json", "--pin-path"])
+            .args(["status", "--json", "-c"])
+            .arg(&self.config_path)
+            .arg("--pin-path")
             .arg(&self.pin_path)
             .output()
             .expect("running kgate status");

@@ -7,6 +7,7 @@
 //! - [`backend`]: what sits behind the proxy: PROXY header reading, a threaded TCP
 //!   server and a mock mail server.
 //! - [`postfix`]: a real, private Postfix (postscreen behind PROXY v2) in a namespace.
+//! - [`crowdsec`]: a real, private CrowdSec local API in a namespace.
 //! - [`smtp`]: a small SMTP client, and the byte sequences of kgate's health checks.
 //! - [`rawtcp`]: a hand-made TCP client that sends overlapping retransmissions.
 //! - [`sockmap`]: counts the entries of kgate's pinned sock hashes.
@@ -16,6 +17,7 @@
 //! [`lab::skip_without_root`], the only allowed reason to skip.
 
 pub mod backend;
+pub mod crowdsec;
 pub mod kgate;
 pub mod lab;
 pub mod postfix;

@@ -260,18 +260,7 @@ impl Postfix {
     /// Waits until postscreen listens, by looking at the namespace's sockets (a test
     /// connection would show up in the log).
     fn wait_listening(&self) {
-        let port = self.listen.port();
-        let listening = self.ns.run(move || {
-            let deadline = Instant::now() + START_TIMEOUT;
-            while Instant::now() < deadline {
-                if is_listening(port) {
-                    return true;
-                }
-                std::thread::sleep(POLL);
-            }
-            false
-        });
-        if !listening {
+        if !self.ns.wait_listening(self.listen.port(), START_TIMEOUT) {
             panic!(
                 "Postfix did not listen on {} within {START_TIMEOUT:?}; its log:\n{}",
                 self.listen,
@@ -322,22 +311,6 @@ pub fn trouble(log: &str) -> Vec<String> {
         })
         .map(str::to_owned)
         .collect()
-}
-
-/// Whether a TCP socket of this thread's network namespace listens on `port`.
-fn is_listening(port: u16) -> bool {
-    let port = format!(":{port:04X}");
-    // thread-self: /proc/net would show the namespace of the process's main thread.
-    ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
-        .iter()
-        .filter_map(|table| fs::read_to_string(table).ok())
-        .any(|table| {
-            table.lines().skip(1).any(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                // local_address is fields[1] (HEXADDR:PORT); st is fields[3], 0A = LISTEN.
-                fields.len() > 3 && fields[1].ends_with(&port) && fields[3] == "0A"
-            })
-        })
 }
 
 /// The uid and gid of the `postfix` user.

@@ -40,7 +40,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use proxy_common::xdp::{BlockEntry, ORIGIN_COMMAND, ORIGIN_FILE, XdpConfig, XdpStats};
+use proxy_common::xdp::{
+    BlockEntry, ORIGIN_COMMAND, ORIGIN_CROWDSEC, ORIGIN_FILE, XdpConfig, XdpStats,
+};
 use tracing::{info, warn};
 
 pub use blocklist_file::read as read_blocklist_file;
@@ -247,6 +249,9 @@ impl EarlyDrop {
                 dropped_blocklist = s.dropped_blocklist,
                 dropped_syn_rate = s.dropped_syn_rate,
                 malformed = s.malformed,
+                dropped_file = s.dropped_by(ORIGIN_FILE),
+                dropped_command = s.dropped_by(ORIGIN_COMMAND),
+                dropped_crowdsec = s.dropped_by(ORIGIN_CROWDSEC),
                 "XDP totals"
             ),
             Err(e) => warn!("could not read the XDP counters: {e}"),

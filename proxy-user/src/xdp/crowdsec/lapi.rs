@@ -88,7 +88,7 @@ impl fmt::Display for PullError {
         match self {
             PullError::Connect(e) => write!(
                 f,
-                "cannot connect ({e}): is crowdsec running, with its LAPI on this url?"
+                "cannot connect: {e} (is crowdsec running, with its LAPI at this url?)"
             ),
             PullError::Timeout => write!(f, "no answer within {}s", PULL_TIMEOUT.as_secs()),
             PullError::Http(e) => write!(f, "the exchange failed: {e}"),

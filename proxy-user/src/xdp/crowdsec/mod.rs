@@ -275,7 +275,7 @@ impl Run {
         // Once per outage: a LAPI down for an hour writes one line, not 360.
         warn!(
             url = %status.url,
-            "CrowdSec LAPI unreachable: {error}. The blocklist keeps its CrowdSec entries \
+            "CrowdSec LAPI unreachable: {error}; the blocklist keeps its CrowdSec entries \
              as they are (each ends on its own time); pulls are retried after {}, then \
              twice as long each time up to {}",
             humantime::format_duration(retry_in),

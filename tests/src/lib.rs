@@ -8,6 +8,8 @@
 //!   server and a mock mail server.
 //! - [`postfix`]: a real, private Postfix (postscreen behind PROXY v2) in a namespace.
 //! - [`crowdsec`]: a real, private CrowdSec local API in a namespace.
+//! - [`dovecot`]: a real, private Dovecot (IMAP behind PROXY v2) in a namespace.
+//! - [`tls`]: self-signed certificates and `openssl s_client` sessions.
 //! - [`smtp`]: a small SMTP client, and the byte sequences of kgate's health checks.
 //! - [`rawtcp`]: a hand-made TCP client that sends overlapping retransmissions.
 //! - [`sockmap`]: counts the entries of kgate's pinned sock hashes.
@@ -18,6 +20,7 @@
 
 pub mod backend;
 pub mod crowdsec;
+pub mod dovecot;
 pub mod kgate;
 pub mod lab;
 pub mod postfix;
@@ -25,6 +28,7 @@ pub mod rawtcp;
 pub mod rig;
 pub mod smtp;
 pub mod sockmap;
+pub mod tls;
 pub mod xdp;
 
 mod proc;

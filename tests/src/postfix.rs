@@ -67,6 +67,18 @@ impl Postfix {
     /// Like [`Postfix::start`], with extra `main.cf` lines (`"postscreen_greet_wait = 2s"`),
     /// which override the defaults written before them.
     pub fn start_with(lab: &Lab, ns: &NetNs, listen: SocketAddr, main_cf: &[&str]) -> Postfix {
+        Postfix::start_with_services(lab, ns, listen, main_cf, &[])
+    }
+
+    /// Like [`Postfix::start_with`], with more `master.cf` services: smtpd on other
+    /// ports, say (`"10.200.10.2:30587 inet n - n - - smtpd -o ..."`).
+    pub fn start_with_services(
+        lab: &Lab,
+        ns: &NetNs,
+        listen: SocketAddr,
+        main_cf: &[&str],
+        services: &[String],
+    ) -> Postfix {
         let dir = lab
             .temp_dir()
             .join(format!("postfix-{}-{}", ns.name(), listen.port()));
@@ -76,7 +88,7 @@ impl Postfix {
             listen,
             stopped: true,
         };
-        postfix.write_config(main_cf);
+        postfix.write_config(main_cf, services);
         postfix.postfix("check");
         let mut postfix = postfix;
         postfix.stopped = false;
@@ -156,7 +168,7 @@ impl Postfix {
         self.dir.join("config")
     }
 
-    fn write_config(&self, extra: &[&str]) {
+    fn write_config(&self, extra: &[&str], services: &[String]) {
         let config = self.config_dir();
         let mail = self.dir.join("mail");
         for dir in [&config, &mail, &self.dir.join("spool")] {
@@ -210,7 +222,7 @@ impl Postfix {
         }
         // Services: type, private, unprivileged, chroot, wakeup, process limit, command.
         // Nothing chrooted: no copies of /etc files in the queue directory are needed.
-        let master_cf = format!(
+        let mut master_cf = format!(
             "{service} inet n - n - 1 postscreen\n\
              smtpd pass - - n - - smtpd\n\
              postlog unix-dgram n - n - 1 postlogd\n\
@@ -229,8 +241,13 @@ impl Postfix {
              discard unix - - n - - discard\n\
              virtual unix - n n - - virtual\n\
              anvil unix - - n - 1 anvil\n\
-             scache unix - - n - 1 scache\n"
+             scache unix - - n - 1 scache\n\
+             tlsmgr unix - - n 1000? 1 tlsmgr\n"
         );
+        for service in services {
+            master_cf.push_str(service);
+            master_cf.push('\n');
+        }
         for (name, text) in [("main.cf", main_cf), ("master.cf", master_cf)] {
             let path = config.join(name);
             fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));

@@ -8,7 +8,8 @@
 //!
 //! Beside it: `health` (checks), `gateway` (one configuration at run time, replaced by
 //! a reload), `control` (the control socket), `publish` (server state into the pinned
-//! map), `metrics`, `xdp` (early drop), `privileges`, `cli/`. `maps` is the only
+//! map), `metrics`, `xdp` (early drop; `xdp::crowdsec`, the CrowdSec bouncer that
+//! feeds its blocklist), `privileges`, `cli/`. `maps` is the only
 //! module that talks to aya.
 
 mod admission;

@@ -182,13 +182,26 @@ impl Run {
                         );
                     }
                     let maps = self.maps.clone();
-                    let (returned, synced) = tokio::task::spawn_blocking(move || {
+                    // A long list takes many syscalls: off the async workers.
+                    let written = tokio::task::spawn_blocking(move || {
                         let synced = sync_crowdsec_entries(maps.blocklist(), bans.ends());
                         (bans, synced)
                     })
-                    .await
-                    .expect("the blocklist sync does not panic");
-                    bans = returned;
+                    .await;
+                    let synced = match written {
+                        Ok((returned, synced)) => {
+                            bans = returned;
+                            synced
+                        }
+                        Err(e) => {
+                            // The bans went with the task: start again from the whole list.
+                            warn!("writing CrowdSec bans to the blocklist failed: {e}");
+                            bans = Bans::default();
+                            whole = false;
+                            tokio::time::sleep(self.interval).await;
+                            continue;
+                        }
+                    };
                     match synced {
                         Ok(changed) => {
                             if map_failing {

@@ -234,3 +234,44 @@ fn to_json(servers: &[ServerEntry]) -> serde_json::Value {
         .collect();
     serde_json::json!({ "servers": items })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unix_now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[test]
+    fn the_crowdsec_line_says_how_pulls_go_and_what_to_do_when_they_fail() {
+        let now = unix_now();
+        let connected = serde_json::json!({
+            "url": "http://127.0.0.1:8080/", "interval_seconds": 10, "state": "connected",
+            "since": now - 600, "last_pull": now - 3, "error": null, "bans": 3,
+            "pulls": 60, "failed_pulls": 0,
+        });
+        assert_eq!(
+            crowdsec_line(&Ok(connected)),
+            "crowdsec: connected to http://127.0.0.1:8080/, 3 bans, pulled 3s ago (every 10s)"
+        );
+        let down = serde_json::json!({
+            "url": "http://127.0.0.1:8080/", "interval_seconds": 10, "state": "unreachable",
+            "since": now - 45, "last_pull": null, "error": "cannot connect: Connection refused",
+            "bans": 0, "pulls": 0, "failed_pulls": 4,
+        });
+        assert_eq!(
+            crowdsec_line(&Ok(down)),
+            "crowdsec: UNREACHABLE at http://127.0.0.1:8080/ for 45s: cannot connect: Connection \
+             refused; the blocklist keeps its CrowdSec entries (last pull that worked: never), \
+             retrying"
+        );
+        assert_eq!(
+            crowdsec_line(&Err("cannot reach kgate".to_owned())),
+            "crowdsec: state unknown (cannot reach kgate)"
+        );
+    }
+}

@@ -7,6 +7,10 @@ use bytemuck::{Pod, Zeroable};
 /// XDP early drop (blocklists, SYN rate limits): its own names, types and capacities.
 pub mod xdp;
 
+/// The packet data plane (TC forwarding of handed-off connections): its own names,
+/// types and capacities.
+pub mod packet;
+
 /// Names of the maps as the kernel knows them (at most 15 bytes) and as they are
 /// pinned under `bpf_pin_path`.
 pub mod maps {

@@ -14,10 +14,12 @@
 //! bytes userspace read itself before the socket joined the splice: a socket joins
 //! mid-stream, and the skb at its head may have been read in part.
 //!
-//! The XDP early-drop program (blocklists, SYN rate limits) is in `xdp.rs`.
+//! The XDP early-drop program (blocklists, SYN rate limits) is in `xdp.rs`, the packet
+//! data plane's TC programs in `packet.rs`.
 #![no_std]
 #![no_main]
 
+mod packet;
 mod xdp;
 
 use aya_ebpf::{

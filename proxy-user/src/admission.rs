@@ -11,7 +11,7 @@ use std::{
     },
 };
 
-use crate::config::Frontend;
+use crate::{accept_proxy::Rejections, config::Frontend, rate::Rate};
 
 /// Open connections of one frontend, in total and per client address.
 #[derive(Debug, Default)]
@@ -22,9 +22,13 @@ pub struct FrontendLoad {
     pub refused: AtomicU64,
     /// Clients admitted.
     pub admitted: AtomicU64,
+    /// Clients admitted a second.
+    pub rate: Rate,
     /// Bytes from and to the clients, added when each connection ends.
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Connections closed before their PROXY header was taken (`accept_proxy`).
+    pub proxy_rejections: Rejections,
 }
 
 /// Why a client was closed at once.
@@ -64,6 +68,7 @@ impl FrontendLoad {
     ) -> Result<Admitted, Refusal> {
         let result = self.try_admit(frontend, source);
         let counter = if result.is_ok() {
+            self.rate.add();
             &self.admitted
         } else {
             &self.refused
@@ -135,6 +140,7 @@ mod tests {
             half_closed_timeout: Duration::from_secs(1),
             max_connections: max,
             max_connections_per_source: per_source,
+            accept_proxy: None,
         }
     }
 

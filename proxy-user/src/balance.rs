@@ -200,7 +200,7 @@ mod tests {
         pool.servers[0].set_admin(AdminState::Drain);
         pool.servers[1].set_health(crate::pool::HealthView {
             state: crate::health::state::Health::Down,
-            ..crate::pool::HealthView::unchecked()
+            ..crate::pool::HealthView::unchecked("")
         });
         pool.servers[3].active.store(1, Ordering::Relaxed);
         for n in 0..5 {

@@ -19,8 +19,10 @@ use proxy_common::{MAX_SERVERS, xdp::MAX_FRONTEND_ADDRESSES};
 use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
+mod accept_proxy;
 mod crowdsec;
 mod xdp;
+pub use accept_proxy::AcceptProxy;
 pub use crowdsec::{ApiKey, Crowdsec};
 pub use xdp::{Xdp, XdpMode};
 
@@ -56,6 +58,9 @@ pub enum DataplaneMode {
     #[default]
     Auto,
     Sockmap,
+    /// Connections copied until handed off to TC programs that forward their segments
+    /// (opt-in; see dataplane/packet.rs).
+    Packet,
     Userspace,
 }
 
@@ -73,6 +78,8 @@ pub struct Frontend {
     pub max_connections: Option<u32>,
     /// Open connections from one client address at most.
     pub max_connections_per_source: Option<u32>,
+    /// Clients come through trusted proxies that send a PROXY header first.
+    pub accept_proxy: Option<AcceptProxy>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -322,6 +329,12 @@ struct FrontendSection {
     max_connections: Option<u32>,
     #[serde(default, deserialize_with = "optional_limit")]
     max_connections_per_source: Option<u32>,
+    #[serde(default)]
+    accept_proxy: Option<Spanned<bool>>,
+    #[serde(default)]
+    trusted_sources: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    accept_proxy_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -535,6 +548,12 @@ impl ConfigFile {
                     .unwrap_or(DEFAULT_HALF_CLOSED_TIMEOUT),
                 max_connections: section.max_connections,
                 max_connections_per_source: section.max_connections_per_source,
+                accept_proxy: accept_proxy::AcceptProxyKeys {
+                    accept_proxy: section.accept_proxy,
+                    trusted_sources: section.trusted_sources,
+                    accept_proxy_timeout: section.accept_proxy_timeout,
+                }
+                .validate(name)?,
             });
         }
         if frontends.is_empty() {
@@ -1125,5 +1144,97 @@ name = "b"
         assert_eq!(line_column("ab\ncd", 0), (1, 1));
         assert_eq!(line_column("ab\ncd", 4), (2, 2));
         assert_eq!(line_column("ab\n", 3), (2, 1));
+    }
+
+    /// GOOD with `keys` after the frontend's `backend` line (line 9): they start on line 10.
+    fn frontend_with(keys: &str) -> String {
+        GOOD.replacen(
+            "backend = \"mail-smtp\"\n",
+            &format!("backend = \"mail-smtp\"\n{keys}\n"),
+            1,
+        )
+    }
+
+    #[test]
+    fn accept_proxy_takes_trusted_sources_and_a_timeout() {
+        let config = parse(&frontend_with(
+            "accept_proxy = true\ntrusted_sources = [\"10.0.30.0/24\", \"2001:db8:30::1\"]\n\
+             accept_proxy_timeout = \"2s\"",
+        ))
+        .unwrap();
+        let accept = config.frontends[0].accept_proxy.as_ref().unwrap();
+        let sources: Vec<String> = accept
+            .trusted_sources
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(sources, ["10.0.30.0/24", "2001:db8:30::1/128"]);
+        assert_eq!(accept.timeout, Duration::from_secs(2));
+        let config = parse(&frontend_with(
+            "accept_proxy = true\ntrusted_sources = [\"10.0.30.0/24\"]",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.frontends[0].accept_proxy.as_ref().unwrap().timeout,
+            Duration::from_secs(5)
+        );
+        assert_eq!(parse(GOOD).unwrap().frontends[0].accept_proxy, None);
+        let off = parse(&frontend_with("accept_proxy = false")).unwrap();
+        assert_eq!(off.frontends[0].accept_proxy, None);
+    }
+
+    #[test]
+    fn accept_proxy_errors_name_the_line_and_what_to_write() {
+        for (keys, at, expect) in [
+            (
+                "accept_proxy = true",
+                "kgate.toml:10:16: ",
+                "add trusted_sources",
+            ),
+            (
+                "accept_proxy = true\ntrusted_sources = []",
+                "kgate.toml:11:19: ",
+                "trusted_sources is empty",
+            ),
+            (
+                "accept_proxy = true\ntrusted_sources = [\"10.0.30.0/24\", \"lb.example\"]",
+                "kgate.toml:11:36: ",
+                "`lb.example` is not an IP prefix",
+            ),
+            (
+                "accept_proxy = true\ntrusted_sources = [\"10.0.30.1/24\"]",
+                "kgate.toml:11:20: ",
+                "did you mean \"10.0.30.0/24\"",
+            ),
+            (
+                "trusted_sources = [\"10.0.30.0/24\"]",
+                "kgate.toml:10:19: ",
+                "add `accept_proxy = true`",
+            ),
+            (
+                "accept_proxy_timeout = \"2s\"",
+                "kgate.toml:10:24: ",
+                "add `accept_proxy = true`",
+            ),
+            (
+                "accept_proxy = true\ntrusted_sources = [\"10.0.0.0/8\"]\naccept_proxy_timeout = \"0s\"",
+                "kgate.toml:12:24: ",
+                "of zero",
+            ),
+            (
+                "accept_proxy = true\ntrusted_sources = [\"10.0.0.0/8\"]\naccept_proxy_timeout = \"soon\"",
+                "kgate.toml:12:24: ",
+                "is not a duration",
+            ),
+            (
+                "accept_proxy = \"yes\"",
+                "kgate.toml:10:16: ",
+                "expected a boolean",
+            ),
+        ] {
+            let message = error(&frontend_with(keys));
+            assert!(message.starts_with(at), "{keys}: {message}");
+            assert!(message.contains(expect), "{keys}: {message}");
+        }
     }
 }

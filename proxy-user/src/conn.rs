@@ -5,7 +5,10 @@
 //! where PATH says how the bytes moved (`spliced`, `copied`, `half-spliced`, or `-`
 //! when none did) and CAUSE is one of `client closed`, `server closed`, `client
 //! reset`, `server reset`, `idle timeout`, `half-closed timeout`, `no server`,
-//! `over limit: ...`, or `server failed: ...` (before the relay began).
+//! `over limit: ...`, `server failed: ...` (before the relay began), `client failed:
+//! ...` (its socket, before anything was done), or `PROXY header ...` (an
+//! `accept_proxy` frontend refused the connection, see `accept_proxy`).
+//! CLIENT is the address a PROXY header named, on such a frontend.
 
 use std::{
     fmt,
@@ -18,11 +21,12 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::info;
 
 use crate::{
+    accept_proxy::{self, Received, Rejection},
     admission::{Admitted, Refusal},
     balance,
     config::Backend,
     daemon::Open,
-    dataplane::{SpliceTerms, Timeouts, Transfer},
+    dataplane::{Path, SpliceTerms, Timeouts, Transfer},
     gateway::Gateway,
     pool::{Pool, ServerRuntime},
     proxy_header, upstream,
@@ -38,6 +42,10 @@ enum Outcome {
     NoServer,
     /// The server failed before the relay began (while taking the header).
     ServerFailed(std::io::Error),
+    /// The client's PROXY header was not taken (`accept_proxy`).
+    ProxyRefused(Rejection),
+    /// The client's socket failed before anything was done for it.
+    ClientFailed(std::io::Error),
 }
 
 /// What a connection carries from accept to its log line, wherever it is relayed: a
@@ -51,6 +59,8 @@ pub struct Ending {
     server: Option<usize>,
     peer: SocketAddr,
     started: Instant,
+    /// How the bytes move now, as the server's counts of open connections have it.
+    path: Path,
     /// Held for its drop, which gives the frontend's slot back.
     _admitted: Option<Admitted>,
 }
@@ -63,8 +73,17 @@ impl Ending {
     fn set_server(&mut self, server: usize) {
         let runtime = &self.pool().servers[server];
         runtime.total.fetch_add(1, Ordering::Relaxed);
+        runtime.rate.add();
         runtime.active.fetch_add(1, Ordering::Relaxed);
         self.server = Some(server);
+    }
+
+    /// The connection's bytes move on `path` from now on (it joined the splice).
+    pub fn carried_on(&mut self, path: Path) {
+        if let Some(runtime) = self.server_runtime() {
+            runtime.moved(self.path, path);
+        }
+        self.path = path;
     }
 
     /// The server's runtime, whose counters the relay adds the bytes it copies to as
@@ -90,9 +109,9 @@ impl Ending {
         let backend = &self.gateway.config.backends[frontend.backend];
         let server_name = match self.server {
             Some(server) => {
-                self.pool().servers[server]
-                    .active
-                    .fetch_sub(1, Ordering::Relaxed);
+                let runtime = &self.pool().servers[server];
+                runtime.moved(self.path, Path::Copied);
+                runtime.active.fetch_sub(1, Ordering::Relaxed);
                 backend.servers[server].name.as_str()
             }
             None => "-",
@@ -112,7 +131,7 @@ pub async fn handle(
     open: Open,
     gateway: Arc<Gateway>,
     frontend: usize,
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
 ) {
     let daemon = open.daemon().clone();
@@ -123,6 +142,7 @@ pub async fn handle(
         server: None,
         peer,
         started: Instant::now(),
+        path: Path::Copied,
         _admitted: None,
     };
     let load = &gateway.loads[frontend];
@@ -130,20 +150,45 @@ pub async fn handle(
     let backend_index = frontend.backend;
     let backend = &gateway.config.backends[backend_index];
 
-    match load.admit(frontend, peer.ip().to_canonical()) {
+    let local = match client.local_addr() {
+        Ok(local) => local,
+        // Reset before it could be looked at.
+        Err(e) => return ending.log(Outcome::ClientFailed(e)),
+    };
+    let Received {
+        source,
+        destination,
+        header_length,
+    } = match &frontend.accept_proxy {
+        None => Received {
+            source: peer,
+            destination: local,
+            header_length: 0,
+        },
+        Some(settings) => match accept_proxy::receive(&mut client, peer, local, settings).await {
+            Ok(received) => received,
+            Err(rejection) => {
+                load.proxy_rejections.count(&rejection);
+                return ending.log(Outcome::ProxyRefused(rejection));
+            }
+        },
+    };
+    ending.peer = source;
+
+    match load.admit(frontend, source.ip().to_canonical()) {
         Err(refusal) => return ending.log(Outcome::Refused(refusal)),
         Ok(admitted) => ending._admitted = Some(admitted),
     }
     let _ = client.set_nodelay(true);
     let pool = &gateway.pools[backend_index];
-    let order = balance::order(pool, backend, peer.ip().to_canonical());
+    let order = balance::order(pool, backend, source.ip().to_canonical());
     let Some(upstream::Upstream { mut stream, server }) = upstream::connect(backend, &order).await
     else {
         pool.counters.no_server.fetch_add(1, Ordering::Relaxed);
         return ending.log(Outcome::NoServer);
     };
     ending.set_server(server);
-    if let Err(e) = send_header(&mut stream, backend, &client, peer).await {
+    if let Err(e) = send_header(&mut stream, backend, source, destination).await {
         return ending.log(Outcome::ServerFailed(e));
     }
     let timeouts = Timeouts {
@@ -154,6 +199,7 @@ pub async fn handle(
         queue_limit: backend.queue_limit,
         server_slot: pool.servers[server].slot,
         after: backend.splice_after,
+        client_bytes_read: header_length,
     };
     daemon
         .dataplane
@@ -161,14 +207,14 @@ pub async fn handle(
         .await;
 }
 
+/// The header naming `source` as the client, which connected to `destination`.
 async fn send_header(
     server: &mut TcpStream,
     backend: &Backend,
-    client: &TcpStream,
-    peer: SocketAddr,
+    source: SocketAddr,
+    destination: SocketAddr,
 ) -> std::io::Result<()> {
-    let local = client.local_addr()?;
-    match proxy_header::for_connection(backend.proxy_protocol, peer, local) {
+    match proxy_header::for_connection(backend.proxy_protocol, source, destination) {
         Some(header) => server.write_all(&header).await,
         None => Ok(()),
     }
@@ -188,6 +234,12 @@ impl fmt::Display for Outcome {
             Outcome::NoServer => f.write_str("- bytes_in=0 bytes_out=0 end=\"no server\""),
             Outcome::ServerFailed(e) => {
                 write!(f, "- bytes_in=0 bytes_out=0 end=\"server failed: {e}\"")
+            }
+            Outcome::ProxyRefused(rejection) => {
+                write!(f, "- bytes_in=0 bytes_out=0 end=\"{rejection}\"")
+            }
+            Outcome::ClientFailed(e) => {
+                write!(f, "- bytes_in=0 bytes_out=0 end=\"client failed: {e}\"")
             }
         }
     }

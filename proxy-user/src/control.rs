@@ -1,6 +1,6 @@
-//! The control socket: a Unix stream socket where `kgate reload` and `kgate server
-//! set` reach the running daemon. One request line, one reply line: `ok ...` or
-//! `error: ...`. Only root (the socket's owner) may connect.
+//! The control socket: a Unix stream socket where `kgate reload`, `kgate status` and
+//! `kgate server set` reach the running daemon. One request line, one reply line:
+//! `ok ...` or `error: ...`. Only root (the socket's owner) may connect.
 //!
 //! At most [`MAX_CONNECTIONS`] are served at once, each given [`IO_TIMEOUT`] to send
 //! its request and take its reply: more wait in the kernel's listen queue, where
@@ -24,7 +24,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{daemon::Daemon, pool::AdminState};
+use crate::{daemon::Daemon, pool::AdminState, status};
 
 /// Longest request accepted.
 const MAX_REQUEST: usize = 1024;
@@ -97,6 +97,8 @@ async fn execute(daemon: &Arc<Daemon>, request: &str) -> Result<String, String> 
     let words: Vec<&str> = request.split_whitespace().collect();
     match words.as_slice() {
         ["reload"] => daemon.reload().await,
+        // One line of JSON: the reply is one line.
+        ["status"] => serde_json::to_string(&status::build(daemon)).map_err(|e| e.to_string()),
         ["server", "set", name, state] => {
             let state: AdminState = state.parse()?;
             let gateway = daemon.gateway();
@@ -108,15 +110,8 @@ async fn execute(daemon: &Arc<Daemon>, request: &str) -> Result<String, String> 
             info!(server = %name, "set to {state} by the operator");
             Ok(format!("{name} {state}"))
         }
-        // For `kgate status`: the bouncer's state as one line of JSON.
-        ["crowdsec"] => daemon
-            .early_drop
-            .as_ref()
-            .and_then(|e| e.crowdsec_status())
-            .map(|s| serde_json::to_string(&s).expect("JSON of strings and numbers"))
-            .ok_or_else(|| "the running configuration has no [crowdsec]".to_owned()),
         _ => Err(format!(
-            "unknown request `{request}`: expected `reload` or `server set BACKEND/SERVER ready|drain|maint`"
+            "unknown request `{request}`: expected `reload`, `status` or `server set BACKEND/SERVER ready|drain|maint`"
         )),
     }
 }

@@ -23,7 +23,7 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -42,6 +42,8 @@ use crate::{
 };
 
 pub struct Daemon {
+    /// When this kgate started (for the status page's uptime).
+    pub started: SystemTime,
     pub dataplane: Dataplane,
     pub server_maps: Option<ServerMaps>,
     pub early_drop: Option<EarlyDrop>,
@@ -78,6 +80,7 @@ impl Daemon {
         let listeners = bind_new(&config, &HashSet::new())?;
         let gateway = Gateway::build(config, None, &mut resources.slots)?;
         let daemon = Arc::new(Daemon {
+            started: SystemTime::now(),
             dataplane,
             server_maps,
             early_drop,

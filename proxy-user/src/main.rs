@@ -2,16 +2,21 @@
 //! real client address and then splices the connection in the kernel (eBPF sockmap).
 //!
 //! A connection flows through the modules in this order: `config` -> `frontend`
-//! (listen) -> `daemon` (accept) -> `admission` (limits) -> `balance` (pick a server of
-//! the `pool`) -> `upstream` (connect) -> `proxy_header` -> `dataplane` (splice or
-//! copy) -> `conn` (lifecycle and log line).
+//! (listen) -> `daemon` (accept) -> `accept_proxy` (the PROXY header of a trusted
+//! proxy in front, on frontends that take one) -> `admission` (limits) -> `balance`
+//! (pick a server of the `pool`) -> `upstream` (connect) -> `proxy_header` ->
+//! `dataplane` (splice, copy, or forward packets) -> `conn` (lifecycle and log line).
 //!
 //! Beside it: `health` (checks), `gateway` (one configuration at run time, replaced by
-//! a reload), `control` (the control socket), `publish` (server state into the pinned
-//! map), `metrics`, `xdp` (early drop; `xdp::crowdsec`, the CrowdSec bouncer that
-//! feeds its blocklist), `privileges`, `cli/`. `maps` is the only
-//! module that talks to aya.
+//! a reload), `control` (the control socket), `status` (the status document that
+//! `kgate status`, the stats page and `publish` show), `publish` (server state into
+//! the pinned map), `web` (the stats page, `/status.json` and `/metrics` on
+//! `metrics_listen`), `metrics`, `rate` (events a second), `xdp` (early drop;
+//! `xdp::crowdsec`, the CrowdSec bouncer that feeds its blocklist), `interfaces` (this
+//! host's interfaces and addresses), `privileges`, `cli/`. `maps` is the only module
+//! that talks to aya.
 
+mod accept_proxy;
 mod admission;
 mod balance;
 mod cli;
@@ -23,14 +28,18 @@ mod dataplane;
 mod frontend;
 mod gateway;
 mod health;
+mod interfaces;
 mod maps;
 mod metrics;
 mod pool;
 mod privileges;
 mod proxy_header;
 mod publish;
+mod rate;
 mod sockopt;
+mod status;
 mod upstream;
+mod web;
 mod xdp;
 
 use std::{io::IsTerminal, process::ExitCode};

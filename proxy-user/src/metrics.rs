@@ -1,4 +1,5 @@
-//! Prometheus metrics on `metrics_listen` (`GET /metrics`, text format 0.0.4).
+//! Prometheus metrics, served on `metrics_listen` at `/metrics` (text format 0.0.4) by
+//! `web`.
 //!
 //! Nothing is counted twice: at each scrape the collector reads the counters the
 //! daemon keeps anyway (frontends, pools, the eBPF maps) from the current gateway.
@@ -7,7 +8,6 @@
 use std::{
     fmt,
     sync::{Arc, atomic::Ordering},
-    time::Duration,
 };
 
 use prometheus_client::{
@@ -16,89 +16,23 @@ use prometheus_client::{
     metrics::MetricType,
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
-    time::timeout,
-};
-use tracing::{debug, warn};
 
 use proxy_common::xdp::{ORIGIN_COMMAND, ORIGIN_CROWDSEC, ORIGIN_FILE};
 
 use crate::{daemon::Daemon, dataplane::Dataplane};
 
-/// Longest request head read; anything longer is refused.
-const MAX_REQUEST: usize = 8 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Scrapes served at once: more wait in the kernel's listen queue, holding no file
-/// descriptor of kgate's (as control connections do, see control.rs).
-const MAX_CONNECTIONS: usize = 16;
-
-pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
+/// The registry whose collector reads `daemon` at each scrape.
+pub fn registry(daemon: Arc<Daemon>) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Gauges(daemon)));
-    let registry = Arc::new(registry);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let registry = registry.clone();
-                tokio::spawn(async move {
-                    let answered = timeout(REQUEST_TIMEOUT * 2, answer(stream, &registry)).await;
-                    drop(slot);
-                    // A scraper's failures are its own; logged per request, they would be
-                    // a way to fill the log.
-                    match answered {
-                        Ok(Err(e)) => debug!("metrics request: {e}"),
-                        Err(_) => debug!("metrics request: the reply was not taken in time"),
-                        Ok(Ok(())) => {}
-                    }
-                });
-            }
-            Err(e) => {
-                warn!("metrics: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    registry
 }
 
-async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    let read_head = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    timeout(REQUEST_TIMEOUT, read_head)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let (status, body) = if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
-        let mut body = String::new();
-        prometheus_client::encoding::text::encode(&mut body, registry)
-            .map_err(std::io::Error::other)?;
-        ("200 OK", body)
-    } else {
-        ("404 Not Found", "kgate serves /metrics\n".to_owned())
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+/// The metrics now, in the text format.
+pub fn encode(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut body = String::new();
+    prometheus_client::encoding::text::encode(&mut body, registry)?;
+    Ok(body)
 }
 
 /// Reads the daemon's counters at each scrape.
@@ -184,6 +118,26 @@ impl Collector for Gauges {
             per_frontend(|l| l.bytes_out.load(Ordering::Relaxed)),
         )?;
 
+        family(
+            &mut encoder,
+            "kgate_frontend_proxy_header_refused",
+            "Clients of an accept_proxy frontend closed before their PROXY header was taken, \
+             by reason: untrusted source, timeout, missing, truncated, oversized, malformed",
+            Counter,
+            config
+                .frontends
+                .iter()
+                .zip(&gateway.loads)
+                .filter(|(f, _)| f.accept_proxy.is_some())
+                .flat_map(|(f, load)| {
+                    load.proxy_rejections.by_kind().map(|(kind, n)| {
+                        (
+                            vec![("frontend", f.name.clone()), ("reason", kind.to_owned())],
+                            n,
+                        )
+                    })
+                }),
+        )?;
         family(
             &mut encoder,
             "kgate_backend_no_server",
@@ -325,6 +279,48 @@ impl Collector for Gauges {
                 Counter,
                 [(Labels::new(), stats.trim_failures)],
             )?;
+        }
+        if let Dataplane::Packet(packet) = &daemon.dataplane {
+            family(
+                &mut encoder,
+                "kgate_packet_forwarded_connections",
+                "Connections the packet data plane's TC programs forward now",
+                Gauge,
+                [(Labels::new(), packet.forwarded() as u64)],
+            )?;
+            family(
+                &mut encoder,
+                "kgate_packet_handoffs",
+                "Connections handed off to the TC programs",
+                Counter,
+                [(Labels::new(), packet.handed_off())],
+            )?;
+            family(
+                &mut encoder,
+                "kgate_packet_fallbacks",
+                "Connections that stayed copied instead of forwarded, by reason",
+                Counter,
+                packet
+                    .fallbacks()
+                    .map(|(reason, n)| (vec![("reason", reason.as_str().to_owned())], n)),
+            )?;
+            if let Ok(stats) = packet.stats() {
+                family(
+                    &mut encoder,
+                    "kgate_packet_segments",
+                    "Segments the TC programs handled, by what they did",
+                    Counter,
+                    [
+                        ("forwarded", stats.forwarded_segments),
+                        ("dropped_frozen", stats.frozen_drops),
+                        ("dropped_held", stats.held_drops),
+                        ("silenced", stats.silenced),
+                        ("no_route", stats.no_route),
+                        ("malformed", stats.malformed),
+                    ]
+                    .map(|(what, n)| (vec![("action", what.to_owned())], n)),
+                )?;
+            }
         }
         if let Some(early_drop) = &daemon.early_drop
             && let Ok(stats) = early_drop.stats()

@@ -8,11 +8,12 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
+    time::{Duration, SystemTime},
 };
 
 use proxy_common::MAX_SERVERS;
 
-use crate::health::state::Health;
+use crate::{dataplane::Path, health::state::Health, rate::Rate};
 
 /// What the operator set with `kgate server set`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,22 +55,46 @@ impl fmt::Display for AdminState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthView {
     pub state: Health,
+    /// Why the server is in `state`: the change that put it there ("connection
+    /// refused (3 failed checks in a row)"), or why it is not checked (yet).
+    pub reason: String,
+    /// When it came to `state`.
+    pub since: SystemTime,
     /// "ok", "refused", "timeout", "bad reply", "error", or "" before the first check.
     pub last_check: &'static str,
+    /// What went wrong in the last check, when it failed.
+    pub last_failure: Option<String>,
+    /// When the last check started, and how long it took.
+    pub last_check_at: Option<SystemTime>,
+    pub last_check_took: Option<Duration>,
     pub consecutive_ok: u32,
     pub consecutive_fail: u32,
 }
 
 impl HealthView {
-    /// Before the first check: usable.
-    pub fn unchecked() -> HealthView {
+    /// Not checked (yet), `reason` says why: usable.
+    pub fn unchecked(reason: &str) -> HealthView {
         HealthView {
             state: Health::Unchecked,
+            reason: reason.to_owned(),
+            since: SystemTime::now(),
             last_check: "",
+            last_failure: None,
+            last_check_at: None,
+            last_check_took: None,
             consecutive_ok: 0,
             consecutive_fail: 0,
         }
     }
+}
+
+/// A server's state as `kgate status` shows it: the operator's, else the checks'.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateView {
+    /// up, down, unchecked, drain or maint.
+    pub state: String,
+    pub reason: String,
+    pub since: SystemTime,
 }
 
 /// One server of a pool.
@@ -78,10 +103,19 @@ pub struct ServerRuntime {
     /// The server's slot in the pinned `servers` map.
     pub slot: u32,
     admin: AtomicU8,
+    /// When the operator last set the state; `None` before.
+    admin_since: Mutex<Option<SystemTime>>,
     healthy: AtomicBool,
     health: Mutex<HealthView>,
     pub active: AtomicU64,
     pub total: AtomicU64,
+    /// New connections a second.
+    pub rate: Rate,
+    /// Open connections spliced both ways, and one way; the others are copied.
+    pub spliced: AtomicU64,
+    pub half_spliced: AtomicU64,
+    /// Open connections the packet data plane forwards.
+    pub forwarded: AtomicU64,
     /// Bytes kgate moved itself (userspace data plane, or passed bytes of a spliced
     /// connection); the eBPF program counts the spliced ones.
     pub copied_in: AtomicU64,
@@ -95,10 +129,15 @@ impl ServerRuntime {
         ServerRuntime {
             slot,
             admin: AtomicU8::new(AdminState::Ready as u8),
+            admin_since: Mutex::new(None),
             healthy: AtomicBool::new(true),
-            health: Mutex::new(HealthView::unchecked()),
+            health: Mutex::new(HealthView::unchecked(NOT_CHECKED)),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
+            rate: Rate::default(),
+            spliced: AtomicU64::new(0),
+            half_spliced: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
             copied_in: AtomicU64::new(0),
             copied_out: AtomicU64::new(0),
             checks_passed: AtomicU64::new(0),
@@ -115,6 +154,7 @@ impl ServerRuntime {
     }
 
     pub fn set_admin(&self, state: AdminState) {
+        *self.admin_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(SystemTime::now());
         self.admin.store(state as u8, Ordering::Relaxed);
     }
 
@@ -133,10 +173,50 @@ impl ServerRuntime {
 
     /// The state `kgate status` shows: the operator's, else the checks'.
     pub fn state(&self) -> String {
+        self.state_view().state
+    }
+
+    /// The state with why and since when: the operator's, else the checks' (and the
+    /// operator's `ready` when it came after the checks' last change).
+    pub fn state_view(&self) -> StateView {
+        let health = self.health();
+        let admin_since = *self.admin_since.lock().unwrap_or_else(|p| p.into_inner());
+        let by_operator = |state: AdminState, what: &str| StateView {
+            state: state.to_string(),
+            reason: format!("set to {state} by the operator: {what}"),
+            since: admin_since.unwrap_or(health.since),
+        };
         match self.admin() {
-            AdminState::Drain => "drain".to_owned(),
-            AdminState::Maint => "maint".to_owned(),
-            AdminState::Ready => self.health().state.to_string(),
+            AdminState::Drain => by_operator(AdminState::Drain, "no new connections, checks go on"),
+            AdminState::Maint => by_operator(AdminState::Maint, "no new connections, no checks"),
+            AdminState::Ready => match admin_since {
+                Some(since) if since > health.since => StateView {
+                    state: health.state.to_string(),
+                    reason: "set ready by the operator".to_owned(),
+                    since,
+                },
+                _ => StateView {
+                    state: health.state.to_string(),
+                    reason: health.reason,
+                    since: health.since,
+                },
+            },
+        }
+    }
+
+    /// Counts an open connection as carried on `path` from now on, instead of `before`.
+    pub fn moved(&self, before: Path, path: Path) {
+        let counter = |path| match path {
+            Path::Spliced => Some(&self.spliced),
+            Path::Mixed => Some(&self.half_spliced),
+            Path::Forwarded => Some(&self.forwarded),
+            Path::Copied => None,
+        };
+        if let Some(counter) = counter(before) {
+            counter.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(counter) = counter(path) {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -147,6 +227,9 @@ impl ServerRuntime {
             && max_connections.is_none_or(|max| self.active.load(Ordering::Relaxed) < max.into())
     }
 }
+
+/// Why a server of a backend without `[backends.health]` is not checked.
+const NOT_CHECKED: &str = "no health checks configured: always taken as up";
 
 /// A backend's servers, in configuration order.
 #[derive(Debug)]
@@ -227,5 +310,85 @@ impl Slots {
         });
         self.free.extend(&freed);
         freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn down_since(at: SystemTime) -> HealthView {
+        HealthView {
+            state: Health::Down,
+            reason: "connection refused (3 failed checks in a row)".to_owned(),
+            since: at,
+            ..HealthView::unchecked("")
+        }
+    }
+
+    #[test]
+    fn the_state_shown_is_the_operators_then_the_checks_with_why_and_since_when() {
+        let server = ServerRuntime::new(0);
+        let view = server.state_view();
+        assert_eq!(view.state, "unchecked");
+        assert_eq!(view.reason, NOT_CHECKED);
+
+        let went_down = SystemTime::now() - Duration::from_secs(60);
+        server.set_health(down_since(went_down));
+        let view = server.state_view();
+        assert_eq!(
+            (view.state.as_str(), view.reason.as_str(), view.since),
+            (
+                "down",
+                "connection refused (3 failed checks in a row)",
+                went_down
+            )
+        );
+
+        server.set_admin(AdminState::Drain);
+        let view = server.state_view();
+        assert_eq!(view.state, "drain");
+        assert_eq!(
+            view.reason,
+            "set to drain by the operator: no new connections, checks go on"
+        );
+        assert!(view.since > went_down);
+        let drained = view.since;
+
+        // Ready again: the checks' state, but changed last by the operator.
+        server.set_admin(AdminState::Ready);
+        let view = server.state_view();
+        assert_eq!(view.state, "down");
+        assert_eq!(view.reason, "set ready by the operator");
+        assert!(view.since >= drained);
+
+        // The checks change the state after that: theirs is the reason again.
+        let came_up = SystemTime::now() + Duration::from_secs(1);
+        server.set_health(HealthView {
+            state: Health::Up,
+            reason: "2 checks passed in a row".to_owned(),
+            since: came_up,
+            ..HealthView::unchecked("")
+        });
+        let view = server.state_view();
+        assert_eq!(
+            (view.state.as_str(), view.reason.as_str(), view.since),
+            ("up", "2 checks passed in a row", came_up)
+        );
+    }
+
+    #[test]
+    fn open_connections_are_counted_by_how_their_bytes_move() {
+        let server = ServerRuntime::new(0);
+        server.moved(Path::Copied, Path::Spliced);
+        server.moved(Path::Copied, Path::Mixed);
+        server.moved(Path::Copied, Path::Spliced);
+        assert_eq!(server.spliced.load(Ordering::Relaxed), 2);
+        assert_eq!(server.half_spliced.load(Ordering::Relaxed), 1);
+        // Two end.
+        server.moved(Path::Spliced, Path::Copied);
+        server.moved(Path::Mixed, Path::Copied);
+        assert_eq!(server.spliced.load(Ordering::Relaxed), 1);
+        assert_eq!(server.half_spliced.load(Ordering::Relaxed), 0);
     }
 }

@@ -1,12 +1,13 @@
 //! Publishing each server's state and counters in the pinned `servers` map, so that
-//! `kgate status` and `bpftool map dump pinned <pin>/servers` show them from any shell.
+//! `bpftool map dump pinned <pin>/servers` shows them from any shell: the entries of
+//! the status document (`status`) that `kgate status` and the stats page show.
 
-use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use proxy_common::ServerEntry;
 use tracing::warn;
 
-use crate::{daemon::Daemon, gateway::Gateway, maps::ServerMaps};
+use crate::{daemon::Daemon, gateway::Gateway, maps::ServerMaps, status};
 
 /// How often counters are published; state changes are published at once.
 const PERIOD: Duration = Duration::from_secs(1);
@@ -35,7 +36,8 @@ pub async fn run(daemon: Arc<Daemon>) {
     }
 }
 
-/// Writes every server of `gateway`, and empties the slots in `freed`.
+/// Writes every server of `gateway`, and empties the slots in `freed`. The entries are
+/// the status document's (`status::servers`), so bpftool shows what `kgate status` does.
 pub fn publish_all(
     gateway: &Gateway,
     maps: &ServerMaps,
@@ -44,35 +46,33 @@ pub fn publish_all(
     for &slot in freed {
         maps.clear(slot)?;
     }
-    for (backend_id, (backend, pool)) in gateway
+    let backend_ids: HashMap<&str, u32> = gateway
         .config
         .backends
         .iter()
-        .zip(&gateway.pools)
         .enumerate()
-    {
-        for (server, runtime) in backend.servers.iter().zip(&pool.servers) {
-            let spliced = maps.spliced_bytes(runtime.slot)?;
-            let health = runtime.health();
-            let mut entry = ServerEntry {
-                backend_id: backend_id as u32,
-                port: server.address.port(),
-                in_use: 1,
-                consecutive_ok: health.consecutive_ok,
-                consecutive_fail: health.consecutive_fail,
-                active_connections: runtime.active.load(Ordering::Relaxed),
-                total_connections: runtime.total.load(Ordering::Relaxed),
-                bytes_in: spliced.bytes_in + runtime.copied_in.load(Ordering::Relaxed),
-                bytes_out: spliced.bytes_out + runtime.copied_out.load(Ordering::Relaxed),
-                ..ServerEntry::default()
-            };
-            put(&mut entry.backend, &backend.name);
-            put(&mut entry.server, &server.name);
-            put(&mut entry.address, &server.address.to_string());
-            put(&mut entry.state, &runtime.state());
-            put(&mut entry.last_check, health.last_check);
-            maps.publish(runtime.slot, &entry)?;
-        }
+        .map(|(id, b)| (b.name.as_str(), id as u32))
+        .collect();
+    for (slot, server) in status::servers(gateway, Some(maps)) {
+        let address: SocketAddr = server.address.parse().expect("written from a SocketAddr");
+        let mut entry = ServerEntry {
+            backend_id: backend_ids[server.backend.as_str()],
+            port: address.port(),
+            in_use: 1,
+            consecutive_ok: server.consecutive_ok,
+            consecutive_fail: server.consecutive_fail,
+            active_connections: server.active_connections,
+            total_connections: server.total_connections,
+            bytes_in: server.bytes_in,
+            bytes_out: server.bytes_out,
+            ..ServerEntry::default()
+        };
+        put(&mut entry.backend, &server.backend);
+        put(&mut entry.server, &server.server);
+        put(&mut entry.address, &server.address);
+        put(&mut entry.state, &server.state);
+        put(&mut entry.last_check, &server.last_check);
+        maps.publish(slot, &entry)?;
     }
     Ok(())
 }
@@ -85,7 +85,8 @@ fn put(field: &mut [u8], text: &str) {
 }
 
 /// The text of a NUL-padded field.
-pub fn text(field: &[u8]) -> String {
+#[cfg(test)]
+fn text(field: &[u8]) -> String {
     let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
     String::from_utf8_lossy(&field[..end]).into_owned()
 }

@@ -16,6 +16,15 @@ pub struct TcpCounters {
 }
 
 pub fn tcp_counters(socket: impl AsFd) -> io::Result<TcpCounters> {
+    let info = tcp_info(socket)?;
+    Ok(TcpCounters {
+        bytes_received: info.tcpi_bytes_received,
+        bytes_acked: info.tcpi_bytes_acked,
+        since_data_received: Duration::from_millis(info.tcpi_last_data_recv.into()),
+    })
+}
+
+fn tcp_info(socket: impl AsFd) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain data; the kernel writes at most `len` bytes into it.
     let mut info: libc::tcp_info = unsafe { mem::zeroed() };
     let mut len = mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -31,11 +40,7 @@ pub fn tcp_counters(socket: impl AsFd) -> io::Result<TcpCounters> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(TcpCounters {
-        bytes_received: info.tcpi_bytes_received,
-        bytes_acked: info.tcpi_bytes_acked,
-        since_data_received: Duration::from_millis(info.tcpi_last_data_recv.into()),
-    })
+    Ok(info)
 }
 
 /// Where a socket's sending stands.
@@ -98,6 +103,116 @@ fn set_int(
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Bytes received and not read yet (SIOCINQ).
+pub fn unread_bytes(socket: impl AsFd) -> io::Result<u64> {
+    let mut unread: libc::c_int = 0;
+    // SAFETY: SIOCINQ writes one int.
+    let rc = unsafe { libc::ioctl(socket.as_fd().as_raw_fd(), libc::FIONREAD, &mut unread) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(unread).unwrap_or(0))
+}
+
+/// What the handoff to the packet data plane reads of a connection in TCP_INFO.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpShape {
+    pub established: bool,
+    pub timestamps: bool,
+    pub window_scaling: bool,
+    /// The peer's window scale (applies to the windows it sends).
+    pub peer_window_scale: u8,
+    /// The scale this socket announced (applies to the windows it sends).
+    pub own_window_scale: u8,
+    /// The MSS this socket announced to its peer.
+    pub announced_mss: u32,
+    /// The MSS it sends with (the peer's, within the path MTU, less options).
+    pub send_mss: u32,
+}
+
+pub fn tcp_shape(socket: impl AsFd) -> io::Result<TcpShape> {
+    const TCP_ESTABLISHED: u8 = 1;
+    const TCPI_OPT_TIMESTAMPS: u8 = 1;
+    const TCPI_OPT_WSCALE: u8 = 4;
+    let info = tcp_info(socket)?;
+    Ok(TcpShape {
+        established: info.tcpi_state == TCP_ESTABLISHED,
+        timestamps: info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0,
+        window_scaling: info.tcpi_options & TCPI_OPT_WSCALE != 0,
+        // Two 4-bit fields, tcpi_snd_wscale in the low bits.
+        peer_window_scale: info.tcpi_snd_rcv_wscale & 0x0f,
+        own_window_scale: info.tcpi_snd_rcv_wscale >> 4,
+        announced_mss: info.tcpi_advmss,
+        send_mss: info.tcpi_snd_mss,
+    })
+}
+
+/// Puts the socket in repair mode (CAP_NET_ADMIN), or takes it out: in repair mode
+/// it transmits nothing of its own, its sequence numbers can be read, and closing it
+/// sends neither FIN nor RST.
+pub fn set_repair(socket: impl AsFd, on: bool) -> io::Result<()> {
+    /// Leaves repair mode without the window probe the kernel otherwise sends.
+    const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+    let value = if on { 1 } else { TCP_REPAIR_OFF_NO_WP };
+    set_int(socket, libc::IPPROTO_TCP, libc::TCP_REPAIR, value)
+}
+
+/// A socket's sequence numbers and timestamp clock, read in repair mode.
+#[derive(Clone, Copy, Debug)]
+pub struct Sequence {
+    /// The next sequence number it expects from its peer.
+    pub receive_next: u32,
+    /// The sequence number of the next byte it would send.
+    pub send_next: u32,
+    /// Its TCP timestamp clock now (what it would send as TSval).
+    pub ts_clock: u32,
+}
+
+pub fn sequence(socket: impl AsFd) -> io::Result<Sequence> {
+    const TCP_RECV_QUEUE: libc::c_int = 1;
+    const TCP_SEND_QUEUE: libc::c_int = 2;
+    let socket = socket.as_fd();
+    set_int(
+        socket,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR_QUEUE,
+        TCP_RECV_QUEUE,
+    )?;
+    let receive_next = get_u32(socket, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
+    set_int(
+        socket,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR_QUEUE,
+        TCP_SEND_QUEUE,
+    )?;
+    let send_next = get_u32(socket, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
+    let ts_clock = get_u32(socket, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP)?;
+    Ok(Sequence {
+        receive_next,
+        send_next,
+        ts_clock,
+    })
+}
+
+fn get_u32(socket: impl AsFd, level: libc::c_int, name: libc::c_int) -> io::Result<u32> {
+    let mut value: u32 = 0;
+    let mut len = mem::size_of::<u32>() as libc::socklen_t;
+    // SAFETY: the option writes at most `len` bytes into `value`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
 }
 
 /// Whether the socket is readable, at its end, or failed, as poll(2) says right now.

@@ -341,14 +341,11 @@ impl Kgate {
         self.exit_status
     }
 
-    /// `kgate status --json` for this kgate's pinned maps (and, for what only the
-    /// daemon knows, its control socket), parsed.
+    /// `kgate status --json` of this kgate (through its control socket), parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = Command::new(kgate_bin())
-            .args(["status", "--json", "-c"])
-            .arg(&self.config_path)
-            .arg("--pin-path")
-            .arg(&self.pin_path)
+            .args(["status", "--json", "--socket"])
+            .arg(&self.control_socket)
             .output()
             .expect("running kgate status");
         assert!(
@@ -375,6 +372,11 @@ impl Kgate {
             .arg(&self.control_socket)
             .output()
             .expect("running kgate server set")
+    }
+
+    /// The control socket of this kgate (`control_socket_for(lab)`).
+    pub fn control_socket(&self) -> PathBuf {
+        self.control_socket.clone()
     }
 
     /// The pin directory of this kgate (`pin_path_for(lab)`).

@@ -4,6 +4,7 @@
 //! - [`lab`]: a client, a gateway and backends, each in its own network namespace,
 //!   joined by veths and routed through the gateway ([`lab::Lab`], [`lab::NetNs`]).
 //! - [`kgate`]: runs the `kgate` daemon in the gateway and watches its log.
+//! - [`browser`]: headless Chromium, driven over the DevTools protocol, for pages kgate serves.
 //! - [`backend`]: what sits behind the proxy: PROXY header reading, a threaded TCP
 //!   server and a mock mail server.
 //! - [`postfix`]: a real, private Postfix (postscreen behind PROXY v2) in a namespace.
@@ -13,16 +14,19 @@
 //! - [`smtp`]: a small SMTP client, and the byte sequences of kgate's health checks.
 //! - [`rawtcp`]: a hand-made TCP client that sends overlapping retransmissions.
 //! - [`sockmap`]: counts the entries of kgate's pinned sock hashes.
+//! - [`packet`]: counts the rules of the packet data plane.
 //! - [`xdp`]: reads the XDP counters and runs `kgate block`.
 //!
 //! Everything here needs root (network namespaces); tests start with
 //! [`lab::skip_without_root`], the only allowed reason to skip.
 
 pub mod backend;
+pub mod browser;
 pub mod crowdsec;
 pub mod dovecot;
 pub mod kgate;
 pub mod lab;
+pub mod packet;
 pub mod postfix;
 pub mod rawtcp;
 pub mod rig;

@@ -5,14 +5,17 @@
 use std::{
     hash::Hasher,
     io::{self, Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
 
 use crate::{
+    backend::{TcpServer, read_proxy_header},
     kgate::{Kgate, global_section, metric_value, scrape_metrics},
     lab::Lab,
+    packet::rules_len,
     sockmap::sock_hash_len,
 };
 
@@ -131,11 +134,16 @@ backend = "mail"
 
 [[backends]]
 name = "mail"
-proxy_protocol = "v2"
-{splice_at_once}{backend_keys}
+{v2}{splice_at_once}{backend_keys}
 "#,
             gw4 = lab.gateway().v4(),
             gw6 = lab.gateway().v6(),
+            // PROXY v2 unless the test says otherwise.
+            v2 = if backend_keys.contains("proxy_protocol") {
+                ""
+            } else {
+                "proxy_protocol = \"v2\"\n"
+            },
             // Spliced from the first byte, so that the shortest session tests the
             // splice; a test of the delay sets its own.
             splice_at_once = if backend_keys.contains("splice_after") {
@@ -167,9 +175,32 @@ proxy_protocol = "v2"
         }
     }
 
+    /// A rig around a kgate started with a configuration of the test's own (one
+    /// without `metrics_listen` has no metrics to read): the checks every case ends
+    /// with apply to it.
+    pub fn from_parts(lab: Lab, kgate: Kgate, dataplane: &'static str) -> Rig {
+        let fds_at_start = kgate.open_fds();
+        Rig {
+            kgate,
+            lab,
+            dataplane,
+            fds_at_start,
+        }
+    }
+
     /// The value of metric `name` (with no labels of its own) right now.
     pub fn metric(&self, name: &str) -> f64 {
         metric_value(&scrape_metrics(&self.lab, METRICS), name, &[])
+    }
+
+    /// The value of the sample of metric `name` with `labels` (among others) right now.
+    pub fn metric_with(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&scrape_metrics(&self.lab, METRICS), name, labels)
+    }
+
+    /// Where the stats page and the metrics are served, in the gateway namespace.
+    pub fn metrics_listen(&self) -> &'static str {
+        METRICS
     }
 
     /// Waits (up to 10 s) for metric `name` to reach `value`; returns its last value.
@@ -220,15 +251,25 @@ proxy_protocol = "v2"
         }
     }
 
-    /// Every connection was carried by this rig's data plane: spliced for sockmap.
+    /// Every connection was carried by this rig's data plane: spliced for sockmap,
+    /// forwarded or copied (a session over before its first quiet moment) for packet.
     pub fn assert_paths(&self, lines: &[String]) {
-        let expected = match self.dataplane {
-            "sockmap" => " spliced ",
-            _ => " copied ",
+        let expected: &[&str] = match self.dataplane {
+            "sockmap" => &[" spliced "],
+            "packet" => &[" forwarded ", " copied "],
+            _ => &[" copied "],
         };
         for line in lines {
-            assert!(line.contains(expected), "expected{expected}in: {line}");
+            assert!(
+                expected.iter().any(|path| line.contains(path)),
+                "expected one of {expected:?} in: {line}"
+            );
         }
+    }
+
+    /// How many of `lines` the packet data plane forwarded.
+    pub fn forwarded(lines: &[String]) -> usize {
+        lines.iter().filter(|l| l.contains(" forwarded ")).count()
     }
 
     /// Waits (up to 10 s) until `sockets` sockets have joined the splice; at once on the
@@ -257,14 +298,17 @@ proxy_protocol = "v2"
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let fds = self.kgate.open_fds();
-            let maps = if self.dataplane == "sockmap" {
-                let pin = self.kgate.pin_path();
-                (
+            let pin = self.kgate.pin_path();
+            let maps = match self.dataplane {
+                "sockmap" => (
                     sock_hash_len(&pin.join("peers")).expect("reading the pinned peers map"),
                     sock_hash_len(&pin.join("spliced")).expect("reading the pinned spliced map"),
-                )
-            } else {
-                (0, 0)
+                ),
+                "packet" => (
+                    rules_len(&pin.join("packet_rules")).expect("reading the pinned rules"),
+                    0,
+                ),
+                _ => (0, 0),
             };
             if fds == self.fds_at_start && maps == (0, 0) {
                 return;
@@ -272,7 +316,7 @@ proxy_protocol = "v2"
             assert!(
                 Instant::now() < deadline,
                 "after the test kgate has {fds} fds (started with {}) and (peers, spliced) \
-                 entries {maps:?}",
+                 entries or (rules, 0) {maps:?}",
                 self.fds_at_start
             );
             thread::sleep(Duration::from_millis(50));
@@ -280,17 +324,111 @@ proxy_protocol = "v2"
     }
 }
 
-/// Generates `mod sockmap` and `mod userspace`, each with one test per case.
+/// Generates `mod sockmap`, `mod packet` and `mod userspace`, each with one test per
+/// case.
 #[macro_export]
-macro_rules! on_both_dataplanes {
+macro_rules! on_every_dataplane {
     ($($case:ident),* $(,)?) => {
         mod sockmap {
             $(#[test] fn $case() { if !$crate::lab::skip_without_root() { super::$case("sockmap") } })*
+        }
+        mod packet {
+            $(#[test] fn $case() { if !$crate::lab::skip_without_root() { super::$case("packet") } })*
         }
         mod userspace {
             $(#[test] fn $case() { if !$crate::lab::skip_without_root() { super::$case("userspace") } })*
         }
     };
+}
+
+/// `streams` connections through `rig`'s kgate, each moving `bytes` random bytes both
+/// ways at once (the client first sends an 8-byte seed naming its stream); asserts
+/// that every byte arrived, in order, on the right connection, and that the log lines
+/// count them. Returns the connections' log lines.
+pub fn move_bulk_both_ways(rig: &Rig, streams: usize, bytes: usize) -> Vec<String> {
+    // (bytes, checksum) each server received, and the checksum of what it sent, by seed.
+    type Seen = Arc<Mutex<Vec<(u64, usize, u64, u64)>>>;
+    let seen: Seen = Arc::default();
+    let _server = {
+        let seen = seen.clone();
+        TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), move |mut s| {
+            set_timeouts(&s);
+            read_proxy_header(&mut s).expect("a PROXY header");
+            let mut seed = [0u8; 8];
+            s.read_exact(&mut seed).unwrap();
+            let seed = u64::from_le_bytes(seed);
+            let mut writer = s.try_clone().unwrap();
+            let sender = thread::spawn(move || {
+                let sum = send_random(&mut writer, !seed, bytes);
+                writer.shutdown(Shutdown::Write).unwrap();
+                sum
+            });
+            let (received, received_sum) = receive_all(&mut s).unwrap();
+            let sent_sum = sender.join().unwrap();
+            seen.lock()
+                .unwrap()
+                .push((seed, received, received_sum, sent_sum));
+        })
+    };
+    let frontend = rig.frontend_v4();
+    let client_results = rig.lab.client().run(move || {
+        thread::scope(|scope| {
+            let handles: Vec<_> = (0..streams as u64)
+                .map(|seed| {
+                    scope.spawn(move || {
+                        let mut c = connect(frontend);
+                        c.write_all(&(seed + 1).to_le_bytes()).unwrap();
+                        let mut writer = c.try_clone().unwrap();
+                        let sender = thread::spawn(move || {
+                            let sum = send_random(&mut writer, seed + 1, bytes);
+                            writer.shutdown(Shutdown::Write).unwrap();
+                            sum
+                        });
+                        let received = receive_all(&mut c).unwrap();
+                        (seed + 1, sender.join().unwrap(), received)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+    });
+    let lines = rig.connection_lines(streams);
+    // A server thread records its stream after its client has already read the end.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while seen.lock().unwrap().len() < streams && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), streams);
+    for (seed, client_sent_sum, (client_received, client_received_sum)) in client_results {
+        let &(_, server_received, server_received_sum, server_sent_sum) = seen
+            .iter()
+            .find(|s| s.0 == seed)
+            .expect("the server saw this stream");
+        assert_eq!(server_received, bytes, "stream {seed} upstream length");
+        assert_eq!(
+            server_received_sum, client_sent_sum,
+            "stream {seed} upstream bytes"
+        );
+        assert_eq!(client_received, bytes, "stream {seed} downstream length");
+        assert_eq!(
+            client_received_sum, server_sent_sum,
+            "stream {seed} downstream bytes"
+        );
+    }
+    rig.assert_paths(&lines);
+    for line in &lines {
+        let expect_in = format!("bytes_in={}", bytes + 8);
+        let expect_out = format!("bytes_out={bytes}");
+        assert!(
+            line.contains(&expect_in) && line.contains(&expect_out),
+            "{line}"
+        );
+    }
+    lines
 }
 
 /// Connects with [`IO_TIMEOUT`] on every read and write.

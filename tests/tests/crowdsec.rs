@@ -244,7 +244,7 @@ fn crowdsec_decisions_drop_their_sources_in_xdp_until_deleted_across_restarts_an
     assert_eq!(status["crowdsec"]["state"], "connected", "{status}");
     assert_eq!(status["crowdsec"]["bans"], 3, "{status}");
     assert_eq!(
-        status["blocklist"],
+        status["xdp"]["blocklist_by_origin"],
         serde_json::json!({"file": 1, "command": 1, "crowdsec": 2}),
         "{status}"
     );
@@ -309,7 +309,7 @@ fn crowdsec_decisions_drop_their_sources_in_xdp_until_deleted_across_restarts_an
         "{text}"
     );
     assert!(
-        text.contains("blocklist: 4 prefixes (file 1, command 1, crowdsec 2)"),
+        text.contains("4 blocklist entries (file 1, command 1, crowdsec 2)"),
         "{text}"
     );
     assert_eq!(

@@ -1,6 +1,6 @@
 //! kgate's `imap` health check against a real Dovecot behind PROXY v2 (Debian's
 //! Dovecot 2.3, an `inet_listener` with `haproxy = yes` trusting the gateway), and a
-//! real IMAP login through kgate, on both data planes.
+//! real IMAP login through kgate, on every data plane.
 
 use std::net::SocketAddr;
 use std::thread;
@@ -9,13 +9,13 @@ use std::time::Duration;
 use tests::dovecot::{Dovecot, Listeners, USER, imap_login, trouble};
 use tests::kgate::{Kgate, global_section};
 use tests::lab::Lab;
-use tests::on_both_dataplanes;
+use tests::on_every_dataplane;
 
 /// How long kgate checks Dovecot before the verdict.
 const CHECKING: Duration = Duration::from_secs(30);
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-on_both_dataplanes!(
+on_every_dataplane!(
     kgate_imap_checks_every_second_for_30_s_leave_dovecot_clean_and_logins_show_the_client
 );
 

@@ -11,11 +11,11 @@ use std::{
 
 use tests::{
     backend::{TcpServer, read_proxy_header},
-    on_both_dataplanes,
+    on_every_dataplane,
     rig::{Rig, connect, set_timeouts},
 };
 
-on_both_dataplanes!(
+on_every_dataplane!(
     idle_connections_are_closed_after_the_timeout_and_busy_ones_are_not,
     a_half_closed_connection_is_closed_after_its_timeout,
     the_connection_over_max_connections_is_refused_counted_and_logged,

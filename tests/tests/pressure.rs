@@ -22,7 +22,7 @@ use std::{
 use tests::{
     backend::{TcpServer, read_proxy_header},
     lab::NetNs,
-    on_both_dataplanes,
+    on_every_dataplane,
     rig::{IO_TIMEOUT, Rig, Rng, connect, receive_all, set_timeouts},
 };
 
@@ -45,7 +45,7 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-on_both_dataplanes!(
+on_every_dataplane!(
     a_backend_that_never_reads_holds_the_client_back,
     a_client_that_never_reads_holds_the_backend_back,
     two_hundred_held_connections_stay_within_their_bounds,

@@ -16,12 +16,12 @@ use tests::{
     backend::{TcpServer, read_proxy_header},
     kgate::{Kgate, kgate_bin},
     lab::{Lab, skip_without_root},
-    on_both_dataplanes,
+    on_every_dataplane,
     rig::{Rig, set_timeouts},
     xdp::{kgate_block, kgate_block_ok, xdp_counters},
 };
 
-on_both_dataplanes!(
+on_every_dataplane!(
     a_blocked_source_cannot_connect_while_another_can_and_unblocking_works_at_once,
     a_source_over_the_syn_rate_loses_syns_and_one_under_it_loses_none,
     the_blocklist_file_applies_from_the_start_and_blocks_survive_a_restart,

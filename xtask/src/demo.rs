@@ -261,9 +261,7 @@ fn demo(bin: &Path, log_file: &Path, progress: &mut Progress) -> anyhow::Result<
     heading("pinned maps");
     progress.step = "reading kgate's pinned maps";
     show_maps(&kgate.pin_path(), dataplane.as_deref());
-    // kgate publishes its counters once a second.
-    std::thread::sleep(std::time::Duration::from_millis(1200));
-    show_status(bin, &kgate.pin_path());
+    show_status(bin, &kgate.control_socket());
 
     heading("cleanup");
     progress.cleanup_shown = true;
@@ -750,11 +748,11 @@ fn show_maps(pin: &Path, dataplane: Option<&str>) {
     }
 }
 
-/// What `kgate status` shows of the servers, read from the same pinned maps.
-fn show_status(bin: &Path, pin: &Path) {
-    println!("$ kgate status --pin-path {}", pin.display());
+/// What `kgate status` shows, asked of kgate over its control socket.
+fn show_status(bin: &Path, socket: &Path) {
+    println!("$ kgate status --socket {}", socket.display());
     let mut cmd = Command::new(bin);
-    cmd.args(["status", "--pin-path"]).arg(pin);
+    cmd.args(["status", "--socket"]).arg(socket);
     match output_with_timeout(&mut cmd, BPFTOOL_TIMEOUT) {
         Ok((true, stdout, _)) => stdout.lines().for_each(|l| println!("    {l}")),
         Ok((false, stdout, stderr)) => {

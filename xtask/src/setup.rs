@@ -101,6 +101,11 @@ pub const DEBIAN_PACKAGES: &[DebianPackage] = &[
          test (it runs no systemd; installing the package starts nothing in a container)",
     ),
     DebianPackage::new(
+        "chromium",
+        "a real browser, headless in the lab's gateway, loads kgate's stats page and the \
+         test reads the page it rendered (tests/tests/stats_page.rs)",
+    ),
+    DebianPackage::new(
         "dpkg-dev",
         "`dpkg-shlibdeps`: cargo-deb computes the Debian package's Depends with it",
     ),

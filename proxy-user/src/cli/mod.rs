@@ -41,18 +41,19 @@ enum Command {
         #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
         config: PathBuf,
     },
-    /// Shows each backend's servers: state, checks, connections and bytes, read from
-    /// the pinned maps of the running kgate.
+    /// Shows the running kgate: its frontends (connections, refusals, rates), each
+    /// backend's servers (state with why and since when, last check, connections,
+    /// bytes) and the XDP counters; the same numbers as its stats page.
     ///
     /// Example: kgate status
-    /// Example: kgate status --json --pin-path /sys/fs/bpf/kgate
+    /// Example: kgate status --json --socket /run/kgate/kgate.sock
     Status {
-        /// The configuration file, for `bpf_pin_path`.
+        /// The configuration file, for `control_socket`.
         #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
         config: PathBuf,
-        /// Where the maps are pinned (instead of the configuration's `bpf_pin_path`).
+        /// The control socket (instead of the configuration's `control_socket`).
         #[arg(long)]
-        pin_path: Option<PathBuf>,
+        socket: Option<PathBuf>,
         /// Prints JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -105,9 +106,9 @@ impl Cli {
             Command::Check { config } => check::check(&config),
             Command::Status {
                 config,
-                pin_path,
+                socket,
                 json,
-            } => status::status(&config, pin_path, json),
+            } => status::status(&config, socket, json),
             Command::Reload { config, socket } => reload::reload(&config, socket),
             Command::Server(ServerCommand::Set {
                 server,

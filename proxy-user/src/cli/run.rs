@@ -11,10 +11,10 @@ use crate::{
     config::{Config, DataplaneMode, Global},
     control,
     daemon::Daemon,
-    dataplane::{Dataplane, Sockmap},
-    frontend,
+    dataplane::{Dataplane, Packet, Sockmap},
+    frontend, interfaces,
     maps::{Bpf, MapsError, ServerMaps},
-    metrics, privileges, publish,
+    privileges, publish, web,
     xdp::EarlyDrop,
 };
 
@@ -66,7 +66,7 @@ async fn serve_with(
     tokio::spawn(control::serve(daemon.clone(), control_listener));
     tokio::spawn(publish::run(daemon.clone()));
     if let Some(listener) = metrics_listener {
-        tokio::spawn(metrics::serve(daemon.clone(), listener));
+        tokio::spawn(web::serve(daemon.clone(), listener));
     }
     privileges::drop_now();
     info!(dataplane = daemon.dataplane.name(), "kgate ready");
@@ -100,6 +100,7 @@ async fn serve_with(
     if left > 0 {
         info!("closing {left} connections still open");
     }
+    daemon.dataplane.close_all();
     daemon.gateway().log_totals();
     daemon.dataplane.log_totals();
     if let Some(early_drop) = &daemon.early_drop {
@@ -152,18 +153,28 @@ struct KernelSide {
 }
 
 fn load_kernel_side(global: &Global) -> anyhow::Result<KernelSide> {
-    let splice = global.dataplane != DataplaneMode::Userspace;
     let load = || -> Result<KernelSide, MapsError> {
         let mut bpf = Bpf::load(&global.bpf_pin_path)?;
-        let dataplane = if splice {
-            let (maps, requests) = bpf.splice()?;
-            let sockmap = Sockmap::start(maps, requests).map_err(|source| MapsError::Poll {
-                name: "parked connections",
-                source,
-            })?;
-            Dataplane::Sockmap(sockmap)
-        } else {
-            Dataplane::Userspace
+        let dataplane = match global.dataplane {
+            DataplaneMode::Auto | DataplaneMode::Sockmap => {
+                let (maps, requests) = bpf.splice()?;
+                let sockmap = Sockmap::start(maps, requests).map_err(|source| MapsError::Poll {
+                    name: "parked connections",
+                    source,
+                })?;
+                Dataplane::Sockmap(sockmap)
+            }
+            DataplaneMode::Packet => {
+                // Every interface a client or a server may come in on; loopback never
+                // carries a forwarded flow (a peer on this host stays copied).
+                let interfaces = interfaces::non_loopback().map_err(|source| MapsError::Poll {
+                    name: "interfaces",
+                    source,
+                })?;
+                let (maps, events) = bpf.packet(&interfaces)?;
+                Dataplane::Packet(Packet::start(maps, events))
+            }
+            DataplaneMode::Userspace => Dataplane::Userspace,
         };
         let servers = bpf.servers()?;
         Ok(KernelSide {
@@ -183,6 +194,14 @@ fn load_kernel_side(global: &Global) -> anyhow::Result<KernelSide> {
         other => Ok(other),
     };
     match global.dataplane {
+        DataplaneMode::Packet => load()?.map_err(|e| {
+            anyhow::anyhow!(
+                "the packet data plane cannot start: {}. kgate needs root (or CAP_BPF, \
+                 CAP_NET_ADMIN and CAP_PERFMON) and a kernel with tcx (6.6 or later); set \
+                 dataplane = \"auto\" for the sockmap data plane",
+                with_causes(&e)
+            )
+        }),
         DataplaneMode::Sockmap => load()?.map_err(|e| {
             anyhow::anyhow!(
                 "the sockmap data plane cannot start: {}. kgate needs root (or CAP_BPF and \
@@ -194,14 +213,14 @@ fn load_kernel_side(global: &Global) -> anyhow::Result<KernelSide> {
         DataplaneMode::Auto => Ok(load()?.unwrap_or_else(|e| {
             warn!(
                 "eBPF cannot load here ({}); using the userspace data plane, which copies \
-                 every byte through kgate, and `kgate status` will find no pinned maps",
+                 every byte through kgate, and bpftool will find no pinned maps",
                 with_causes(&e)
             );
             without_ebpf()
         })),
         DataplaneMode::Userspace => Ok(load()?.unwrap_or_else(|e| {
             warn!(
-                "eBPF cannot load here ({}): `kgate status` will find no pinned maps",
+                "eBPF cannot load here ({}): bpftool will find no pinned maps",
                 with_causes(&e)
             );
             without_ebpf()

@@ -103,6 +103,9 @@ pub struct FlowState {
     received: u64,
     /// Bytes kgate copied before the direction was spliced.
     before_splice: u64,
+    /// Bytes read from `from` before the relay began and not forwarded (an accepted
+    /// PROXY header): TCP_INFO's `bytes_received` counts them, the relay must not.
+    skipped: u64,
 }
 
 impl FlowState {
@@ -116,7 +119,13 @@ impl FlowState {
             copied: 0,
             received: 0,
             before_splice: 0,
+            skipped: 0,
         }
+    }
+
+    /// The direction, whose source had `skipped` bytes read off it before the relay.
+    pub fn after_reading(self, skipped: u64) -> Self {
+        FlowState { skipped, ..self }
     }
 
     /// The direction, copied so far with nothing pending, is spliced from now on: its
@@ -124,6 +133,7 @@ impl FlowState {
     pub fn spliced_from_here(&mut self, mode: Mode) {
         *self = FlowState {
             before_splice: self.copied,
+            skipped: self.skipped,
             ..FlowState::new(mode)
         };
     }
@@ -417,7 +427,7 @@ impl<'a> Flow<'a> {
         self.state.received = sockopt::tcp_counters(self.from.as_fd())
             .map_err(Fault::Source)?
             .bytes_received
-            .saturating_sub(FIN_SEQUENCE + self.state.before_splice);
+            .saturating_sub(FIN_SEQUENCE + self.state.before_splice + self.state.skipped);
         Ok(())
     }
 
@@ -560,9 +570,8 @@ impl<'a> Flow<'a> {
             Mode::Spliced { .. } if self.state.eof => {
                 self.state.received + self.state.before_splice
             }
-            Mode::Spliced { .. } => {
-                sockopt::tcp_counters(self.from.as_fd()).map_or(0, |c| c.bytes_received)
-            }
+            Mode::Spliced { .. } => sockopt::tcp_counters(self.from.as_fd())
+                .map_or(0, |c| c.bytes_received.saturating_sub(self.state.skipped)),
         }
     }
 }

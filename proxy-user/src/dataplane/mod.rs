@@ -10,6 +10,8 @@
 //! already got its FIN, say) is still carried, by copying.
 
 mod direction;
+mod packet;
+mod packet_reset;
 mod parking;
 mod relay;
 mod sockmap;
@@ -19,6 +21,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
+pub use packet::Packet;
 pub use relay::Transfer;
 pub use sockmap::Sockmap;
 
@@ -26,6 +29,8 @@ use crate::conn::Ending;
 
 pub enum Dataplane {
     Sockmap(Arc<Sockmap>),
+    /// Copied until handed off to the TC programs (packet.rs).
+    Packet(Arc<Packet>),
     Userspace,
 }
 
@@ -33,6 +38,7 @@ impl Dataplane {
     pub fn name(&self) -> &'static str {
         match self {
             Dataplane::Sockmap(_) => "sockmap",
+            Dataplane::Packet(_) => "packet",
             Dataplane::Userspace => "userspace",
         }
     }
@@ -48,17 +54,42 @@ impl Dataplane {
         timeouts: Timeouts,
         ending: Ending,
     ) {
-        let sockmap = match self {
-            Dataplane::Sockmap(sockmap) => Some(sockmap.clone()),
-            Dataplane::Userspace => None,
+        let plan = match self {
+            Dataplane::Sockmap(sockmap) => relay::Plan::Splice(sockmap.clone()),
+            Dataplane::Packet(packet) => relay::Plan::HandOff(packet.clone()),
+            Dataplane::Userspace => relay::Plan::Copy,
         };
-        relay::Relay::new(client, server, sockmap, terms, timeouts, ending)
+        relay::Relay::new(client, server, plan, terms, timeouts, ending)
             .run()
             .await;
     }
 
+    /// Resets what the kernel alone still carries (forwarded flows); called once at
+    /// shutdown, when the open connections had their time.
+    pub fn close_all(&self) {
+        if let Dataplane::Packet(packet) = self {
+            packet.close_all();
+        }
+    }
+
     /// Logs the data plane's totals; called once at shutdown.
     pub fn log_totals(&self) {
+        if let Dataplane::Packet(packet) = self {
+            match packet.stats() {
+                Ok(stats) => info!(
+                    handed_off = packet.handed_off(),
+                    forwarded_segments = stats.forwarded_segments,
+                    frozen_drops = stats.frozen_drops,
+                    held_drops = stats.held_drops,
+                    silenced = stats.silenced,
+                    no_route = stats.no_route,
+                    malformed = stats.malformed,
+                    events_lost = stats.events_lost,
+                    "packet totals"
+                ),
+                Err(e) => warn!("reading the packet counters: {e}"),
+            }
+        }
         if let Dataplane::Sockmap(sockmap) = self {
             match sockmap.maps.stats() {
                 Ok(stats) => info!(
@@ -87,6 +118,10 @@ pub struct SpliceTerms {
     pub server_slot: u32,
     /// How long the connection is copied first; see [`SPLICE_AFTER_BYTES`].
     pub after: Duration,
+    /// Bytes kgate read from the client before the relay began, not to be forwarded
+    /// (an accepted PROXY header, see `accept_proxy`): the client socket's TCP
+    /// counters include them.
+    pub client_bytes_read: u64,
 }
 
 /// A connection that has copied this many bytes (both directions together) is
@@ -119,6 +154,8 @@ pub enum Path {
     Copied,
     /// One direction spliced, the other copied.
     Mixed,
+    /// Handed off to the packet data plane's TC programs.
+    Forwarded,
 }
 
 impl Path {
@@ -137,6 +174,7 @@ impl fmt::Display for Path {
             Path::Spliced => "spliced",
             Path::Copied => "copied",
             Path::Mixed => "half-spliced",
+            Path::Forwarded => "forwarded",
         })
     }
 }

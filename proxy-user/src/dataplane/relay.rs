@@ -11,7 +11,8 @@
 //! - either socket ready for what its directions want (bytes, room, always an error);
 //! - a grant request from the eBPF program for either socket;
 //! - the next timer: the drain poll (a direction waits for the kernel's backlog or
-//!   for its target to fall below the bound), parking, the deferred splice, or the
+//!   for its target to fall below the bound), parking, what comes later on the
+//!   connection's data plane (its splice, or its handoff to the packet plane), or the
 //!   idle check.
 
 use std::{fmt, io, os::fd::AsFd, sync::Arc, time::Duration};
@@ -27,6 +28,7 @@ use tracing::{debug, warn};
 use super::{
     Mode, Path, SPLICE_AFTER_BYTES, SpliceTerms, Timeouts,
     direction::{Fault, Flow, FlowState, interest},
+    packet::{HandOff, Held, Packet, Ticket},
     parking::PARK_AFTER,
     sockmap::{Sockmap, Splice},
 };
@@ -80,15 +82,58 @@ pub struct Relay {
     client: TcpStream,
     server: TcpStream,
     progress: Progress,
-    /// A splice still to come: the connection is copied until then.
-    deferred: Option<Deferred>,
+    /// What the connection's data plane does with it later: it is copied until then.
+    later: Option<Later>,
 }
 
-/// A connection's splice, put off while it may still be a short session.
-struct Deferred {
-    sockmap: Arc<Sockmap>,
-    terms: SpliceTerms,
-    at: Instant,
+/// What the relay does beyond copying, on the connection's data plane.
+pub enum Plan {
+    Copy,
+    Splice(Arc<Sockmap>),
+    HandOff(Arc<Packet>),
+}
+
+/// What is still to come for a copied connection.
+enum Later {
+    /// Its splice, put off while it may still be a short session: at `at`, or once
+    /// it has copied [`SPLICE_AFTER_BYTES`].
+    Splice {
+        sockmap: Arc<Sockmap>,
+        terms: SpliceTerms,
+        at: Instant,
+    },
+    /// Its handoff to the packet plane, at the first quiet moment; the next look is at
+    /// `at`, then `backoff` later. A connection that keeps moving bulk is never quiet
+    /// by itself: it is held (see [`Packet::hold`]) until it is, for [`HOLD_LIMIT`] at
+    /// most, then let go for `pause` (doubling) before it is held again.
+    HandOff {
+        packet: Arc<Packet>,
+        server_slot: u32,
+        at: Instant,
+        backoff: Duration,
+        /// Bytes copied when the relay last looked.
+        copied: u64,
+        held: Option<(Held, Instant)>,
+        pause: Duration,
+    },
+}
+
+/// The first wait before a handoff is tried again, and the longest.
+const HANDOFF_RETRY: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(64));
+/// A connection that has copied this much and still moves is held for its handoff:
+/// short sessions never are (what the hold drops, their peers send again, late).
+const HOLD_AFTER_BYTES: u64 = 64 * 1024;
+/// How long a hold may wait for the connection to get quiet (a peer that does not
+/// read never lets it), and the first pause after one that did not.
+const HOLD_LIMIT: Duration = Duration::from_secs(2);
+const HOLD_PAUSE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(64));
+
+impl Later {
+    fn at(&self) -> Instant {
+        match self {
+            Later::Splice { at, .. } | Later::HandOff { at, .. } => *at,
+        }
+    }
 }
 
 /// What a connection's relay knows besides its sockets and splice: kept as it is
@@ -107,8 +152,8 @@ enum Stop {
     Over(Transfer),
     /// Spliced both ways with nothing to do: hand the connection to the parking.
     Park,
-    /// Time to splice the copied connection.
-    Splice,
+    /// Time for what comes later on the data plane.
+    Later,
 }
 
 impl Relay {
@@ -117,31 +162,61 @@ impl Relay {
     pub fn new(
         client: TcpStream,
         server: TcpStream,
-        sockmap: Option<Arc<Sockmap>>,
+        plan: Plan,
         terms: SpliceTerms,
         timeouts: Timeouts,
         ending: Ending,
     ) -> Relay {
         let now = Instant::now();
+        let later = match plan {
+            Plan::Copy => None,
+            Plan::Splice(sockmap) => Some(Later::Splice {
+                at: now + terms.after,
+                sockmap,
+                terms,
+            }),
+            Plan::HandOff(packet) => Some(Later::HandOff {
+                packet,
+                server_slot: terms.server_slot,
+                at: now,
+                backoff: HANDOFF_RETRY.0,
+                copied: 0,
+                held: None,
+                pause: HOLD_PAUSE.0,
+            }),
+        };
         let mut relay = Relay {
             splice: None,
             client,
             server,
             progress: Progress {
-                flows: [FlowState::new(Mode::Copied); 2],
+                flows: [
+                    FlowState::new(Mode::Copied).after_reading(terms.client_bytes_read),
+                    FlowState::new(Mode::Copied),
+                ],
                 timeouts,
                 idle_check: now + timeouts.idle,
                 ending,
             },
-            deferred: sockmap.map(|sockmap| Deferred {
-                at: now + terms.after,
-                sockmap,
-                terms,
-            }),
+            later,
         };
-        // Without the reading position the program cannot join a stream midway.
-        let at_once = |d: &Deferred| d.terms.after.is_zero() || !d.sockmap.maps.joins_mid_stream;
-        if relay.deferred.as_ref().is_some_and(at_once) {
+        // Without the reading position the program cannot join a stream midway: it
+        // splices from the first byte, or, when kgate has read from the client already
+        // (an accepted PROXY header), not at all (the program would forward the
+        // header's segment whole).
+        if let Some(Later::Splice { sockmap, .. }) = &relay.later
+            && terms.client_bytes_read > 0
+            && !sockmap.maps.joins_mid_stream
+        {
+            relay.later = None;
+        }
+        let splice_at_once = |later: &Later| match later {
+            Later::Splice { terms, sockmap, .. } => {
+                terms.after.is_zero() || !sockmap.maps.joins_mid_stream
+            }
+            Later::HandOff { .. } => false,
+        };
+        if relay.later.as_ref().is_some_and(splice_at_once) {
             relay.join_splice();
         }
         relay
@@ -153,14 +228,110 @@ impl Relay {
             match self.relay().await {
                 Stop::Over(transfer) => return self.end(transfer),
                 Stop::Park => return self.park(),
-                Stop::Splice => self.join_splice(),
+                Stop::Later => match self.later {
+                    Some(Later::Splice { .. }) => self.join_splice(),
+                    Some(Later::HandOff { .. }) => {
+                        if let Some(ticket) = self.try_hand_off() {
+                            return self.hand_over(ticket);
+                        }
+                    }
+                    None => {}
+                },
             }
+        }
+    }
+
+    /// Hands the quiet connection off to the packet plane; or plans the next try, or
+    /// gives up for good (it stays copied).
+    fn try_hand_off(&mut self) -> Option<Ticket> {
+        let copied_now: u64 = self.progress.flows.iter().map(|f| f.copied_bytes()).sum();
+        let Some(Later::HandOff {
+            packet,
+            server_slot,
+            at,
+            backoff,
+            copied,
+            held,
+            pause,
+        }) = &mut self.later
+        else {
+            return None;
+        };
+        let hold = held.as_mut().map(|(held, _)| held);
+        let outcome = packet.try_hand_off(&self.client, &self.server, *server_slot, hold);
+        let now = Instant::now();
+        let moving = copied_now > *copied;
+        *copied = copied_now;
+        match outcome {
+            HandOff::Done(ticket) => {
+                debug!(
+                    held = ?held.as_ref().map(|(_, since)| now.duration_since(*since)),
+                    copied = copied_now,
+                    "handed off"
+                );
+                return Some(ticket);
+            }
+            HandOff::Refused(reason) => {
+                debug!("the connection stays copied: {}", reason.as_str());
+                // Dropping the hold lets the connection's segments through again.
+                self.later = None;
+                return None;
+            }
+            HandOff::NotQuiet => {}
+        }
+        match held {
+            Some((_, since)) if now.duration_since(*since) >= HOLD_LIMIT => {
+                *held = None;
+                *at = now + *pause;
+                *pause = (*pause * 2).min(HOLD_PAUSE.1);
+                *backoff = HANDOFF_RETRY.0;
+            }
+            None if moving && copied_now >= HOLD_AFTER_BYTES => {
+                match packet.hold(&self.client, &self.server) {
+                    Ok(hold) => *held = Some((hold, now)),
+                    Err(e) => debug!("holding a busy connection for its handoff: {e}"),
+                }
+                *backoff = HANDOFF_RETRY.0;
+                *at = now + *backoff;
+            }
+            _ => {
+                *at = now + *backoff;
+                *backoff = (*backoff * 2).min(HANDOFF_RETRY.1);
+            }
+        }
+        None
+    }
+
+    /// The connection is forwarded by the packet plane from now on: it takes the
+    /// sockets (silent, in repair mode) and the record that logs the connection.
+    fn hand_over(self, ticket: Ticket) {
+        let Some(Later::HandOff { packet, .. }) = &self.later else {
+            unreachable!("only a connection planned for a handoff is handed off");
+        };
+        let packet = packet.clone();
+        let (_, client, server, progress) = self.into_parts();
+        let Progress {
+            flows,
+            timeouts,
+            ending,
+            ..
+        } = progress;
+        // Leaving tokio cannot fail for a registered socket.
+        match (client.into_std(), server.into_std()) {
+            (Ok(client), Ok(server)) => packet.adopt(
+                ticket,
+                [client, server],
+                ending,
+                flows.map(|f| f.copied_bytes()),
+                timeouts,
+            ),
+            _ => warn!("handing a connection over failed: a socket was lost"),
         }
     }
 
     /// Splices what the kernel takes of the connection; the rest stays copied.
     fn join_splice(&mut self) {
-        let Some(Deferred { sockmap, terms, .. }) = self.deferred.take() else {
+        let Some(Later::Splice { sockmap, terms, .. }) = self.later.take() else {
             return;
         };
         let splice = Splice::start(sockmap, &self.client, &self.server, terms);
@@ -169,6 +340,7 @@ impl Relay {
                 flow.spliced_from_here(mode);
             }
         }
+        self.progress.ending.carried_on(Path::of(splice.flows()));
         self.splice = Some(splice);
     }
 
@@ -259,23 +431,24 @@ impl Relay {
             }
             let park_at = (splice.is_some() && up.parkable() && down.parkable())
                 .then_some(quiet_since + PARK_AFTER);
-            let splice_at = self
-                .deferred
+            let later_at = self
+                .later
                 .as_ref()
                 .filter(|_| up.may_join() && down.may_join())
-                .map(|deferred| deferred.at);
-            if let Some(at) = splice_at
-                && (Instant::now() >= at
-                    || up.state.copied_bytes() + down.state.copied_bytes() >= SPLICE_AFTER_BYTES)
+                .map(Later::at);
+            let bulk = matches!(self.later, Some(Later::Splice { .. }))
+                && up.state.copied_bytes() + down.state.copied_bytes() >= SPLICE_AFTER_BYTES;
+            if let Some(at) = later_at
+                && (Instant::now() >= at || bulk)
             {
                 self.progress.flows = [up.state, down.state];
                 self.progress.idle_check = idle_check;
-                return Stop::Splice;
+                return Stop::Later;
             }
             // One readiness future per socket and one timer: each is part of every
             // connection's task, so every one of them costs memory per connection.
             let drain_at = draining.then(|| Instant::now() + drain_poll);
-            let wake_at = [drain_at, park_at, splice_at]
+            let wake_at = [drain_at, park_at, later_at]
                 .into_iter()
                 .flatten()
                 .fold(idle_check, Instant::min);
@@ -417,7 +590,7 @@ impl Parked {
             client,
             server,
             progress,
-            deferred: None,
+            later: None,
         }
         .run()
         .await;

@@ -94,6 +94,10 @@ pub struct ServerHealthSnapshot {
     pub last_check_at: Option<SystemTime>,
     /// How long the last check took.
     pub last_check_took: Option<Duration>,
+    /// When the monitor started: the server has been unchecked since then.
+    pub started_at: SystemTime,
+    /// The last change of state, and when it happened.
+    pub last_change: Option<(Transition, SystemTime)>,
 }
 
 impl ServerHealthSnapshot {
@@ -102,6 +106,8 @@ impl ServerHealthSnapshot {
             health: ServerHealth::new(settings.rise, settings.fall),
             last_check_at: None,
             last_check_took: None,
+            started_at: SystemTime::now(),
+            last_change: None,
         }
     }
 }
@@ -203,6 +209,7 @@ pub async fn monitor(
         if let Some(transition) = transition {
             log_transition(&name, &spec, &transition);
             on_change(&transition);
+            snapshot.last_change = Some((transition, SystemTime::now()));
         }
         publish.send_replace(snapshot.clone());
         let nominal =
@@ -353,13 +360,22 @@ mod tests {
         let snapshot = monitor.snapshot();
         assert!(snapshot.last_check_at.is_some() && snapshot.last_check_took.is_some());
         assert_eq!(snapshot.health.last(), Some(&Ok(())));
+        let (change, at) = snapshot
+            .last_change
+            .clone()
+            .expect("the change to up is kept");
+        assert_eq!(change.to_string(), "first check passed");
+        assert!(at >= snapshot.started_at && at >= snapshot.last_check_at.unwrap());
 
         // The server stops: refused from now on.
         server.abort();
         let _ = server.await;
         let checks = monitor.snapshot().health.checks();
         wait_for(&mut rx, Health::Down, checks + 3).await;
-        let down = monitor.snapshot().health;
+        let snapshot = monitor.snapshot();
+        let (change, _) = snapshot.last_change.expect("the change to down is kept");
+        assert_eq!(change.to, Health::Down);
+        let down = snapshot.health;
         assert_eq!(down.consecutive_fail(), 3);
         assert_eq!(down.last(), Some(&Err(CheckFailure::Refused)));
 

@@ -151,7 +151,7 @@ async fn watch_server(
             }
             (Some(_), true) => {
                 running = None;
-                runtime.set_health(HealthView::unchecked());
+                runtime.set_health(HealthView::unchecked("not checked in maint"));
                 daemon.changed.notify_one();
             }
             _ => {}
@@ -183,8 +183,23 @@ async fn watch_server(
 
 fn view(snapshot: &ServerHealthSnapshot) -> HealthView {
     let health = &snapshot.health;
+    let (reason, since) = match &snapshot.last_change {
+        Some((transition, at)) => (transition.to_string(), *at),
+        None => (
+            "waiting for the first check".to_owned(),
+            snapshot.started_at,
+        ),
+    };
     HealthView {
         state: health.state(),
+        reason,
+        since,
+        last_failure: match health.last() {
+            Some(Err(failure)) => Some(failure.to_string()),
+            _ => None,
+        },
+        last_check_at: snapshot.last_check_at,
+        last_check_took: snapshot.last_check_took,
         last_check: match health.last() {
             None => "",
             Some(Ok(())) => "ok",

@@ -6,6 +6,7 @@
 //! feature takes its maps from it: [`Bpf::splice`] for the data plane,
 //! [`Bpf::servers`] for what `kgate status` shows, [`Bpf::xdp`] for early drop.
 
+mod packet;
 mod servers;
 mod splice;
 mod tcp_layout;
@@ -26,9 +27,10 @@ use aya::{
 use proxy_common::{maps as names, programs};
 use tracing::{info, warn};
 
-pub use servers::{ServerMaps, read_published};
+pub use packet::{PacketEvents, PacketMaps};
+pub use servers::ServerMaps;
 pub use splice::{GrantRequests, SpliceMaps};
-pub use xdp::{Attached, Blocklist, OriginCounts, XdpMaps, read_xdp_stats};
+pub use xdp::{Attached, Blocklist, OriginCounts, XdpMaps};
 
 /// The eBPF object, built by build.rs from proxy-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -46,6 +48,9 @@ const PINS: &[&str] = &[
     names::SPLICE_STATS_PIN,
     names::SERVERS_PIN,
     names::SERVER_BYTES_PIN,
+    proxy_common::packet::maps::RULES_PIN,
+    proxy_common::packet::maps::PROGRESS_PIN,
+    proxy_common::packet::maps::STATS_PIN,
     // Not the blocklists: those are kept (maps/xdp.rs).
     proxy_common::xdp::maps::FRONTENDS_PIN,
     proxy_common::xdp::maps::CONFIG_PIN,
@@ -96,6 +101,8 @@ pub struct Bpf {
     /// Why the XDP program did not load, reported by [`Bpf::xdp`] only: a kernel
     /// that rejects it can still run the splice.
     xdp_load_error: Option<MapsError>,
+    /// Why the packet data plane's programs did not load, reported by [`Bpf::packet`].
+    packet_load_error: Option<MapsError>,
     /// Whether the splice program can learn where a socket's stream stands when it
     /// joins (see tcp_layout.rs): only then may a connection join mid-stream.
     joins_mid_stream: bool,
@@ -120,6 +127,7 @@ impl Bpf {
         let splice: &mut SkSkb = program(&mut ebpf, programs::SPLICE)?;
         splice.load().map_err(program_error(programs::SPLICE))?;
         let xdp_load_error = xdp::load_program(&mut ebpf).err();
+        let packet_load_error = packet::load_programs(&mut ebpf).err();
         remove_stale_pins(pin_dir)?;
         Ok(Bpf {
             ebpf,
@@ -127,6 +135,7 @@ impl Bpf {
             _pin_dir_lock: pin_dir_lock,
             pins: Vec::new(),
             xdp_load_error,
+            packet_load_error,
             joins_mid_stream: copied_seq_offset != 0,
         })
     }

@@ -1,10 +1,8 @@
-//! The `servers` map that `kgate status` and bpftool read, and the per-server byte
+//! The `servers` map that bpftool reads, and the per-server byte
 //! counters the splice program keeps.
 
-use std::path::Path;
-
-use aya::maps::{Array, Map, MapData, PerCpuArray};
-use proxy_common::{MAX_SERVERS, ServerBytes, ServerEntry, maps as names};
+use aya::maps::{Array, MapData, PerCpuArray};
+use proxy_common::{ServerBytes, ServerEntry, maps as names};
 
 use super::{Bpf, MapError, MapsError, map_error};
 
@@ -50,25 +48,4 @@ impl ServerMaps {
                 bytes_out: acc.bytes_out + b.bytes_out,
             }))
     }
-}
-
-/// The servers a running kgate published under `pin_dir`, for `kgate status`.
-pub fn read_published(pin_dir: &Path) -> Result<Vec<ServerEntry>, MapsError> {
-    let path = pin_dir.join(names::SERVERS_PIN);
-    let data = MapData::from_pin(&path).map_err(|e| MapsError::Pin {
-        path: path.clone(),
-        source: std::io::Error::other(e),
-    })?;
-    let array: Array<MapData, ServerEntry> = Map::Array(data)
-        .try_into()
-        .map_err(map_error(names::SERVERS))?;
-    let mut entries = Vec::new();
-    for slot in 0..MAX_SERVERS as u32 {
-        // Slots of removed servers are empty until a new server takes them.
-        let entry = array.get(&slot, 0).map_err(map_error(names::SERVERS))?;
-        if entry.in_use == 1 {
-            entries.push(entry);
-        }
-    }
-    Ok(entries)
 }

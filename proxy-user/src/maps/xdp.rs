@@ -229,17 +229,6 @@ impl XdpMaps {
     }
 }
 
-/// The counters of the XDP program of the kgate whose maps are pinned under
-/// `pin_dir`, summed over CPUs: for `kgate status`, from another process.
-pub fn read_xdp_stats(pin_dir: &Path) -> Result<XdpStats, MapsError> {
-    let path = pin_dir.join(names::STATS_PIN);
-    let data = MapData::from_pin(&path).map_err(map_error(names::STATS))?;
-    let map = Map::from_map_data(data).map_err(map_error(names::STATS))?;
-    let stats: PerCpuArray<MapData, XdpStats> = map.try_into().map_err(map_error(names::STATS))?;
-    let per_cpu = stats.get(&0, 0).map_err(map_error(names::STATS))?;
-    Ok(XdpStats::sum(per_cpu.iter()))
-}
-
 fn frontend_key(address: SocketAddr) -> FrontendKey {
     let addr = match address.ip() {
         IpAddr::V4(v4) => v4_mapped(v4.octets()),

@@ -241,6 +241,16 @@ impl EarlyDrop {
         self.maps.stats()
     }
 
+    /// Blocklist entries that apply now, both families, by origin (for the status
+    /// document: counted now, where the metrics take the [`Census`]).
+    pub fn blocklist_by_origin(&self) -> Result<OriginCounts, MapError> {
+        let entries = self.maps.blocklist().entries()?;
+        Ok(OriginCounts::of(
+            entries.iter().map(|(_, e)| e),
+            boot_seconds(),
+        ))
+    }
+
     /// One log line with the counters, at shutdown.
     pub fn log_totals(&self) {
         match self.stats() {

@@ -26,6 +26,7 @@ fn color(path: Path) -> RGBColor {
     match path {
         Path::Direct => RGBColor(0x9a, 0x9a, 0x9a),
         Path::Sockmap => RGBColor(0x1f, 0x5f, 0xb4),
+        Path::Packet => RGBColor(0x2a, 0x9d, 0x5c),
         Path::Userspace => RGBColor(0x8c, 0xb8, 0xe6),
         Path::Haproxy => RGBColor(0xe8, 0x7d, 0x1e),
     }

@@ -79,7 +79,7 @@ pub struct Options {
     /// buffers of the proxies' sockets (e.g. "4096 8388608 16777216")
     #[arg(long, value_name = "WMEM")]
     gateway_tcp_wmem: Option<String>,
-    /// Only these paths (repeatable): direct, kgate_sockmap, kgate_userspace, haproxy
+    /// Only these paths (repeatable): direct, kgate_sockmap, kgate_packet, kgate_userspace, haproxy
     #[arg(long = "path", value_name = "PATH", value_parser = parse_path)]
     paths: Vec<Path>,
     /// Only these workloads (repeatable): scale, bulk_1_stream, bulk_8_streams,
@@ -93,7 +93,7 @@ fn parse_path(name: &str) -> Result<Path, String> {
         .into_iter()
         .find(|p| p.key() == name)
         .ok_or_else(|| {
-            format!("no path {name:?}: one of direct, kgate_sockmap, kgate_userspace, haproxy")
+            format!("no path {name:?}: one of direct, kgate_sockmap, kgate_packet, kgate_userspace, haproxy")
         })
 }
 

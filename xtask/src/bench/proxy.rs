@@ -1,4 +1,4 @@
-//! The four paths a benchmark connection can take from the lab's client to its
+//! The five paths a benchmark connection can take from the lab's client to its
 //! backend, and the proxy process (if any) that each needs in the gateway.
 
 use std::{
@@ -35,6 +35,8 @@ pub enum Path {
     Direct,
     /// kgate with the eBPF sockmap data plane.
     Sockmap,
+    /// kgate with the packet data plane: segments forwarded at TC after the handoff.
+    Packet,
     /// kgate copying in userspace.
     Userspace,
     /// HAProxy in TCP mode, `send-proxy-v2`, `option splice-auto`.
@@ -42,13 +44,20 @@ pub enum Path {
 }
 
 impl Path {
-    pub const ALL: [Path; 4] = [Path::Direct, Path::Sockmap, Path::Userspace, Path::Haproxy];
+    pub const ALL: [Path; 5] = [
+        Path::Direct,
+        Path::Sockmap,
+        Path::Packet,
+        Path::Userspace,
+        Path::Haproxy,
+    ];
 
     /// Stable name in the JSON.
     pub fn key(self) -> &'static str {
         match self {
             Path::Direct => "direct",
             Path::Sockmap => "kgate_sockmap",
+            Path::Packet => "kgate_packet",
             Path::Userspace => "kgate_userspace",
             Path::Haproxy => "haproxy",
         }
@@ -59,6 +68,7 @@ impl Path {
         match self {
             Path::Direct => "direct",
             Path::Sockmap => "kgate sockmap",
+            Path::Packet => "kgate packet",
             Path::Userspace => "kgate userspace",
             Path::Haproxy => "HAProxy",
         }
@@ -98,11 +108,11 @@ impl Running {
         let client: IpAddr = lab.client().v4().into();
         let (target, header_source, proxy) = match path {
             Path::Direct => (backend, None, Proxy::None),
-            Path::Sockmap | Path::Userspace => {
-                let dataplane = if path == Path::Sockmap {
-                    "sockmap"
-                } else {
-                    "userspace"
+            Path::Sockmap | Path::Packet | Path::Userspace => {
+                let dataplane = match path {
+                    Path::Sockmap => "sockmap",
+                    Path::Packet => "packet",
+                    _ => "userspace",
                 };
                 let kgate = Kgate::start_with(
                     lab,

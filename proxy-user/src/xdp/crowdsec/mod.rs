@@ -29,7 +29,7 @@ use std::{
 
 use http::HeaderValue;
 use proxy_common::xdp::{BlockEntry, ORIGIN_CROWDSEC};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -46,7 +46,7 @@ use crate::{
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// What `kgate status` and the metrics show about the bouncer.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BouncerStatus {
     pub url: String,
     pub interval_seconds: u64,
@@ -63,7 +63,7 @@ pub struct BouncerStatus {
     pub failed_pulls: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LapiState {
     /// No pull has finished yet.

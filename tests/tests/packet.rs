@@ -1,0 +1,615 @@
+//! The packet data plane's own hard cases: what only a translation of segments can get
+//! wrong. Every case here checks bytes end to end, and that the connections were in
+//! fact forwarded (not copied, which the other files' cases allow on this plane).
+//!
+//! - loss: 1 % of the client's and the backend's segments dropped (nftables `numgen`
+//!   in their own namespaces: this kernel has no netem), bulk both ways;
+//! - IPv6 end to end;
+//! - many connections handed off at once;
+//! - half-closes and resets from each side of forwarded connections, and a backend
+//!   process killed mid-transfer;
+//! - timeouts and SIGTERM resetting both peers of forwarded connections;
+//! - connections that cannot be translated staying copied, counted by reason;
+//! - a real Postfix postscreen session, and a real TLS session (client first).
+//!
+//! Needs root (network namespaces, eBPF); without it each test prints why it skips.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    backend::{TcpServer, read_proxy_header},
+    kgate::{Kgate, global_section},
+    lab::{Lab, NetNs, skip_without_root},
+    postfix::Postfix,
+    rig::{IO_TIMEOUT, Rig, connect, move_bulk_both_ways, receive_all, send_random, set_timeouts},
+};
+
+/// Drops `percent` % of the TCP segments the namespace sends, at random, and counts
+/// them (nftables, output hook); returns how many it dropped so far on each call of
+/// [`dropped`].
+fn lose(ns: &NetNs, percent: u32) {
+    let rules = format!(
+        "table inet kgate_loss {{\n  chain output {{\n    type filter hook output priority 0; \
+         policy accept;\n    meta l4proto tcp numgen random mod 100 < {percent} counter drop\n  \
+         }}\n}}\n"
+    );
+    let mut nft = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("running nft (Debian package nftables)");
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft -f:\n{rules}");
+}
+
+/// Segments the [`lose`] rule of `ns` dropped.
+fn dropped(ns: &NetNs) -> u64 {
+    let out = ns
+        .command("nft")
+        .args(["list", "table", "inet", "kgate_loss"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in:\n{text}"))
+}
+
+#[test]
+fn bulk_both_ways_with_one_percent_loss_on_each_side_arrives_intact() {
+    if skip_without_root() {
+        return;
+    }
+    const STREAMS: usize = 4;
+    const BYTES: usize = 16 << 20;
+    let rig = Rig::start("packet", 1);
+    lose(rig.lab.client(), 1);
+    lose(rig.lab.backend(0), 1);
+    let lines = move_bulk_both_ways(&rig, STREAMS, BYTES);
+    let (client_lost, backend_lost) = (dropped(rig.lab.client()), dropped(rig.lab.backend(0)));
+    eprintln!("lost: {client_lost} of the client's segments, {backend_lost} of the backend's");
+    assert!(
+        client_lost > 0 && backend_lost > 0,
+        "the loss rules dropped nothing"
+    );
+    assert_eq!(Rig::forwarded(&lines), STREAMS, "{lines:#?}");
+    rig.assert_clean();
+}
+
+/// One backend server on the backend's IPv6 address: an IPv6 client's connection is
+/// IPv6 on both sides, so it can be forwarded.
+fn v6_rig() -> Rig {
+    let lab = Lab::new(1);
+    let config = format!(
+        "{}\n[[frontends]]\nname = \"smtp\"\nlisten = [\"[{}]:2525\"]\nbackend = \"mail\"\n\
+         [[backends]]\nname = \"mail\"\n[[backends.servers]]\nname = \"node0\"\n\
+         address = \"[{}]:2525\"\n",
+        global_section(&lab, "packet"),
+        lab.gateway().v6(),
+        lab.backend(0).v6()
+    );
+    let kgate = Kgate::start(&lab, &config);
+    Rig::from_parts(lab, kgate, "packet")
+}
+
+#[test]
+fn an_ipv6_connection_is_forwarded_intact_both_ways() {
+    if skip_without_root() {
+        return;
+    }
+    const BYTES: usize = 8 << 20;
+    let rig = v6_rig();
+    let server = SocketAddr::new(IpAddr::V6(rig.lab.backend(0).v6()), 2525);
+    /// (bytes and checksum it received, checksum of what it sent).
+    type Seen = Option<((usize, u64), u64)>;
+    let server_saw: Arc<Mutex<Seen>> = Arc::default();
+    let _server = {
+        let server_saw = server_saw.clone();
+        TcpServer::start(rig.lab.backend(0), server, move |mut s| {
+            set_timeouts(&s);
+            let header = read_proxy_header(&mut s).expect("a PROXY header");
+            let greeting = format!("220 {}\r\n", header.source.unwrap().ip());
+            s.write_all(greeting.as_bytes()).unwrap();
+            let mut writer = s.try_clone().unwrap();
+            let sender = thread::spawn(move || {
+                let sum = send_random(&mut writer, 9, BYTES);
+                writer.shutdown(Shutdown::Write).unwrap();
+                sum
+            });
+            let received = receive_all(&mut s).unwrap();
+            *server_saw.lock().unwrap() = Some((received, sender.join().unwrap()));
+        })
+    };
+    let frontend = SocketAddr::new(IpAddr::V6(rig.lab.gateway().v6()), 2525);
+    let client = rig.lab.client().v6();
+    let (greeting, received, sent) = rig.lab.client().run(move || {
+        let mut c = connect(frontend);
+        let mut greeting = vec![0u8; format!("220 {client}\r\n").len()];
+        c.read_exact(&mut greeting).unwrap();
+        // A quiet moment: the connection is handed off before the bulk.
+        thread::sleep(Duration::from_millis(300));
+        let mut writer = c.try_clone().unwrap();
+        let sender = thread::spawn(move || {
+            let sum = send_random(&mut writer, 8, BYTES);
+            writer.shutdown(Shutdown::Write).unwrap();
+            sum
+        });
+        let received = receive_all(&mut c).unwrap();
+        (greeting, received, sender.join().unwrap())
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&greeting),
+        format!("220 {client}\r\n")
+    );
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while server_saw.lock().unwrap().is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (server_received, server_sent) = server_saw.lock().unwrap().expect("the server finished");
+    assert_eq!(server_received, (BYTES, sent), "client to server");
+    assert_eq!(received, (BYTES, server_sent), "server to client");
+    let lines = rig.connection_lines(1);
+    assert_eq!(Rig::forwarded(&lines), 1, "{lines:#?}");
+    rig.assert_clean();
+}
+
+#[test]
+fn two_hundred_connections_are_handed_off_and_each_keeps_its_own_bytes() {
+    if skip_without_root() {
+        return;
+    }
+    const CONNECTIONS: usize = 200;
+    let rig = Rig::start("packet", 1);
+    // Echoes every line, prefixed with the client's port from its PROXY header.
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        let port = read_proxy_header(&mut s).unwrap().source.unwrap().port();
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let reply = format!("{port}:{}", String::from_utf8_lossy(&buf[..n]));
+                    if s.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let frontend = rig.frontend_v4();
+    rig.lab.client().run(move || {
+        let mut conns: Vec<TcpStream> = (0..CONNECTIONS).map(|_| connect(frontend)).collect();
+        // Quiet: every connection is handed off.
+        thread::sleep(Duration::from_millis(500));
+        for round in 0..3 {
+            for c in &mut conns {
+                c.write_all(format!("r{round}\n").as_bytes()).unwrap();
+            }
+            for c in &mut conns {
+                let port = c.local_addr().unwrap().port();
+                let expected = format!("{port}:r{round}\n");
+                let mut got = vec![0u8; expected.len()];
+                c.read_exact(&mut got).unwrap();
+                assert_eq!(String::from_utf8_lossy(&got), expected);
+            }
+        }
+        for c in &conns {
+            c.shutdown(Shutdown::Write).unwrap();
+        }
+        for mut c in conns {
+            let mut rest = Vec::new();
+            c.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty());
+        }
+    });
+    let lines = rig.connection_lines(CONNECTIONS);
+    assert_eq!(Rig::forwarded(&lines), CONNECTIONS, "{lines:#?}");
+    assert!(
+        lines.iter().all(|l| l.contains("end=\"client closed\"")),
+        "{lines:#?}"
+    );
+    rig.assert_clean();
+}
+
+/// What a backend does on a forwarded connection, told by the client's first line.
+fn scripted_backend(rig: &Rig) -> TcpServer {
+    TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).unwrap();
+        let mut command = [0u8; 5];
+        if s.read_exact(&mut command).is_err() {
+            return;
+        }
+        match &command {
+            // The client half-closes after its bytes; the server answers after that.
+            b"HALF\n" => {
+                let (n, _) = receive_all(&mut s).unwrap();
+                s.write_all(format!("got {n}\n").as_bytes()).unwrap();
+                send_random(&mut s, 5, 1 << 20);
+            }
+            // The server half-closes first and goes on reading.
+            b"SHUT\n" => {
+                s.write_all(b"bye\n").unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                let (n, _) = receive_all(&mut s).unwrap();
+                assert_eq!(n, 1 << 20, "the client's bytes after the server's FIN");
+            }
+            // The server resets mid-transfer.
+            b"RSET\n" => {
+                send_random(&mut s, 6, 1 << 20);
+                tests::rig::socket_reset(s);
+            }
+            _ => {
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+            }
+        }
+    })
+}
+
+#[test]
+fn half_closes_and_resets_from_either_side_end_forwarded_connections_as_they_should() {
+    if skip_without_root() {
+        return;
+    }
+    let rig = Rig::start("packet", 1);
+    let _server = scripted_backend(&rig);
+    let frontend = rig.frontend_v4();
+    rig.lab.client().run(move || {
+        let quiet = || thread::sleep(Duration::from_millis(300));
+        // Client half-closes.
+        let mut c = connect(frontend);
+        quiet();
+        c.write_all(b"HALF\n").unwrap();
+        send_random(&mut c, 4, 1 << 20);
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).unwrap();
+        assert!(reply.starts_with(format!("got {}\n", 1 << 20).as_bytes()));
+        assert_eq!(reply.len(), format!("got {}\n", 1 << 20).len() + (1 << 20));
+        // Server half-closes first.
+        let mut c = connect(frontend);
+        quiet();
+        c.write_all(b"SHUT\n").unwrap();
+        let mut bye = Vec::new();
+        c.try_clone().unwrap().read_to_end(&mut bye).unwrap();
+        assert_eq!(bye, b"bye\n");
+        send_random(&mut c, 3, 1 << 20);
+        c.shutdown(Shutdown::Write).unwrap();
+        // Server resets.
+        let mut c = connect(frontend);
+        quiet();
+        c.write_all(b"RSET\n").unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        let ended = loop {
+            match c.read(&mut buf) {
+                Ok(0) => break ErrorKind::UnexpectedEof,
+                Ok(_) => {}
+                Err(e) => break e.kind(),
+            }
+        };
+        assert_eq!(
+            ended,
+            ErrorKind::ConnectionReset,
+            "the server's reset reached the client"
+        );
+        // Client resets.
+        let c = connect(frontend);
+        quiet();
+        tests::rig::socket_reset(c);
+    });
+    let lines = rig.connection_lines(4);
+    assert_eq!(Rig::forwarded(&lines), 4, "{lines:#?}");
+    for end in [
+        "client closed",
+        "server closed",
+        "server reset",
+        "client reset",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(&format!("end=\"{end}\""))),
+            "no {end}: {lines:#?}"
+        );
+    }
+    rig.assert_clean();
+}
+
+#[test]
+fn a_backend_process_killed_mid_transfer_ends_the_forwarded_connection() {
+    if skip_without_root() {
+        return;
+    }
+    let rig = Rig::start_with("packet", 1, "", "proxy_protocol = \"none\"");
+    // A real process the test can kill: socat streaming random bytes to each client.
+    let listen = format!(
+        "TCP-LISTEN:2525,bind={},reuseaddr,fork",
+        rig.lab.backend(0).v4()
+    );
+    let mut socat = rig
+        .lab
+        .backend(0)
+        .command("socat")
+        .args(["-u", "OPEN:/dev/urandom", &listen])
+        .spawn()
+        .expect("running socat (Debian package socat)");
+    thread::sleep(Duration::from_millis(300));
+    let frontend = rig.frontend_v4();
+    let client = rig.lab.client().spawn(move || {
+        let mut c = connect(frontend);
+        let mut buf = vec![0u8; 64 << 10];
+        let mut total = 0usize;
+        let started = Instant::now();
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => return (total, Ok(()), started.elapsed()),
+                Ok(n) => {
+                    total += n;
+                    // Read slowly at first so the connection is quiet and handed off.
+                    if total < 1 << 20 {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                Err(e) => return (total, Err(e.kind()), started.elapsed()),
+            }
+        }
+    });
+    thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill(2) on the socat parent this test started, and its children die
+    // with their sockets closed by the kernel.
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-P", &socat.id().to_string()])
+        .status();
+    socat.kill().unwrap();
+    socat.wait().unwrap();
+    let (total, ended, _) = client.join().unwrap();
+    assert!(total > 1 << 20, "{total} bytes before the kill");
+    assert!(
+        matches!(ended, Ok(()) | Err(ErrorKind::ConnectionReset)),
+        "the client saw the end: {ended:?}"
+    );
+    let lines = rig.connection_lines(1);
+    assert_eq!(Rig::forwarded(&lines), 1, "{lines:#?}");
+    rig.assert_clean();
+}
+
+#[test]
+fn idle_forwarded_connections_are_reset_on_both_sides_at_their_timeout() {
+    if skip_without_root() {
+        return;
+    }
+    let rig = Rig::start_with("packet", 1, "idle_timeout = \"2s\"", "");
+    let server_saw: Arc<Mutex<Option<ErrorKind>>> = Arc::default();
+    let _server = {
+        let server_saw = server_saw.clone();
+        TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), move |mut s| {
+            set_timeouts(&s);
+            read_proxy_header(&mut s).unwrap();
+            s.write_all(b"220 hi\r\n").unwrap();
+            let mut buf = [0u8; 16];
+            let ended = match s.read(&mut buf) {
+                Ok(0) => ErrorKind::UnexpectedEof,
+                Ok(_) => ErrorKind::InvalidData,
+                Err(e) => e.kind(),
+            };
+            *server_saw.lock().unwrap() = Some(ended);
+        })
+    };
+    let frontend = rig.frontend_v4();
+    let client_saw = rig.lab.client().run(move || {
+        let mut c = connect(frontend);
+        let mut banner = [0u8; 8];
+        c.read_exact(&mut banner).unwrap();
+        let mut buf = [0u8; 16];
+        match c.read(&mut buf) {
+            Ok(0) => ErrorKind::UnexpectedEof,
+            Ok(_) => ErrorKind::InvalidData,
+            Err(e) => e.kind(),
+        }
+    });
+    assert_eq!(client_saw, ErrorKind::ConnectionReset);
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while server_saw.lock().unwrap().is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        *server_saw.lock().unwrap(),
+        Some(ErrorKind::ConnectionReset)
+    );
+    let lines = rig.connection_lines(1);
+    assert!(
+        lines[0].contains(" forwarded ") && lines[0].contains("end=\"idle timeout\""),
+        "{}",
+        lines[0]
+    );
+    rig.assert_clean();
+}
+
+#[test]
+fn connections_that_cannot_be_translated_stay_copied_and_are_counted_by_reason() {
+    if skip_without_root() {
+        return;
+    }
+    let rig = Rig::start("packet", 1);
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        let _ = s.read(&mut buf);
+    });
+    // An IPv6 client to the IPv4 backend.
+    let frontend = rig.frontend_v6();
+    rig.lab.client().run(move || {
+        let mut c = connect(frontend);
+        thread::sleep(Duration::from_millis(300));
+        c.write_all(b"ping\n").unwrap();
+        let mut echo = [0u8; 5];
+        c.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"ping\n");
+    });
+    let lines = rig.connection_lines(1);
+    assert!(lines[0].contains(" copied "), "{}", lines[0]);
+    let status = rig.kgate.status();
+    assert_eq!(
+        status["kgate"]["packet"]["fallbacks"]["address families"], 1,
+        "{status}"
+    );
+    let scraped = rig.metric_with(
+        "kgate_packet_fallbacks_total",
+        &[("reason", "address families")],
+    );
+    assert_eq!(scraped, 1.0);
+}
+
+#[test]
+fn a_postscreen_session_is_forwarded_with_the_clients_address() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(1);
+    let listen = SocketAddr::new(lab.backend(0).v4().into(), 2525);
+    let postfix = Postfix::start(&lab, lab.backend(0), listen);
+    let gateway = lab.gateway().v4();
+    let config = format!(
+        "{}\n[[frontends]]\nname = \"smtp\"\nlisten = [\"{gateway}:25\"]\nbackend = \"mail\"\n\
+         [[backends]]\nname = \"mail\"\n[[backends.servers]]\nname = \"mx\"\naddress = \"{listen}\"\n",
+        global_section(&lab, "packet"),
+    );
+    let kgate = Kgate::start(&lab, &config);
+    let out = lab
+        .client()
+        .command("swaks")
+        .args(["--server", &format!("{gateway}:25"), "--timeout", "30"])
+        .args([
+            "--from",
+            "alice@client.test",
+            "--to",
+            "postmaster@kgate.test",
+        ])
+        .args(["--helo", "client.test"])
+        .output()
+        .expect("running swaks (installed by cargo xtask test)");
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "swaks failed:\n{transcript}");
+    let client = lab.client().v4();
+    assert!(
+        postfix.wait_for_log(&format!("CONNECT from [{client}]"), Duration::from_secs(10)),
+        "postscreen logged the client's own address"
+    );
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while postfix.delivered().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(postfix.delivered().len(), 1, "the mail was delivered");
+    assert!(
+        kgate.wait_for_log(" forwarded ", IO_TIMEOUT),
+        "the session was forwarded:\n{}",
+        kgate.log()
+    );
+}
+
+#[test]
+fn a_tls_session_where_the_client_speaks_first_is_forwarded() {
+    if skip_without_root() {
+        return;
+    }
+    let rig = Rig::start_with("packet", 1, "", "proxy_protocol = \"none\"");
+    let dir = rig.lab.temp_dir().to_owned();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=kgate-test"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("running openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let mut server = rig
+        .lab
+        .backend(0)
+        .command("openssl")
+        .args(["s_server", "-quiet", "-naccept", "1", "-accept"])
+        .arg(rig.backend_addr(0).to_string())
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running openssl s_server");
+    thread::sleep(Duration::from_millis(500));
+    let mut client = rig
+        .lab
+        .client()
+        .command("openssl")
+        .args(["s_client", "-quiet", "-connect"])
+        .arg(rig.frontend_v4().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running openssl s_client");
+    // After the handshake, a quiet moment hands the connection off; then each side
+    // writes a line the other must read through the TLS session.
+    thread::sleep(Duration::from_secs(1));
+    client
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"from the client\n")
+        .unwrap();
+    server
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"from the server\n")
+        .unwrap();
+    let read_line = |out: &mut dyn Read| {
+        let mut line = Vec::new();
+        let mut byte = [0u8];
+        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        String::from_utf8_lossy(&line).into_owned()
+    };
+    assert_eq!(
+        read_line(server.stdout.as_mut().unwrap()),
+        "from the client"
+    );
+    assert_eq!(
+        read_line(client.stdout.as_mut().unwrap()),
+        "from the server"
+    );
+    drop(client.stdin.take());
+    let _ = client.kill();
+    let _ = client.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    let lines = rig.connection_lines(1);
+    assert_eq!(Rig::forwarded(&lines), 1, "{lines:#?}");
+}

@@ -134,6 +134,18 @@ fn listed(pin: &std::path::Path, prefix: &str) -> Option<String> {
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
+/// Waits until `kgate block list` lists `prefix`; returns its row.
+fn wait_listed(pin: &std::path::Path, prefix: &str) -> String {
+    let deadline = Instant::now() + APPLY_TIMEOUT;
+    loop {
+        if let Some(row) = listed(pin, prefix) {
+            return row;
+        }
+        assert!(Instant::now() < deadline, "{prefix} never listed");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits until `kgate status` says the bouncer's LAPI is in `state`.
 fn wait_for_state(kgate: &Kgate, state: &str) -> serde_json::Value {
     let deadline = Instant::now() + APPLY_TIMEOUT;
@@ -216,9 +228,12 @@ fn crowdsec_decisions_drop_their_sources_in_xdp_until_deleted_across_restarts_an
     });
     assert!(v6 && other, "the other sources still get through kgate");
 
-    // 2. Ranges: the client's IPv6 /64, and the operator's prefix.
+    // 2. Ranges: the client's IPv6 /64, and the operator's prefix; and, from no
+    // source of the lab, an IPv4 range and an IPv6 address.
     lapi.decisions(&["add", "--range", "fd00:200:1::/64", "--duration", "2h"]);
     lapi.decisions(&["add", "--range", "198.51.100.0/24"]);
+    lapi.decisions(&["add", "--range", "203.0.113.0/24", "--duration", "3h"]);
+    lapi.decisions(&["add", "--ip", "2001:db8::7", "--duration", "10m"]);
     sources.wait_until(&rig, sources.v6, true);
     assert_eq!(sources.reachable(&rig), (false, false, true));
     let row = listed(&pin, &format!("{client_v4}/32")).unwrap();
@@ -229,6 +244,16 @@ fn crowdsec_decisions_drop_their_sources_in_xdp_until_deleted_across_restarts_an
     let row = listed(&pin, "fd00:200:1::/64").unwrap();
     assert!(
         row.starts_with("fd00:200:1::/64 in 1h 59m") && row.ends_with(" crowdsec"),
+        "{row}"
+    );
+    let row = wait_listed(&pin, "203.0.113.0/24");
+    assert!(
+        row.starts_with("203.0.113.0/24 in 2h 59m") && row.ends_with(" crowdsec"),
+        "{row}"
+    );
+    let row = wait_listed(&pin, "2001:db8::7/128");
+    assert!(
+        row.starts_with("2001:db8::7/128 in 9m") && row.ends_with(" crowdsec"),
         "{row}"
     );
     assert_eq!(
@@ -242,10 +267,10 @@ fn crowdsec_decisions_drop_their_sources_in_xdp_until_deleted_across_restarts_an
     );
     let status = rig.kgate.status();
     assert_eq!(status["crowdsec"]["state"], "connected", "{status}");
-    assert_eq!(status["crowdsec"]["bans"], 3, "{status}");
+    assert_eq!(status["crowdsec"]["bans"], 5, "{status}");
     assert_eq!(
         status["xdp"]["blocklist_by_origin"],
-        serde_json::json!({"file": 1, "command": 1, "crowdsec": 2}),
+        serde_json::json!({"file": 1, "command": 1, "crowdsec": 4}),
         "{status}"
     );
     let counters = xdp_counters(&pin).unwrap();
@@ -260,7 +285,7 @@ fn crowdsec_decisions_drop_their_sources_in_xdp_until_deleted_across_restarts_an
     );
     let metrics = scrape_metrics(&rig.lab, METRICS);
     assert_eq!(metric_value(&metrics, "kgate_crowdsec_lapi_up", &[]), 1.0);
-    assert_eq!(metric_value(&metrics, "kgate_crowdsec_bans", &[]), 3.0);
+    assert_eq!(metric_value(&metrics, "kgate_crowdsec_bans", &[]), 5.0);
     let entries = |origin| {
         metric_value(
             &scrape_metrics(&rig.lab, METRICS),
@@ -268,7 +293,7 @@ fn crowdsec_decisions_drop_their_sources_in_xdp_until_deleted_across_restarts_an
             &[("origin", origin)],
         )
     };
-    assert_eq!(entries("crowdsec"), 2.0);
+    assert_eq!(entries("crowdsec"), 4.0);
     assert_eq!(entries("file"), 1.0);
     assert!(
         metric_value(
@@ -309,7 +334,7 @@ fn crowdsec_decisions_drop_their_sources_in_xdp_until_deleted_across_restarts_an
         "{text}"
     );
     assert!(
-        text.contains("4 blocklist entries (file 1, command 1, crowdsec 2)"),
+        text.contains("6 blocklist entries (file 1, command 1, crowdsec 4)"),
         "{text}"
     );
     assert_eq!(

@@ -31,7 +31,8 @@ pub mod maps {
     /// ([`FlowGrant::notify_at`](crate::FlowGrant::notify_at)); not pinned.
     pub const GRANT_REQUESTS: &str = "KGATE_GRANT_REQ";
 
-    /// `SERVERS[slot]` = [`ServerEntry`](crate::ServerEntry), published by userspace.
+    /// `SERVERS[slot]` = [`ServerEntry`](crate::ServerEntry): a hash of the live servers,
+    /// created and written by userspace for bpftool (no program reads it).
     pub const SERVERS: &str = "KGATE_SERVERS";
     /// Per CPU, `SERVER_BYTES[slot]` = [`ServerBytes`](crate::ServerBytes) the program spliced.
     pub const SERVER_BYTES: &str = "KGATE_SRV_BYTES";
@@ -65,7 +66,8 @@ pub const MAX_SPLICED_SOCKETS: usize = 131_072;
 /// Servers kgate can publish, all backends together.
 pub const MAX_SERVERS: usize = 1024;
 
-/// Text fields of [`ServerEntry`]: NUL-padded, so bpftool shows them as strings.
+/// Text fields of [`ServerEntry`]: NUL-padded, described as `char` arrays in the
+/// map's BTF, so bpftool shows them as strings.
 pub const NAME_LEN: usize = 32;
 
 /// What the verdict program did with the bytes one spliced socket received. Written
@@ -178,9 +180,7 @@ pub struct ServerEntry {
     /// Backend index in the configuration.
     pub backend_id: u32,
     pub port: u16,
-    /// 1 when this slot holds a server.
-    pub in_use: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 2],
     pub consecutive_ok: u32,
     pub consecutive_fail: u32,
     pub active_connections: u64,

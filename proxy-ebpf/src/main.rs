@@ -25,7 +25,7 @@ mod xdp;
 use aya_ebpf::{
     Global,
     bindings::sk_action,
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
+    btf_maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_skc_to_tcp_sock},
     macros::{btf_map, stream_verdict},
     programs::SkBuffContext,
@@ -33,7 +33,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use proxy_common::{
     FROM_CLIENT, FlowCounters, FlowGrant, GRANT_REQUEST_RING_BYTES, MAX_SERVERS,
-    MAX_SPLICED_SOCKETS, ServerBytes, ServerEntry, SpliceStats,
+    MAX_SPLICED_SOCKETS, ServerBytes, SpliceStats,
 };
 
 #[btf_map]
@@ -54,9 +54,8 @@ static KGATE_GRANT_REQ: RingBuf<u64, GRANT_REQUEST_RING_BYTES> = RingBuf::new();
 #[btf_map]
 static KGATE_SPL_STATS: PerCpuArray<SpliceStats, 1> = PerCpuArray::new();
 
-// Written by userspace only; here so that it is created (and pinned) with the rest.
-#[btf_map]
-static KGATE_SERVERS: Array<ServerEntry, MAX_SERVERS> = Array::new();
+// The `servers` map that bpftool shows is created by userspace (maps/servers.rs): no
+// program reads it.
 
 #[btf_map]
 static KGATE_SRV_BYTES: PerCpuArray<ServerBytes, MAX_SERVERS> = PerCpuArray::new();

@@ -20,8 +20,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_OK,
-        TC_ACT_SHOT, bpf_fib_lookup,
+        BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_SHOT,
+        TC_ACT_UNSPEC, bpf_fib_lookup,
     },
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::{bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_redirect_neigh},
@@ -68,6 +68,12 @@ struct Scratch {
 
 #[btf_map]
 static KGATE_PKT_SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+/// What the programs answer for a segment that is none of their business: the next
+/// program attached to the hook (tcx) sees it, or the stack when there is none. Not
+/// TC_ACT_OK, which would end the chain: a second kgate (the one an upgrade starts)
+/// attaches its programs after the first one's, and other software may have its own.
+const NOT_OURS: i32 = TC_ACT_UNSPEC;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -129,7 +135,7 @@ pub fn kgate_pkt_ingress(ctx: TcContext) -> i32 {
 pub fn kgate_pkt_egress(ctx: TcContext) -> i32 {
     let mut segment = Segment::default();
     if !parse(&ctx, &mut segment) {
-        return TC_ACT_OK;
+        return NOT_OURS;
     }
     // The gateway's own segments of a flow: their reverse is the flow's rule key.
     // Forwarded segments come from an ingress interface; the sockets' have none.
@@ -149,18 +155,18 @@ pub fn kgate_pkt_egress(ctx: TcContext) -> i32 {
         count(|s| s.silenced += 1);
         return TC_ACT_SHOT;
     }
-    TC_ACT_OK
+    NOT_OURS
 }
 
 fn try_ingress(ctx: &TcContext) -> Result<i32, Broken> {
     let mut segment = Segment::default();
     if !parse(ctx, &mut segment) {
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     }
     // SAFETY: userspace replaces a rule whole (a hash map update swaps the element):
     // this reference sees one version of it throughout.
     let Some(rule) = (unsafe { KGATE_PKT_RULES.get(segment.key) }) else {
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     };
     match rule.state {
         FREEZE => {
@@ -172,7 +178,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, Broken> {
                 count(|s| s.held_drops += 1);
                 Ok(TC_ACT_SHOT)
             } else {
-                Ok(TC_ACT_OK)
+                Ok(NOT_OURS)
             }
         }
         FORWARD => {
@@ -180,7 +186,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, Broken> {
             // SAFETY: the per-CPU slot belongs to this CPU while the program runs.
             forward(ctx, &segment, rule, unsafe { &mut *scratch })
         }
-        _ => Ok(TC_ACT_OK),
+        _ => Ok(NOT_OURS),
     }
 }
 

@@ -141,6 +141,7 @@ mod tests {
             max_connections: max,
             max_connections_per_source: per_source,
             accept_proxy: None,
+            freebind: false,
         }
     }
 

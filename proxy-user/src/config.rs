@@ -49,6 +49,8 @@ pub struct Global {
     pub shutdown_timeout: Duration,
     /// Leave the pinned maps in place at exit (a restart removes and recreates them).
     pub keep_pins: bool,
+    /// `freebind` for every frontend that does not set its own.
+    pub freebind: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -80,6 +82,9 @@ pub struct Frontend {
     pub max_connections_per_source: Option<u32>,
     /// Clients come through trusted proxies that send a PROXY header first.
     pub accept_proxy: Option<AcceptProxy>,
+    /// Listen even where the address is not (yet) on this host (`IP_FREEBIND`): the
+    /// backup of a VRRP pair listens on the virtual address it does not hold.
+    pub freebind: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -207,6 +212,18 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// "1 frontend, 2 backends, 8 servers".
+    pub fn summary(&self) -> String {
+        let servers: usize = self.backends.iter().map(|b| b.servers.len()).sum();
+        let count = |n: usize, noun: &str| format!("{n} {noun}{}", if n == 1 { "" } else { "s" });
+        format!(
+            "{}, {}, {}",
+            count(self.frontends.len(), "frontend"),
+            count(self.backends.len(), "backend"),
+            count(servers, "server")
+        )
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -288,6 +305,8 @@ struct GlobalSection {
     shutdown_timeout: Option<Duration>,
     #[serde(default)]
     keep_pins: bool,
+    #[serde(default)]
+    freebind: bool,
 }
 
 impl Default for GlobalSection {
@@ -299,6 +318,7 @@ impl Default for GlobalSection {
             metrics_listen: None,
             shutdown_timeout: None,
             keep_pins: false,
+            freebind: false,
         }
     }
 }
@@ -335,6 +355,7 @@ struct FrontendSection {
     trusted_sources: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     accept_proxy_timeout: Option<Spanned<String>>,
+    freebind: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -398,10 +419,19 @@ impl<'de> Deserialize<'de> for Address {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         text.parse().map(Address).map_err(|_| {
-            de::Error::custom(format!(
-                "`{text}` is not an address with a port: write it as \"192.0.2.1:25\" \
-                 or \"[2001:db8::1]:25\""
-            ))
+            let form = "write it as \"192.0.2.1:25\" or \"[2001:db8::1]:25\"";
+            let (host, port) = text.rsplit_once(':').unwrap_or((&text, ""));
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            de::Error::custom(
+                match (host.parse::<std::net::IpAddr>(), port.parse::<u64>()) {
+                    (Ok(_), Ok(port)) => format!("`{text}`: port {port} is over 65535"),
+                    (Err(_), Ok(_)) if !host.is_empty() => format!(
+                        "`{text}` names a host: kgate takes IP addresses (it resolves no names); \
+                     {form}"
+                    ),
+                    _ => format!("`{text}` is not an address with a port: {form}"),
+                },
+            )
         })
     }
 }
@@ -409,14 +439,30 @@ impl<'de> Deserialize<'de> for Address {
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let duration = optional_delay(d)?;
     if duration.is_some_and(|d| d.is_zero()) {
-        return Err(de::Error::custom("a timeout of zero would never connect"));
+        return Err(de::Error::custom(
+            "zero is not allowed here: give a duration such as \"2s\"",
+        ));
     }
     Ok(duration)
 }
 
 /// A duration that may be zero ("at once").
 fn optional_delay<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text = String::deserialize(d)?;
+    // A bare number is the commonest slip (`interval = 1`): say which unit to add.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Number(i64),
+    }
+    let text = match Written::deserialize(d)? {
+        Written::Text(text) => text,
+        Written::Number(n) => {
+            return Err(de::Error::custom(format!(
+                "`{n}` has no unit: write \"{n}s\" for seconds (or \"{n}ms\", \"{n}m\")"
+            )));
+        }
+    };
     let duration = humantime::parse_duration(&text).map_err(|e| {
         de::Error::custom(format!(
             "`{text}` is not a duration ({e}): write it as \"500ms\", \"5s\" or \"2m\""
@@ -554,6 +600,7 @@ impl ConfigFile {
                     accept_proxy_timeout: section.accept_proxy_timeout,
                 }
                 .validate(name)?,
+                freebind: section.freebind.unwrap_or(global.freebind),
             });
         }
         if frontends.is_empty() {
@@ -628,6 +675,7 @@ impl GlobalSection {
             metrics_listen: self.metrics_listen.map(|a| a.into_inner().0),
             shutdown_timeout: self.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
             keep_pins: self.keep_pins,
+            freebind: self.freebind,
         })
     }
 }
@@ -1028,6 +1076,29 @@ address = "127.0.0.1:25"
     }
 
     #[test]
+    fn addresses_durations_and_their_slips_get_messages_that_say_the_fix() {
+        let message = |listen: &str, interval: &str| {
+            let text = format!(
+                "[[frontends]]\nname = \"f\"\nlisten = [{listen}]\nbackend = \"b\"\n\
+                 [[backends]]\nname = \"b\"\n[backends.health]\ncheck = \"tcp\"\n\
+                 interval = {interval}\n[[backends.servers]]\nname = \"s\"\n\
+                 address = \"127.0.0.1:25\"\n"
+            );
+            Config::parse(&text, Path::new("k.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let m = message("\"127.0.0.1:70000\"", "\"2s\"");
+        assert!(m.contains("port 70000 is over 65535"), "{m}");
+        let m = message("\"mail.example.org:25\"", "\"2s\"");
+        assert!(m.contains("names a host"), "{m}");
+        let m = message("\"127.0.0.1:25\"", "1");
+        assert!(m.contains("`1` has no unit: write \"1s\""), "{m}");
+        let m = message("\"127.0.0.1:25\"", "\"0s\"");
+        assert!(m.contains("zero is not allowed here"), "{m}");
+    }
+
+    #[test]
     fn duplicate_names_are_errors() {
         let servers = GOOD.replace("name = \"node2\"", "name = \"node1\"");
         let message = error(&servers);
@@ -1137,6 +1208,36 @@ name = "b"
             .expect("README.md has a ```toml example");
         let config = parse(example).unwrap();
         assert_eq!(config.frontends[0].name, "smtp");
+    }
+
+    #[test]
+    fn freebind_is_off_unless_set_and_a_frontend_overrides_the_global_default() {
+        let text = |global: &str, frontend: &str| {
+            format!(
+                "[global]\n{global}\n[[frontends]]\nname = \"a\"\nlisten = [\"10.0.20.1:25\"]\n\
+                 backend = \"b\"\n{frontend}\n[[frontends]]\nname = \"c\"\n\
+                 listen = [\"10.0.20.1:587\"]\nbackend = \"b\"\n[[backends]]\nname = \"b\"\n\
+                 [[backends.servers]]\nname = \"s\"\naddress = \"127.0.0.1:25\"\n"
+            )
+        };
+        let freebind =
+            |config: Config| -> Vec<bool> { config.frontends.iter().map(|f| f.freebind).collect() };
+        assert_eq!(freebind(parse(&text("", "")).unwrap()), [false, false]);
+        assert_eq!(
+            freebind(parse(&text("", "freebind = true")).unwrap()),
+            [true, false]
+        );
+        assert_eq!(
+            freebind(parse(&text("freebind = true", "")).unwrap()),
+            [true, true]
+        );
+        assert_eq!(
+            freebind(parse(&text("freebind = true", "freebind = false")).unwrap()),
+            [false, true]
+        );
+        let error = error(&text("", "freebind = \"yes\""));
+        assert!(error.contains("kgate.toml:7:12:"), "{error}");
+        assert!(error.contains("invalid type"), "{error}");
     }
 
     #[test]

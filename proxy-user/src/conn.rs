@@ -182,7 +182,8 @@ pub async fn handle(
     let _ = client.set_nodelay(true);
     let pool = &gateway.pools[backend_index];
     let order = balance::order(pool, backend, source.ip().to_canonical());
-    let Some(upstream::Upstream { mut stream, server }) = upstream::connect(backend, &order).await
+    let Some(upstream::Upstream { mut stream, server }) =
+        upstream::connect(backend, pool, &order).await
     else {
         pool.counters.no_server.fetch_add(1, Ordering::Relaxed);
         return ending.log(Outcome::NoServer);

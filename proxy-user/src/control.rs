@@ -1,6 +1,6 @@
-//! The control socket: a Unix stream socket where `kgate reload`, `kgate status` and
-//! `kgate server set` reach the running daemon. One request line, one reply line:
-//! `ok ...` or `error: ...`. Only root (the socket's owner) may connect.
+//! The control socket: a Unix stream socket where `kgate reload`, `kgate status`,
+//! `kgate server set` and `kgate upgrade` reach the running daemon. One request line,
+//! one reply line: `ok ...` or `error: ...`. Only root (the socket's owner) may connect.
 //!
 //! At most [`MAX_CONNECTIONS`] are served at once, each given [`IO_TIMEOUT`] to send
 //! its request and take its reply: more wait in the kernel's listen queue, where
@@ -19,12 +19,12 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::Semaphore,
+    sync::{Semaphore, mpsc, oneshot},
     time::timeout,
 };
 use tracing::{info, warn};
 
-use crate::{daemon::Daemon, pool::AdminState, status};
+use crate::{daemon::Daemon, handover, pool::AdminState, status};
 
 /// Longest request accepted.
 const MAX_REQUEST: usize = 1024;
@@ -55,7 +55,12 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
+/// Answers requests on `listener`; an upgrade goes to the main loop through `upgrades`.
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    listener: UnixListener,
+    upgrades: mpsc::Sender<handover::Request>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -64,8 +69,9 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let daemon = daemon.clone();
+                let upgrades = upgrades.clone();
                 tokio::spawn(async move {
-                    answer(daemon, stream).await;
+                    answer(daemon, upgrades, stream).await;
                     drop(slot);
                 });
             }
@@ -77,12 +83,19 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
     }
 }
 
-async fn answer(daemon: Arc<Daemon>, stream: UnixStream) {
+async fn answer(
+    daemon: Arc<Daemon>,
+    upgrades: mpsc::Sender<handover::Request>,
+    stream: UnixStream,
+) {
     let (reader, mut writer) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(reader).take(MAX_REQUEST as u64);
     let reply = match timeout(IO_TIMEOUT, reader.read_line(&mut line)).await {
-        Ok(Ok(_)) => execute(&daemon, line.trim()).await,
+        Ok(Ok(_)) => match line.trim().strip_prefix("upgrade ") {
+            Some(binary) => upgrade(&upgrades, binary).await,
+            None => execute(&daemon, line.trim()).await,
+        },
         Ok(Err(e)) => Err(format!("unreadable request: {e}")),
         Err(_) => return,
     };
@@ -96,14 +109,27 @@ async fn answer(daemon: Arc<Daemon>, stream: UnixStream) {
 async fn execute(daemon: &Arc<Daemon>, request: &str) -> Result<String, String> {
     let words: Vec<&str> = request.split_whitespace().collect();
     match words.as_slice() {
-        ["reload"] => daemon.reload().await,
+        ["reload"] => daemon.reload().await.map_err(|e| e.to_string()),
         // One line of JSON: the reply is one line.
         ["status"] => serde_json::to_string(&status::build(daemon)).map_err(|e| e.to_string()),
         ["server", "set", name, state] => {
             let state: AdminState = state.parse()?;
             let gateway = daemon.gateway();
             let (b, s) = gateway.server(name).ok_or_else(|| {
-                format!("no server `{name}`: give BACKEND/SERVER as in the configuration")
+                let known: Vec<String> = gateway
+                    .config
+                    .backends
+                    .iter()
+                    .flat_map(|b| {
+                        b.servers
+                            .iter()
+                            .map(move |s| format!("{}/{}", b.name, s.name))
+                    })
+                    .collect();
+                format!(
+                    "no server `{name}`: give BACKEND/SERVER as in the configuration, one of: {}",
+                    known.join(", ")
+                )
             })?;
             gateway.pools[b].servers[s].set_admin(state);
             daemon.changed.notify_one();
@@ -111,13 +137,38 @@ async fn execute(daemon: &Arc<Daemon>, request: &str) -> Result<String, String> 
             Ok(format!("{name} {state}"))
         }
         _ => Err(format!(
-            "unknown request `{request}`: expected `reload`, `status` or `server set BACKEND/SERVER ready|drain|maint`"
+            "unknown request `{request}`: expected `reload`, `status`, `server set \
+             BACKEND/SERVER ready|drain|maint` or `upgrade BINARY`"
         )),
     }
 }
 
+/// Asks the main loop to hand over to `binary` and waits for the outcome.
+async fn upgrade(
+    upgrades: &mpsc::Sender<handover::Request>,
+    binary: &str,
+) -> Result<String, String> {
+    let (reply, outcome) = oneshot::channel();
+    let request = handover::Request {
+        binary: PathBuf::from(binary),
+        reply,
+    };
+    let gone = || "this kgate has already handed over to another one, or is stopping".to_owned();
+    upgrades.send(request).await.map_err(|_| gone())?;
+    outcome.await.map_err(|_| gone())?
+}
+
 /// Sends one request to the daemon at `path` and returns its reply.
 pub fn request(path: &PathBuf, request: &str) -> anyhow::Result<String> {
+    request_within(path, request, std::time::Duration::from_secs(30))
+}
+
+/// Like [`request`], waiting up to `wait` for the reply.
+pub fn request_within(
+    path: &PathBuf,
+    request: &str,
+    wait: std::time::Duration,
+) -> anyhow::Result<String> {
     use std::io::{BufRead, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
         anyhow::anyhow!(
@@ -125,7 +176,7 @@ pub fn request(path: &PathBuf, request: &str) -> anyhow::Result<String> {
             path.display()
         )
     })?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(wait))?;
     writeln!(stream, "{request}")?;
     let mut reply = String::new();
     std::io::BufReader::new(stream).read_line(&mut reply)?;

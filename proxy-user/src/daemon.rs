@@ -13,11 +13,13 @@
 //! touched.
 //!
 //! Shutdown: SIGTERM stops accepting and waits up to `shutdown_timeout` for open
-//! connections, then ends; SIGINT ends at once.
+//! connections, then ends; SIGINT ends at once. After an upgrade has handed the
+//! listeners over (handover.rs), the old kgate shuts down the same way as on SIGTERM.
 
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd},
     path::PathBuf,
     sync::{
         Arc, RwLock,
@@ -35,9 +37,11 @@ use crate::{
     dataplane::Dataplane,
     frontend,
     gateway::Gateway,
+    handover::Handed,
     health::wiring::{self, Watcher},
     maps::ServerMaps,
     pool::Slots,
+    restart_only,
     xdp::EarlyDrop,
 };
 
@@ -59,25 +63,38 @@ pub struct Daemon {
 
 #[derive(Default)]
 struct Resources {
-    listeners: HashMap<SocketAddr, JoinHandle<()>>,
+    listeners: HashMap<SocketAddr, Listening>,
     watchers: HashMap<(String, String), Watcher>,
     slots: Slots,
 }
 
+/// A listening socket and the task accepting on it.
+struct Listening {
+    socket: Arc<TcpListener>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl Daemon {
-    /// Builds the first gateway and binds its listeners. Nothing is accepted before
-    /// [`Daemon::start`].
+    /// Builds the first gateway and binds its listeners, or takes those `handed` over
+    /// by the kgate this one replaces. Nothing is accepted before [`Daemon::start`].
     pub fn new(
         config: Config,
         config_path: PathBuf,
         dataplane: Dataplane,
         server_maps: Option<ServerMaps>,
         early_drop: Option<EarlyDrop>,
+        handed: &mut Handed,
     ) -> anyhow::Result<(Arc<Daemon>, Listeners)> {
         let mut resources = Resources::default();
         // Bind everything before accepting anything: a gateway that serves half of
         // its frontends is worse than one that refuses to start.
-        let listeners = bind_new(&config, &HashSet::new())?;
+        let listeners = bind_new(&config, &HashSet::new(), handed)?;
         let gateway = Gateway::build(config, None, &mut resources.slots)?;
         let daemon = Arc::new(Daemon {
             started: SystemTime::now(),
@@ -97,8 +114,9 @@ impl Daemon {
     pub async fn start(self: &Arc<Self>, listeners: Listeners) {
         let mut resources = self.resources.lock().await;
         for (address, listener) in listeners {
-            let task = tokio::spawn(accept(self.clone(), address, listener));
-            resources.listeners.insert(address, task);
+            resources
+                .listeners
+                .insert(address, self.listen(address, listener));
         }
         let gateway = self.gateway();
         wiring::update(self, &gateway, &mut resources.watchers);
@@ -112,42 +130,30 @@ impl Daemon {
             .clone()
     }
 
-    /// Re-reads the configuration file and applies what changed; on any error
-    /// nothing changes and the error says why.
-    pub async fn reload(self: &Arc<Self>) -> Result<String, String> {
-        let config = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+    /// Re-reads the configuration file and applies what changed. An error says why:
+    /// an invalid file changes nothing; changes only a restart applies (see
+    /// `restart_only`) leave the rest applied, and are listed.
+    pub async fn reload(self: &Arc<Self>) -> Result<String, ReloadError> {
+        let refused = |e: String| ReloadError::Refused(e);
+        let config = Config::load(&self.config_path).map_err(|e| refused(e.to_string()))?;
         let old = self.gateway();
-        for (what, changed) in [
-            (
-                "bpf_pin_path",
-                config.global.bpf_pin_path != old.config.global.bpf_pin_path,
-            ),
-            (
-                "control_socket",
-                config.global.control_socket != old.config.global.control_socket,
-            ),
-            (
-                "dataplane",
-                config.global.dataplane != old.config.global.dataplane,
-            ),
-            (
-                "metrics_listen",
-                config.global.metrics_listen != old.config.global.metrics_listen,
-            ),
-        ] {
-            if changed {
-                warn!("reload: `{what}` changed; it takes effect when kgate restarts");
-            }
+        let restart_only = restart_only::changes(&old.config, &config, self.early_drop.is_some());
+        for change in &restart_only {
+            warn!("reload: {change} takes effect when kgate restarts");
         }
 
         let mut resources = self.resources.lock().await;
         let listening: HashSet<SocketAddr> = resources.listeners.keys().copied().collect();
-        let new_listeners = bind_new(&config, &listening).map_err(|e| format!("{e:#}"))?;
+        let new_listeners = bind_new(&config, &listening, &mut Handed::default())
+            .map_err(|e| refused(format!("{e:#}")))?;
         if let Some(early_drop) = &self.early_drop {
-            early_drop.apply(&config).map_err(|e| format!("{e:#}"))?;
+            early_drop
+                .apply(&config)
+                .map_err(|e| refused(format!("{e:#}")))?;
         }
         let gateway = Arc::new(
-            Gateway::build(config, Some(&old), &mut resources.slots).map_err(|e| e.to_string())?,
+            Gateway::build(config, Some(&old), &mut resources.slots)
+                .map_err(|e| refused(e.to_string()))?,
         );
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = gateway.clone();
 
@@ -158,43 +164,51 @@ impl Daemon {
             .flat_map(|f| f.listen.iter().copied())
             .collect();
         let mut closed = 0;
-        resources.listeners.retain(|address, task| {
+        resources.listeners.retain(|address, _| {
             let keep = wanted.contains(address);
-            if !keep {
-                task.abort();
-                closed += 1;
-            }
+            closed += usize::from(!keep);
             keep
         });
         let opened = new_listeners.len();
         for (address, listener) in new_listeners {
-            let task = tokio::spawn(accept(self.clone(), address, listener));
-            resources.listeners.insert(address, task);
+            resources
+                .listeners
+                .insert(address, self.listen(address, listener));
         }
         wiring::update(self, &gateway, &mut resources.watchers);
         self.changed.notify_one();
         let summary = format!(
-            "reloaded: {} frontends, {} backends, {} servers; {opened} listeners opened, {closed} closed",
-            gateway.config.frontends.len(),
-            gateway.config.backends.len(),
-            gateway
-                .config
-                .backends
-                .iter()
-                .map(|b| b.servers.len())
-                .sum::<usize>()
+            "reloaded: {}; {opened} listeners opened, {closed} closed",
+            gateway.config.summary()
         );
         info!("{summary}");
-        Ok(summary)
+        if restart_only.is_empty() {
+            Ok(summary)
+        } else {
+            Err(ReloadError::Partly {
+                summary,
+                restart_only,
+            })
+        }
+    }
+
+    /// Closes this process's listening sockets (after an upgrade, its copies: the
+    /// sockets stay open in the kgate that took them over). Nothing is accepted once
+    /// this returns.
+    pub async fn stop_accepting(&self) {
+        let mut resources = self.resources.lock().await;
+        for (_, mut listening) in resources.listeners.drain() {
+            // An aborted task drops its socket only when the runtime next reaches it.
+            listening.task.abort();
+            let _ = (&mut listening.task).await;
+        }
     }
 
     /// Stops accepting and the health checks; waits up to `timeout` for the open
     /// connections (none when `timeout` is zero). Returns how many were left.
     pub async fn shut_down(&self, timeout: Duration) -> usize {
+        self.stop_accepting().await;
         let mut resources = self.resources.lock().await;
-        for (_, task) in resources.listeners.drain() {
-            task.abort();
-        }
         wiring::stop_all(&mut resources.watchers);
         let deadline = Instant::now() + timeout;
         loop {
@@ -214,6 +228,43 @@ impl Daemon {
     pub fn open_connections(&self) -> usize {
         self.connections.load(Ordering::Acquire)
     }
+
+    /// Calls `each` with every listening socket, for an upgrade to hand them over.
+    /// Reloads wait meanwhile, so the set cannot change under the caller.
+    pub async fn with_listeners<T>(
+        &self,
+        each: impl FnOnce(&mut dyn Iterator<Item = (SocketAddr, BorrowedFd<'_>)>) -> T,
+    ) -> T {
+        let resources = self.resources.lock().await;
+        let mut sockets = resources
+            .listeners
+            .iter()
+            .map(|(address, listening)| (*address, listening.socket.as_fd()));
+        each(&mut sockets)
+    }
+
+    fn listen(self: &Arc<Self>, address: SocketAddr, listener: TcpListener) -> Listening {
+        let socket = Arc::new(listener);
+        let task = tokio::spawn(accept(self.clone(), address, socket.clone()));
+        Listening { socket, task }
+    }
+}
+
+/// Why a reload did not apply the whole file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// Nothing changed: the running configuration stays.
+    #[error("{0}")]
+    Refused(String),
+    /// Applied but for what only a restart can change.
+    #[error(
+        "{summary}; not applied until kgate restarts (systemctl restart kgate): {}",
+        restart_only.join("; ")
+    )]
+    Partly {
+        summary: String,
+        restart_only: Vec<String>,
+    },
 }
 
 /// A client connection, counted open (for a graceful shutdown) until dropped.
@@ -234,18 +285,33 @@ impl Drop for Open {
 /// Bound listeners, not accepting yet.
 pub type Listeners = Vec<(SocketAddr, TcpListener)>;
 
-/// Binds the listen addresses of `config` that are not in `listening`.
-fn bind_new(config: &Config, listening: &HashSet<SocketAddr>) -> anyhow::Result<Listeners> {
+/// Binds the listen addresses of `config` that are not in `listening`, taking those
+/// `handed` over by the kgate this one replaces instead of binding them again.
+fn bind_new(
+    config: &Config,
+    listening: &HashSet<SocketAddr>,
+    handed: &mut Handed,
+) -> anyhow::Result<Listeners> {
     let mut bound = Vec::new();
     for frontend in &config.frontends {
         for &address in &frontend.listen {
             if listening.contains(&address) {
                 continue;
             }
-            let listener = frontend::bind(address).map_err(|e| {
+            if let Some(listener) = handed.take_listener(address) {
+                bound.push((address, TcpListener::from_std(listener)?));
+                continue;
+            }
+            let listener = frontend::bind(address, frontend.freebind).map_err(|e| {
+                let hint = if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                    "the address is not on this host: configure it, or set `freebind = true` \
+                     if it comes later (the virtual address of a VRRP pair)"
+                } else {
+                    "is the address configured on this host, and is no other program \
+                     listening on it?"
+                };
                 anyhow::anyhow!(
-                    "frontend `{}` cannot listen on {address}: {e}: is the address configured \
-                     on this host, and is no other program listening on it?",
+                    "frontend `{}` cannot listen on {address}: {e}: {hint}",
                     frontend.name
                 )
             })?;
@@ -257,7 +323,7 @@ fn bind_new(config: &Config, listening: &HashSet<SocketAddr>) -> anyhow::Result<
 
 /// Accepts on one address for as long as some frontend of the current gateway
 /// listens there; each client goes to that frontend.
-async fn accept(daemon: Arc<Daemon>, address: SocketAddr, listener: TcpListener) {
+async fn accept(daemon: Arc<Daemon>, address: SocketAddr, listener: Arc<TcpListener>) {
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {

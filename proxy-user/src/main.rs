@@ -8,7 +8,8 @@
 //! `dataplane` (splice, copy, or forward packets) -> `conn` (lifecycle and log line).
 //!
 //! Beside it: `health` (checks), `gateway` (one configuration at run time, replaced by
-//! a reload), `control` (the control socket), `status` (the status document that
+//! a reload), `control` (the control socket), `handover` (an upgrade: the running
+//! kgate hands its sockets to the new binary), `status` (the status document that
 //! `kgate status`, the stats page and `publish` show), `publish` (server state into
 //! the pinned map), `web` (the stats page, `/status.json` and `/metrics` on
 //! `metrics_listen`), `metrics`, `rate` (events a second), `xdp` (early drop;
@@ -27,6 +28,7 @@ mod daemon;
 mod dataplane;
 mod frontend;
 mod gateway;
+mod handover;
 mod health;
 mod interfaces;
 mod maps;
@@ -36,6 +38,7 @@ mod privileges;
 mod proxy_header;
 mod publish;
 mod rate;
+mod restart_only;
 mod sockopt;
 mod status;
 mod upstream;

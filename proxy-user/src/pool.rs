@@ -122,6 +122,8 @@ pub struct ServerRuntime {
     pub copied_out: AtomicU64,
     pub checks_passed: AtomicU64,
     pub checks_failed: AtomicU64,
+    /// Connects that failed or timed out.
+    pub connect_errors: AtomicU64,
 }
 
 impl ServerRuntime {
@@ -142,6 +144,7 @@ impl ServerRuntime {
             copied_out: AtomicU64::new(0),
             checks_passed: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
         }
     }
 
@@ -245,6 +248,8 @@ pub struct Pool {
 pub struct BackendCounters {
     /// Clients closed at once because no server could take them.
     pub no_server: AtomicU64,
+    /// Connects to a further server after one failed.
+    pub retries: AtomicU64,
 }
 
 impl Pool {

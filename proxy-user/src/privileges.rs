@@ -3,8 +3,13 @@
 //! Loading and attaching eBPF programs, creating maps, mounting bpffs and pinning
 //! need CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and more. Once running, kgate still
 //! binds listeners on reload (CAP_NET_BIND_SERVICE for ports below 1024) and updates
-//! its maps (CAP_BPF, CAP_NET_ADMIN, for kernels that restrict BPF to them); nothing
-//! else. Capabilities belong to each thread, so every runtime thread drops its own
+//! its maps (CAP_BPF, CAP_NET_ADMIN, for kernels that restrict BPF to them); and at an
+//! upgrade the new binary it starts inherits no more than these, yet loads its
+//! programs: without CAP_PERFMON the verifier also walks every speculative path,
+//! which takes the splice program past its complexity limit (E2BIG, measured here on
+//! 6.18), so CAP_PERFMON is kept too; and CAP_NET_RAW, with which the packet data
+//! plane's raw sockets reset forwarded connections (the new binary of an upgrade opens
+//! its own). Nothing else. Capabilities belong to each thread, so every runtime thread drops its own
 //! as soon as it runs after [`drop_now`]: [`on_thread_activity`] is the runtime's
 //! thread hook. (An idle blocking-pool thread keeps its set until it next runs or
 //! exits after tokio's keep-alive of 10 s.)
@@ -18,10 +23,12 @@ use caps::{CapSet, Capability, CapsHashSet};
 use tracing::{info, warn};
 
 /// What kgate keeps after start-up.
-const KEPT: [Capability; 3] = [
+const KEPT: [Capability; 5] = [
     Capability::CAP_NET_BIND_SERVICE,
+    Capability::CAP_NET_RAW,
     Capability::CAP_NET_ADMIN,
     Capability::CAP_BPF,
+    Capability::CAP_PERFMON,
 ];
 
 static DROP: AtomicBool = AtomicBool::new(false);

@@ -58,7 +58,6 @@ pub fn publish_all(
         let mut entry = ServerEntry {
             backend_id: backend_ids[server.backend.as_str()],
             port: address.port(),
-            in_use: 1,
             consecutive_ok: server.consecutive_ok,
             consecutive_fail: server.consecutive_fail,
             active_connections: server.active_connections,

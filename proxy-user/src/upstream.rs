@@ -1,11 +1,11 @@
 //! Connecting to a backend's server, trying the next one when a connect fails.
 
-use std::io;
+use std::{io, sync::atomic::Ordering};
 
 use tokio::{net::TcpStream, time::timeout};
 use tracing::warn;
 
-use crate::config::Backend;
+use crate::{config::Backend, pool::Pool};
 
 /// A connected server: the stream and the server's index in its backend.
 pub struct Upstream {
@@ -14,9 +14,13 @@ pub struct Upstream {
 }
 
 /// Connects to the first server of `order` that answers within the backend's
-/// connect timeout. `None` when none did (each failure is logged).
-pub async fn connect(backend: &Backend, order: &[usize]) -> Option<Upstream> {
-    for &index in order {
+/// connect timeout. `None` when none did (each failure is logged, and counted in
+/// `pool`: the server's connect errors, the backend's retries).
+pub async fn connect(backend: &Backend, pool: &Pool, order: &[usize]) -> Option<Upstream> {
+    for (tried, &index) in order.iter().enumerate() {
+        if tried > 0 {
+            pool.counters.retries.fetch_add(1, Ordering::Relaxed);
+        }
         let server = &backend.servers[index];
         let attempt = timeout(backend.connect_timeout, TcpStream::connect(server.address)).await;
         let error = match attempt {
@@ -34,6 +38,9 @@ pub async fn connect(backend: &Backend, order: &[usize]) -> Option<Upstream> {
                 format!("no answer within {:?}", backend.connect_timeout),
             ),
         };
+        pool.servers[index]
+            .connect_errors
+            .fetch_add(1, Ordering::Relaxed);
         warn!(
             backend = %backend.name,
             server = %server.name,

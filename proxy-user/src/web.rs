@@ -10,7 +10,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use prometheus_client::registry::Registry;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -36,7 +35,6 @@ const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'sel
                            form-action 'none'; frame-ancestors 'none'";
 
 pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
-    let registry = Arc::new(metrics::registry(daemon.clone()));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -44,11 +42,9 @@ pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
         };
         match listener.accept().await {
             Ok((stream, _)) => {
-                let registry = registry.clone();
                 let daemon = daemon.clone();
                 tokio::spawn(async move {
-                    let answered =
-                        timeout(REQUEST_TIMEOUT * 2, answer(stream, &daemon, &registry)).await;
+                    let answered = timeout(REQUEST_TIMEOUT * 2, answer(stream, &daemon)).await;
                     drop(slot);
                     // A client's failures are its own; logged per request, they would be
                     // a way to fill the log.
@@ -95,11 +91,7 @@ impl Reply {
     }
 }
 
-async fn answer(
-    mut stream: TcpStream,
-    daemon: &Daemon,
-    registry: &Registry,
-) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, daemon: &Daemon) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     let read_head = async {
@@ -122,7 +114,12 @@ async fn answer(
         Ok(httparse::Status::Complete(_)) => {
             let method = request.method.unwrap_or_default();
             let path = request.path.unwrap_or_default();
-            (method, route(method, path, daemon, registry))
+            let accept = request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("accept"))
+                .and_then(|h| std::str::from_utf8(h.value).ok());
+            (method, route(method, path, accept, daemon))
         }
         Ok(httparse::Status::Partial) if head.len() >= MAX_REQUEST => (
             "",
@@ -151,7 +148,8 @@ async fn answer(
     stream.shutdown().await
 }
 
-fn route(method: &str, path: &str, daemon: &Daemon, registry: &Registry) -> Reply {
+/// `accept` is the request's `Accept` header: it chooses the metrics' format.
+fn route(method: &str, path: &str, accept: Option<&str>, daemon: &Daemon) -> Reply {
     if method != "GET" && method != "HEAD" {
         return Reply::error("405 Method Not Allowed", "only GET and HEAD\n");
     }
@@ -168,10 +166,13 @@ fn route(method: &str, path: &str, daemon: &Daemon, registry: &Registry) -> Repl
             Ok(json) => Reply::ok("application/json", json),
             Err(e) => Reply::error("500 Internal Server Error", &format!("{e}\n")),
         },
-        "/metrics" => match metrics::encode(registry) {
-            Ok(text) => Reply::ok("text/plain; version=0.0.4; charset=utf-8", text),
-            Err(e) => Reply::error("500 Internal Server Error", &format!("{e}\n")),
-        },
+        "/metrics" => {
+            let format = metrics::Format::negotiate(accept);
+            match metrics::render(daemon, format) {
+                Ok(text) => Reply::ok(format.content_type(), text),
+                Err(e) => Reply::error("500 Internal Server Error", &format!("{e}\n")),
+            }
+        }
         _ => Reply::error(
             "404 Not Found",
             "kgate serves / (the stats page), /status.json and /metrics\n",

@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::lab::Lab;
+use crate::lab::{Lab, NetNs};
 use crate::proc;
 
 /// The line kgate logs once its listeners are open and its data plane is set up.
@@ -95,9 +95,7 @@ pub fn scrape_metrics(lab: &Lab, address: &str) -> prometheus_parse::Scrape {
     });
     let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    // prometheus-parse does not take an empty label set (`name{} 1`), which the text
-    // format allows and kgate writes for its unlabelled series.
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.replacen("{} ", " ", 1))))
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
         .expect("the Prometheus text format")
 }
 
@@ -116,6 +114,14 @@ pub fn metric_value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&s
         | prometheus_parse::Value::Untyped(v) => v,
         ref other => panic!("{name}: {other:?}"),
     }
+}
+
+/// Where a kgate runs and what of it lives outside the lab's temp directory.
+struct Place<'a> {
+    ns: &'a NetNs,
+    temp_dir: &'a Path,
+    pin_path: PathBuf,
+    control_socket: PathBuf,
 }
 
 /// A running kgate. Dropping it stops kgate and removes its pin directory and control
@@ -142,7 +148,18 @@ impl Kgate {
 
     /// Like [`Kgate::start`] with another binary (a release build for benchmarks, say).
     pub fn start_with(lab: &Lab, bin: &Path, config_toml: &str) -> Kgate {
-        Kgate::spawn(lab, bin, config_toml, None)
+        Kgate::spawn(lab, bin, config_toml, None, &[])
+    }
+
+    /// Like [`Kgate::start_with`], with variables added to kgate's environment
+    /// (`NOTIFY_SOCKET`, say).
+    pub fn start_with_env(
+        lab: &Lab,
+        bin: &Path,
+        config_toml: &str,
+        env: &[(&str, &Path)],
+    ) -> Kgate {
+        Kgate::spawn(lab, bin, config_toml, None, env)
     }
 
     /// Like [`Kgate::start`], as user and group `nobody`: no privilege to load eBPF.
@@ -152,20 +169,61 @@ impl Kgate {
         let bin = lab.temp_dir().join("kgate");
         fs::copy(kgate_bin(), &bin)
             .unwrap_or_else(|e| panic!("copying kgate to {}: {e}", bin.display()));
-        Kgate::spawn(lab, &bin, config_toml, Some(NOBODY))
+        Kgate::spawn(lab, &bin, config_toml, Some(NOBODY), &[])
     }
 
-    fn spawn(lab: &Lab, bin: &Path, config_toml: &str, user: Option<u32>) -> Kgate {
+    /// Starts kgate in namespace `ns` (a gateway of a [`crate::pair::PairLab`], say),
+    /// its config file written in `temp_dir`, as [`Kgate::start`] does in a lab's
+    /// gateway. `pin_path` and `control_socket` must be those of the config: they are
+    /// removed on drop.
+    pub fn start_in(
+        ns: &NetNs,
+        temp_dir: &Path,
+        (pin_path, control_socket): (PathBuf, PathBuf),
+        config_toml: &str,
+    ) -> Kgate {
+        let place = Place {
+            ns,
+            temp_dir,
+            pin_path,
+            control_socket,
+        };
+        Kgate::spawn_at(place, &kgate_bin(), config_toml, None, &[])
+    }
+
+    fn spawn(
+        lab: &Lab,
+        bin: &Path,
+        config_toml: &str,
+        user: Option<u32>,
+        env: &[(&str, &Path)],
+    ) -> Kgate {
+        let place = Place {
+            ns: lab.gateway(),
+            temp_dir: lab.temp_dir(),
+            pin_path: pin_path_for(lab),
+            control_socket: control_socket_for(lab),
+        };
+        Kgate::spawn_at(place, bin, config_toml, user, env)
+    }
+
+    fn spawn_at(
+        place: Place<'_>,
+        bin: &Path,
+        config_toml: &str,
+        user: Option<u32>,
+        env: &[(&str, &Path)],
+    ) -> Kgate {
         let n = CONFIG_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let config_path = lab.temp_dir().join(format!("kgate-{n}.toml"));
+        let config_path = place.temp_dir.join(format!("kgate-{n}.toml"));
         fs::write(&config_path, config_toml)
             .unwrap_or_else(|e| panic!("writing {}: {e}", config_path.display()));
 
-        let mut cmd = lab.gateway().command(bin);
+        let mut cmd = place.ns.command(bin);
         if let Some(id) = user {
             // The config must be readable by that user, and its directory searchable.
             use std::os::unix::{fs::PermissionsExt, process::CommandExt};
-            for (path, mode) in [(lab.temp_dir(), 0o755), (config_path.as_path(), 0o644)] {
+            for (path, mode) in [(place.temp_dir, 0o755), (config_path.as_path(), 0o644)] {
                 fs::set_permissions(path, fs::Permissions::from_mode(mode))
                     .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
             }
@@ -193,6 +251,7 @@ impl Kgate {
         if env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
@@ -214,8 +273,8 @@ impl Kgate {
             log,
             readers,
             config_path,
-            pin_path: pin_path_for(lab),
-            control_socket: control_socket_for(lab),
+            pin_path: place.pin_path,
+            control_socket: place.control_socket,
         };
         kgate.wait_ready();
         kgate

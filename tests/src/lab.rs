@@ -67,6 +67,20 @@ pub const MAX_BACKENDS: usize = 256 - BACKEND_NET_BASE;
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 static SWEEP_STALE: Once = Once::new();
 
+/// A new lab's unique name (`kg<pid>n<counter>`) and its temp directory, created; the
+/// first call also sweeps what labs of dead processes left. For the labs of this
+/// module and of [`crate::pair`].
+pub(crate) fn new_lab_name() -> (String, PathBuf) {
+    check_prerequisites();
+    SWEEP_STALE.call_once(sweep_stale_labs);
+    let pid = std::process::id();
+    let unique = format!("kg{pid}n{}", LAB_COUNTER.fetch_add(1, Ordering::Relaxed));
+    let temp_dir = std::env::temp_dir().join(format!("kgate-lab-{unique}"));
+    fs::create_dir_all(&temp_dir)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", temp_dir.display()));
+    (unique, temp_dir)
+}
+
 /// True when this process may create network namespaces (effective uid 0).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -99,6 +113,15 @@ pub struct NetNs {
 }
 
 impl NetNs {
+    pub(crate) fn new(name: String, v4: Ipv4Addr, v6: Ipv6Addr, ifname: &str) -> NetNs {
+        NetNs {
+            name,
+            v4,
+            v6,
+            ifname: ifname.into(),
+        }
+    }
+
     /// The namespace's name, as `ip netns list` shows it.
     pub fn name(&self) -> &str {
         &self.name
@@ -259,22 +282,15 @@ pub struct Lab {
 impl Lab {
     /// Builds the lab. Panics with a clear message when not root or when `ip` is missing.
     pub fn new(backends: usize) -> Lab {
-        check_prerequisites();
         assert!(
             backends <= MAX_BACKENDS,
             "a lab has at most {MAX_BACKENDS} backends"
         );
-        SWEEP_STALE.call_once(sweep_stale_labs);
-
-        let pid = std::process::id();
-        let unique = format!("kg{pid}n{}", LAB_COUNTER.fetch_add(1, Ordering::Relaxed));
-        let temp_dir = std::env::temp_dir().join(format!("kgate-lab-{unique}"));
+        let (unique, temp_dir) = new_lab_name();
         let mut cleanup = Cleanup {
             namespaces: Vec::new(),
             temp_dir: temp_dir.clone(),
         };
-        fs::create_dir_all(&temp_dir)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", temp_dir.display()));
 
         let client = NetNs {
             name: format!("{unique}-client"),
@@ -484,7 +500,7 @@ fn connect(
 }
 
 /// Runs `ip ARGS`, panicking with its stderr when it fails (lab setup cannot go on).
-fn ip(args: &[&str]) {
+pub(crate) fn ip(args: &[&str]) {
     let output = proc::run_with_timeout(Command::new("ip").args(args), IP_TIMEOUT)
         .unwrap_or_else(|e| panic!("lab setup: running `ip {}`: {e}", args.join(" ")));
     if !output.status.success() {
@@ -513,9 +529,9 @@ fn check_prerequisites() {
 }
 
 /// Removes the lab's namespaces and temp directory; also used half-way through setup.
-struct Cleanup {
-    namespaces: Vec<String>,
-    temp_dir: PathBuf,
+pub(crate) struct Cleanup {
+    pub(crate) namespaces: Vec<String>,
+    pub(crate) temp_dir: PathBuf,
 }
 
 impl Drop for Cleanup {

@@ -3,6 +3,8 @@
 //!
 //! - [`lab`]: a client, a gateway and backends, each in its own network namespace,
 //!   joined by veths and routed through the gateway ([`lab::Lab`], [`lab::NetNs`]).
+//! - [`pair`]: two gateways sharing a virtual address on a bridge, a client and a
+//!   backend ([`pair::PairLab`]); [`keepalived`] runs a private keepalived in one.
 //! - [`kgate`]: runs the `kgate` daemon in the gateway and watches its log.
 //! - [`browser`]: headless Chromium, driven over the DevTools protocol, for pages kgate serves.
 //! - [`backend`]: what sits behind the proxy: PROXY header reading, a threaded TCP
@@ -11,6 +13,7 @@
 //! - [`crowdsec`]: a real, private CrowdSec local API in a namespace.
 //! - [`dovecot`]: a real, private Dovecot (IMAP behind PROXY v2) in a namespace.
 //! - [`tls`]: self-signed certificates and `openssl s_client` sessions.
+//! - [`prometheus`]: `promtool check metrics`, and a real Prometheus scraping kgate.
 //! - [`smtp`]: a small SMTP client, and the byte sequences of kgate's health checks.
 //! - [`rawtcp`]: a hand-made TCP client that sends overlapping retransmissions.
 //! - [`sockmap`]: counts the entries of kgate's pinned sock hashes.
@@ -24,10 +27,13 @@ pub mod backend;
 pub mod browser;
 pub mod crowdsec;
 pub mod dovecot;
+pub mod keepalived;
 pub mod kgate;
 pub mod lab;
 pub mod packet;
+pub mod pair;
 pub mod postfix;
+pub mod prometheus;
 pub mod rawtcp;
 pub mod rig;
 pub mod smtp;

@@ -56,7 +56,7 @@ address = "192.0.2.101:30125"
 fn check_accepts_a_valid_file_and_says_what_it_holds() {
     let (code, stdout, stderr) = check(VALID);
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(stdout, "FILE: valid (1 frontends, 1 backends, 1 servers)\n");
+    assert_eq!(stdout, "FILE: valid (1 frontend, 1 backend, 1 server)\n");
 }
 
 #[test]

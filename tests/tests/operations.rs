@@ -462,8 +462,10 @@ fn after_start_kgate_keeps_only_the_capabilities_it_needs_and_hides_its_state() 
             assert!(answers(smtp));
         }
     });
-    // CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12), CAP_BPF (39).
-    let kept: u64 = (1 << 10) | (1 << 12) | (1 << 39);
+    // CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12), CAP_NET_RAW (13, for the packet
+    // plane's resets), CAP_PERFMON (38, for the programs of the binary an upgrade
+    // starts), CAP_BPF (39).
+    let kept: u64 = (1 << 10) | (1 << 12) | (1 << 13) | (1 << 38) | (1 << 39);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let threads: Vec<(String, u64)> = fs::read_dir(format!("/proc/{}/task", kgate.pid()))
@@ -493,4 +495,39 @@ fn after_start_kgate_keeps_only_the_capabilities_it_needs_and_hides_its_state() 
     assert_eq!(mode(&kgate.pin_path()), 0o700, "pin directory");
     let control = std::path::PathBuf::from(format!("/run/kgate-test-{}.sock", lab.unique_name()));
     assert_eq!(mode(&control), 0o600, "control socket");
+}
+
+/// A reload applies what it can and says, with a non-zero exit, what waits for a
+/// restart: a changed `metrics_listen` and an added `[xdp]` section.
+#[test]
+fn reload_lists_what_only_a_restart_applies_and_exits_non_zero() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(1);
+    let _server = echo(&lab, 0);
+    let kgate = Kgate::start(&lab, &config(&lab, "", &[("smtp", 2525)], &[0]));
+    let mut changed = config(
+        &lab,
+        "metrics_listen = \"127.0.0.1:9464\"\n",
+        &[("smtp", 2525), ("submission", 2587)],
+        &[0],
+    );
+    changed.push_str(&format!(
+        "\n[xdp]\ninterfaces = [\"{}\"]\n",
+        lab.gateway_ifname_toward_backend(0)
+    ));
+    fs::write(kgate.config_path(), changed).unwrap();
+    let reload = kgate.reload();
+    let stderr = String::from_utf8_lossy(&reload.stderr);
+    assert!(!reload.status.success(), "reload exited 0: {stderr}");
+    assert!(
+        stderr.contains("`metrics_listen`: none -> 127.0.0.1:9464")
+            && stderr.contains("[xdp] added")
+            && stderr.contains("systemctl restart kgate"),
+        "{stderr}"
+    );
+    // The rest is applied: the new frontend answers.
+    let submission = at(&lab, 2587);
+    assert!(lab.client().run(move || answers(submission)), "{stderr}");
 }

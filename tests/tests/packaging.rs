@@ -85,20 +85,42 @@ fn the_example_configuration_passes_kgate_check() {
 
 /// Builds the package into `scratch/out` and returns its path.
 fn build_package(scratch: &Path) -> PathBuf {
+    build_package_version(scratch, None)
+}
+
+/// Builds the package, as Debian version `version` if given, into `scratch/out`.
+fn build_package_version(scratch: &Path, version: Option<&str>) -> PathBuf {
     // cargo-deb takes the binary from `<target>/release/kgate`: a target dir of our own
-    // whose release/kgate is the binary under test.
+    // whose release/kgate is the binary under test. The manual pages go beside it, as
+    // `cargo xtask deb` writes them.
     let target = scratch.join("target");
-    fs::create_dir_all(target.join("release")).unwrap();
-    symlink(kgate_bin(), target.join("release/kgate")).unwrap();
+    let release = target.join("release");
+    if !release.join("kgate").exists() {
+        fs::create_dir_all(&release).unwrap();
+        symlink(kgate_bin(), release.join("kgate")).unwrap();
+        run_ok(
+            Command::new(kgate_bin())
+                .arg("man")
+                .arg(release.join("man")),
+        );
+        let pages: Vec<PathBuf> = fs::read_dir(release.join("man"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        run_ok(Command::new("gzip").arg("-9nf").args(&pages));
+    }
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = output(
-        Command::new(cargo)
-            .current_dir(workspace())
-            .args(["deb", "--package", "proxy-user", "--no-build", "--fast"])
-            .arg("--output")
-            .arg(scratch.join("out/"))
-            .env("CARGO_TARGET_DIR", &target),
-    );
+    let mut cargo_deb = Command::new(cargo);
+    cargo_deb
+        .current_dir(workspace())
+        .args(["deb", "--package", "proxy-user", "--no-build", "--fast"])
+        .arg("--output")
+        .arg(scratch.join("out/"))
+        .env("CARGO_TARGET_DIR", &target);
+    if let Some(version) = version {
+        cargo_deb.args(["--deb-version", version]);
+    }
+    let out = output(&mut cargo_deb);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -156,15 +178,19 @@ fn the_debian_package_installs_binary_unit_and_example_and_systemd_accepts_the_u
         Some("bpftool")
     );
 
-    // Nothing in /etc: no conffile that would start probing the example's addresses.
-    let contents = run_ok(Command::new("dpkg-deb").arg("--contents").arg(&package));
-    assert!(
-        !contents.contains(" ./etc/"),
-        "the package must not install under /etc:\n{contents}"
+    // One conffile in /etc, which listens on loopback only until edited; the example
+    // with the mail gateway's addresses stays under /usr/share/doc.
+    let conffiles = run_ok(
+        Command::new("dpkg-deb")
+            .arg("--info")
+            .arg(&package)
+            .arg("conffiles"),
     );
+    assert_eq!(conffiles.trim(), "/etc/kgate/kgate.toml");
 
-    // Maintainer scripts: the unit is registered, never enabled or started on install,
-    // restarted on upgrade only if it runs, stopped on removal.
+    // Maintainer scripts: the unit is registered, never enabled or started on install;
+    // on upgrade a running kgate hands over to the new binary (restarted only if that
+    // fails), and is neither stopped nor restarted by debhelper; stopped on removal.
     let postinst = run_ok(
         Command::new("dpkg-deb")
             .arg("--info")
@@ -172,6 +198,17 @@ fn the_debian_package_installs_binary_unit_and_example_and_systemd_accepts_the_u
             .arg("postinst"),
     );
     assert!(postinst.contains("deb-systemd-helper update-state kgate.service"));
+    let debhelper = postinst
+        .find("deb-systemd-helper")
+        .expect("debhelper's snippet");
+    let upgrade = postinst
+        .find("/usr/bin/kgate upgrade -c /etc/kgate/kgate.toml")
+        .unwrap_or_else(|| panic!("postinst must hand over with `kgate upgrade`:\n{postinst}"));
+    let reload = postinst.find("daemon-reload").expect("a daemon-reload");
+    assert!(
+        debhelper < reload && reload < upgrade,
+        "the unit must be reloaded before the hand-over:\n{postinst}"
+    );
     assert!(postinst.contains("deb-systemd-invoke try-restart kgate.service"));
     assert!(
         !postinst.contains("invoke start") && !postinst.contains("invoke restart"),
@@ -184,6 +221,10 @@ fn the_debian_package_installs_binary_unit_and_example_and_systemd_accepts_the_u
             .arg("prerm"),
     );
     assert!(prerm.contains("deb-systemd-invoke stop kgate.service"));
+    assert!(
+        prerm.contains(r#""$1" = remove"#),
+        "prerm must stop kgate on removal only, not on upgrade:\n{prerm}"
+    );
 
     // Unpacked into a scratch root: each file in place, as in the source tree.
     let root = scratch.0.join("root");
@@ -191,9 +232,15 @@ fn the_debian_package_installs_binary_unit_and_example_and_systemd_accepts_the_u
     let unit = root.join("usr/lib/systemd/system/kgate.service");
     let example = root.join("usr/share/doc/kgate/examples/kgate.toml");
     let binary = root.join("usr/bin/kgate");
+    let conffile = root.join("etc/kgate/kgate.toml");
     for (installed, source) in [
+        (&conffile, "packaging/kgate.conf.toml"),
         (&unit, "packaging/kgate.service"),
         (&example, "packaging/kgate.toml"),
+        (
+            &root.join("usr/share/doc/kgate/examples/keepalived.conf"),
+            "packaging/keepalived.conf",
+        ),
         (&root.join("usr/share/doc/kgate/README.md"), "README.md"),
     ] {
         assert_eq!(
@@ -212,6 +259,20 @@ fn the_debian_package_installs_binary_unit_and_example_and_systemd_accepts_the_u
     assert_eq!(version, format!("kgate {}\n", env!("CARGO_PKG_VERSION")));
     let check = run_ok(Command::new(&binary).arg("check").arg("-c").arg(&example));
     assert!(check.contains("valid (4 frontends"), "{check}");
+    let check = run_ok(Command::new(&binary).arg("check").arg("-c").arg(&conffile));
+    assert!(check.contains("valid (1 frontend, "), "{check}");
+    let conf = fs::read_to_string(&conffile).unwrap();
+    for line in conf
+        .lines()
+        .filter(|l| l.trim_start().starts_with("listen"))
+    {
+        assert!(line.contains("\"127.0.0.1:"), "not loopback only: {line}");
+    }
+    // A manual page for kgate and each subcommand, gzipped.
+    let man = root.join("usr/share/man/man1");
+    for page in ["kgate.1.gz", "kgate-run.1.gz", "kgate-server-set.1.gz"] {
+        assert!(man.join(page).is_file(), "no {page}");
+    }
 
     // systemd-analyze, offline, in the scratch root: ExecStart= and the other commands
     // must exist there, and the targets the unit names come from this machine's systemd.
@@ -261,5 +322,95 @@ fn the_debian_package_installs_binary_unit_and_example_and_systemd_accepts_the_u
         "the unit's exposure is over {MAX_EXPOSURE}/100 ({}):\n{report}{}",
         security.status,
         String::from_utf8_lossy(&security.stderr)
+    );
+}
+
+#[test]
+fn lintian_finds_nothing_to_say_about_the_package() {
+    let scratch = Scratch::new("lintian");
+    let package = build_package(&scratch.0);
+    // Errors, warnings and informational tags alike; an override ships with its reason
+    // (packaging/lintian-overrides).
+    let out = output(Command::new("lintian").arg("--info").arg(&package));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "lintian ({}):\n{report}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Installs, upgrades and purges the package on this machine, with dpkg: the test needs
+/// root, and skips (saying so) where a kgate package is installed already.
+#[test]
+fn install_upgrade_and_purge_leave_nothing_behind() {
+    if tests::lab::skip_without_root() {
+        return;
+    }
+    if output(Command::new("dpkg").args(["-s", "kgate"]))
+        .status
+        .success()
+    {
+        eprintln!("skipped: a kgate package is installed on this machine; dpkg would replace it");
+        return;
+    }
+    let scratch = Scratch::new("install");
+    let first = build_package_version(&scratch.0, Some("0.1.0-1"));
+    let second_dir = scratch.0.join("second");
+    fs::create_dir_all(&second_dir).unwrap();
+    fs::rename(&first, second_dir.join("first.deb")).unwrap();
+    let first = second_dir.join("first.deb");
+    let second = build_package_version(&scratch.0, Some("0.1.0-2"));
+    // Purged whatever happens below.
+    struct Purge;
+    impl Drop for Purge {
+        fn drop(&mut self) {
+            let _ = Command::new("dpkg").args(["--purge", "kgate"]).output();
+        }
+    }
+    let _purge = Purge;
+
+    run_ok(Command::new("dpkg").arg("--install").arg(&first));
+    let conffile = Path::new("/etc/kgate/kgate.toml");
+    let check = run_ok(
+        Command::new("/usr/bin/kgate")
+            .arg("check")
+            .arg("-c")
+            .arg(conffile),
+    );
+    assert!(check.contains("valid"), "{check}");
+    let files = run_ok(Command::new("dpkg").args(["-L", "kgate"]));
+    // The operator's edit survives an upgrade.
+    let edited = format!(
+        "{}# edited by the operator\n",
+        fs::read_to_string(conffile).unwrap()
+    );
+    fs::write(conffile, &edited).unwrap();
+    run_ok(
+        Command::new("dpkg")
+            .args(["--force-confold", "--install"])
+            .arg(&second),
+    );
+    let version = run_ok(Command::new("dpkg-query").args(["-W", "-f", "${Version}", "kgate"]));
+    assert_eq!(version, "0.1.0-2");
+    assert_eq!(fs::read_to_string(conffile).unwrap(), edited);
+
+    run_ok(Command::new("dpkg").args(["--purge", "kgate"]));
+    let left: Vec<&str> = files
+        .lines()
+        .filter(|path| {
+            let path = Path::new(path);
+            // Directories other packages share (/usr, /usr/share/man/man1...) stay.
+            path.exists() && !path.is_dir() || path.starts_with("/etc/kgate") && path.exists()
+        })
+        .collect();
+    assert!(left.is_empty(), "left behind after purge: {left:?}");
+    assert!(!Path::new("/etc/kgate").exists(), "/etc/kgate is left");
+    assert!(!Path::new("/usr/share/doc/kgate").exists());
+    assert!(
+        !output(Command::new("dpkg").args(["-s", "kgate"]))
+            .status
+            .success()
     );
 }

@@ -311,18 +311,20 @@ fn drain_and_maint_do_what_they_say_and_status_agrees_with_bpftool() {
 
     let bad = rig.kgate.server_set("mail/node9", "drain");
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("no server `mail/node9`"));
+    let complaint = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        complaint.contains("no server `mail/node9`")
+            && complaint.contains("one of: mail/node0, mail/node1"),
+        "{complaint}"
+    );
 
     // What kgate status says is what the pinned map holds, once kgate has published it
     // (every second, from the same entries).
+    // bpftool prints the text fields as strings (the map's BTF says `char`).
     let text = |v: &serde_json::Value| -> String {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b.as_u64().unwrap() as u8)
-            .take_while(|&b| b != 0)
-            .map(char::from)
-            .collect()
+        v.as_str()
+            .unwrap_or_else(|| panic!("not a string: {v}"))
+            .to_owned()
     };
     let differences = || -> Vec<String> {
         let ours = status(&rig);
@@ -338,8 +340,18 @@ fn drain_and_maint_do_what_they_say_and_status_agrees_with_bpftool() {
         );
         let dump: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
         let mut differences = Vec::new();
-        for (i, (name, state, ok, fail, total)) in ours.iter().enumerate() {
-            let entry = &dump[i]["formatted"]["value"];
+        // A hash of the live servers: one entry each, in no particular order.
+        let entries = dump.as_array().unwrap();
+        assert_eq!(entries.len(), ours.len(), "{dump}");
+        for (name, state, ok, fail, total) in &ours {
+            let Some(entry) = entries
+                .iter()
+                .map(|e| &e["formatted"]["value"])
+                .find(|e| e["server"] == name.as_str())
+            else {
+                differences.push(format!("{name} is not in the map: {dump}"));
+                continue;
+            };
             let published = (
                 text(&entry["server"]),
                 text(&entry["backend"]),

@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 
 use crate::setup;
 
-/// Build the Debian package `kgate` (binary, systemd unit, example configuration) with
+/// Build the Debian package `kgate` (binary, systemd unit, configuration, manual pages) with
 /// cargo-deb, installing the eBPF toolchain and cargo-deb first. Prints the path of the
 /// package, under target/debian/.
 ///
@@ -30,6 +30,21 @@ pub fn run(_options: Options) -> anyhow::Result<ExitCode> {
             .args(["build", "--release", "--package", "proxy-user"]),
     )
     .context("building kgate failed; see the compiler output above")?;
+
+    // The manual pages, from the command line's definitions, gzipped as Debian wants.
+    let man_dir = env.target_dir.join("release/man");
+    let _ = std::fs::remove_dir_all(&man_dir);
+    setup::run(
+        std::process::Command::new(env.target_dir.join("release/kgate"))
+            .arg("man")
+            .arg(&man_dir),
+    )
+    .context("kgate could not write its manual pages")?;
+    let pages: Vec<PathBuf> = std::fs::read_dir(&man_dir)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    setup::run(std::process::Command::new("gzip").arg("-9nf").args(&pages))
+        .context("gzip failed on the manual pages")?;
 
     let out_dir = env.target_dir.join("debian");
     let mut cargo_deb = env.cargo();

@@ -96,6 +96,11 @@ pub const DEBIAN_PACKAGES: &[DebianPackage] = &[
         "SMTP sessions from the lab's client namespace, through kgate to Postfix",
     ),
     DebianPackage::new(
+        "keepalived",
+        "VRRP between the two gateways of tests/tests/failover.rs, run as private instances \
+         in the lab's namespaces (own config and pid files); the system service is not used",
+    ),
+    DebianPackage::new(
         "systemd",
         "`systemd-analyze verify` and `security --offline` check kgate's unit in the packaging \
          test (it runs no systemd; installing the package starts nothing in a container)",
@@ -104,6 +109,15 @@ pub const DEBIAN_PACKAGES: &[DebianPackage] = &[
         "chromium",
         "a real browser, headless in the lab's gateway, loads kgate's stats page and the \
          test reads the page it rendered (tests/tests/stats_page.rs)",
+    ),
+    DebianPackage::new(
+        "prometheus",
+        "`promtool check metrics` lints kgate's /metrics, and a real Prometheus scrapes it \
+         in the lab (tests/tests/metrics_prometheus.rs); the system service is not used",
+    ),
+    DebianPackage::new(
+        "lintian",
+        "checks the Debian package `cargo xtask deb` builds (tests/tests/packaging.rs)",
     ),
     DebianPackage::new(
         "dpkg-dev",

@@ -1,4 +1,8 @@
-use std::path::Path;
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use crate::config::Config;
 
@@ -17,13 +21,43 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
     if let Some(crowdsec) = &config.crowdsec {
         crate::xdp::crowdsec::read_key(&crowdsec.api_key)?;
     }
-    let servers: usize = config.backends.iter().map(|b| b.servers.len()).sum();
-    println!(
-        "{}: valid ({} frontends, {} backends, {} servers)",
-        path.display(),
-        config.frontends.len(),
-        config.backends.len(),
-        servers
-    );
+    // A note, not an error: the file may be checked on another host than its own.
+    for (frontend, address) in addresses_not_here(&config) {
+        eprintln!(
+            "note: frontend `{frontend}` listens on {address}, which is not an address of this \
+             host: `kgate run` here cannot bind it until it is; on the backup of a VRRP pair, \
+             set `freebind = true`"
+        );
+    }
+    println!("{}: valid ({})", path.display(), config.summary());
     Ok(())
+}
+
+/// The listen addresses, of frontends without `freebind`, that no interface of this
+/// host has (in this network namespace). None when the interfaces cannot be listed.
+fn addresses_not_here(config: &Config) -> Vec<(String, SocketAddr)> {
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let here: HashSet<IpAddr> = interfaces
+        .filter_map(|interface| {
+            let address = interface.address?;
+            address
+                .as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect();
+    config
+        .frontends
+        .iter()
+        .filter(|frontend| !frontend.freebind)
+        .flat_map(|frontend| {
+            frontend
+                .listen
+                .iter()
+                .filter(|address| !address.ip().is_unspecified() && !here.contains(&address.ip()))
+                .map(|&address| (frontend.name.clone(), address))
+        })
+        .collect()
 }

@@ -2,10 +2,12 @@
 
 mod block;
 mod check;
+mod man;
 mod reload;
 mod run;
 mod server;
 mod status;
+mod upgrade;
 
 use std::path::PathBuf;
 
@@ -71,12 +73,38 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Replaces the running kgate with a new binary without refusing a connection: the
+    /// running kgate starts the new one and hands it its listening sockets; the new one
+    /// serves, the old one lets its open connections finish (up to `shutdown_timeout`)
+    /// and exits. Exit code 1, and the old kgate goes on serving, if the new one cannot
+    /// start (a configuration that does not validate, say).
+    ///
+    /// Example: kgate upgrade
+    /// Example: kgate upgrade --binary /usr/bin/kgate
+    Upgrade {
+        /// The configuration file, for `control_socket`.
+        #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
+        config: PathBuf,
+        /// The control socket (instead of the configuration's `control_socket`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The new kgate binary (default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Changes a server at run time.
     #[command(subcommand)]
     Server(ServerCommand),
     /// Blocks source prefixes in XDP, before they reach a socket ([xdp] in the config).
     #[command(subcommand)]
     Block(block::BlockCommand),
+    /// Writes the manual pages (kgate.1, kgate-run.1, ...) into DIR, for the Debian
+    /// package.
+    #[command(hide = true)]
+    Man {
+        /// Where to write them.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -110,6 +138,11 @@ impl Cli {
                 json,
             } => status::status(&config, socket, json),
             Command::Reload { config, socket } => reload::reload(&config, socket),
+            Command::Upgrade {
+                config,
+                socket,
+                binary,
+            } => upgrade::upgrade(&config, socket, binary),
             Command::Server(ServerCommand::Set {
                 server,
                 state,
@@ -117,6 +150,7 @@ impl Cli {
                 socket,
             }) => server::set(&config, socket, &server, &state),
             Command::Block(command) => block::block(command),
+            Command::Man { dir } => man::write(&dir),
         }
     }
 }

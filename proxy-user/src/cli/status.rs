@@ -200,9 +200,9 @@ fn crowdsec_line(bouncer: &BouncerStatus, now: u64) -> String {
 }
 
 fn server_row(s: &ServerStatus, now: u64) -> Vec<String> {
-    let check = match (s.last_check.as_str(), s.last_check_ms) {
+    let check = match (s.last_check.as_str(), s.last_check_us) {
         ("", _) => "-".to_owned(),
-        (result, Some(ms)) => format!("{result} {ms}ms"),
+        (result, Some(us)) => format!("{result} {:.1}ms", us as f64 / 1000.0),
         (result, None) => result.to_owned(),
     };
     let reason = match &s.last_check_detail {
@@ -287,7 +287,7 @@ mod tests {
             last_check: "refused".into(),
             last_check_detail: Some("connection refused".into()),
             last_check_at: Some(1_118),
-            last_check_ms: Some(3),
+            last_check_us: Some(3_200),
             consecutive_ok: 0,
             consecutive_fail: 5,
             active_connections: 3,
@@ -399,7 +399,7 @@ mod tests {
                 "down",
                 "2m",
                 "refused",
-                "3ms",
+                "3.2ms",
                 "0",
                 "5",
                 "3",

@@ -6,6 +6,7 @@
 //! feature takes its maps from it: [`Bpf::splice`] for the data plane,
 //! [`Bpf::servers`] for what `kgate status` shows, [`Bpf::xdp`] for early drop.
 
+mod handover;
 mod packet;
 mod servers;
 mod splice;
@@ -95,8 +96,13 @@ pub enum MapsError {
 pub struct Bpf {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    /// The pin directory, locked for as long as this kgate runs (see [`claim_pin_dir`]).
-    _pin_dir_lock: fs::File,
+    /// The pin directory, locked for as long as this kgate runs (see [`claim_pin_dir`]);
+    /// `None` once handed over to the kgate that took over (handover.rs).
+    pin_dir_lock: Option<fs::File>,
+    /// While taking over from a running kgate: where this one pins its maps until
+    /// [`Bpf::commit_pins`] moves them over the old one's (handover.rs).
+    staging: Option<PathBuf>,
+    /// Each pin by its final path (under `pin_dir`).
     pins: Vec<PathBuf>,
     /// Why the XDP program did not load, reported by [`Bpf::xdp`] only: a kernel
     /// that rejects it can still run the splice.
@@ -106,13 +112,24 @@ pub struct Bpf {
     /// Whether the splice program can learn where a socket's stream stands when it
     /// joins (see tcp_layout.rs): only then may a connection join mid-stream.
     joins_mid_stream: bool,
+    /// The XDP attachments, by interface (xdp.rs).
+    xdp_links: Vec<(String, aya::programs::xdp::XdpLinkId)>,
+    /// XDP attachments pinned for the kgate an upgrade starts (handover.rs).
+    offered_links: Vec<(String, aya::programs::links::PinnedLink)>,
 }
 
 impl Bpf {
     /// Loads the object and its programs (nothing attached yet) and prepares `pin_dir`.
     /// Must run inside a tokio runtime: the programs' log records are forwarded by a task.
-    pub fn load(pin_dir: &Path) -> Result<Bpf, MapsError> {
-        let pin_dir_lock = claim_pin_dir(pin_dir)?;
+    ///
+    /// `handed_lock` is the running kgate's lock on the pin directory, passed on at an
+    /// upgrade: this one then takes the pins over from it (handover.rs) instead of
+    /// stopping because the directory is in use.
+    pub fn load(pin_dir: &Path, handed_lock: Option<fs::File>) -> Result<Bpf, MapsError> {
+        let (pin_dir_lock, staging) = match handed_lock {
+            Some(lock) => handover::take_lock(pin_dir, lock)?,
+            None => (claim_pin_dir(pin_dir)?, None),
+        };
         let mut loader = EbpfLoader::new();
         xdp::reuse_kept_pins(&mut loader, pin_dir);
         let copied_seq_offset = tcp_layout::copied_seq_offset().unwrap_or_else(|e| {
@@ -128,27 +145,37 @@ impl Bpf {
         splice.load().map_err(program_error(programs::SPLICE))?;
         let xdp_load_error = xdp::load_program(&mut ebpf).err();
         let packet_load_error = packet::load_programs(&mut ebpf).err();
-        remove_stale_pins(pin_dir)?;
+        if staging.is_none() {
+            remove_stale_pins(pin_dir)?;
+        }
         Ok(Bpf {
             ebpf,
             pin_dir: pin_dir.to_owned(),
-            _pin_dir_lock: pin_dir_lock,
+            pin_dir_lock: Some(pin_dir_lock),
+            staging,
             pins: Vec::new(),
             xdp_load_error,
             packet_load_error,
             joins_mid_stream: copied_seq_offset != 0,
+            xdp_links: Vec::new(),
+            offered_links: Vec::new(),
         })
     }
 
     /// Takes map `name` out of the object and pins it as `pin_dir/pin`.
     fn take_pinned(&mut self, name: &'static str, pin: &str) -> Result<Map, MapsError> {
         let map = self.ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
-        let path = self.pin_dir.join(pin);
+        self.pin(map, pin)
+    }
+
+    /// Pins `map` as `pin` in the pin directory, removed with the others at exit.
+    fn pin(&mut self, map: Map, pin: &str) -> Result<Map, MapsError> {
+        let path = self.staging.as_ref().unwrap_or(&self.pin_dir).join(pin);
         map.pin(&path).map_err(|e| MapsError::Pin {
             path: path.clone(),
             source: io::Error::other(e),
         })?;
-        self.pins.push(path);
+        self.pins.push(self.pin_dir.join(pin));
         Ok(map)
     }
 
@@ -160,6 +187,11 @@ impl Bpf {
 
     /// Removes the pins, so nothing outlives this process. Idempotent.
     pub fn unpin(&self) {
+        if let Some(staging) = &self.staging {
+            // Never committed: the pins under `pin_dir` are the running kgate's.
+            let _ = fs::remove_dir_all(staging);
+            return;
+        }
         for pin in &self.pins {
             match fs::remove_file(pin) {
                 Ok(()) => {}
@@ -250,6 +282,7 @@ fn remove_stale_pins(pin_dir: &Path) -> Result<(), MapsError> {
             fs::remove_file(&path).map_err(pin_error)?;
         }
     }
+    handover::remove_stale_staging(pin_dir);
     Ok(())
 }
 

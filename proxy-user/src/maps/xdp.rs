@@ -89,6 +89,9 @@ pub enum Attached {
     Native,
     /// In the generic path, after the skb is built.
     Generic,
+    /// The attachment of the kgate this one replaces, moved to this one's program at
+    /// once (an upgrade, maps/handover.rs), in the mode it had.
+    TakenOver,
 }
 
 impl fmt::Display for Attached {
@@ -96,6 +99,7 @@ impl fmt::Display for Attached {
         f.write_str(match self {
             Attached::Native => "native",
             Attached::Generic => "generic",
+            Attached::TakenOver => "taken over",
         })
     }
 }
@@ -121,22 +125,28 @@ impl Bpf {
     /// (auto) in the driver where it supports XDP and in the generic path otherwise.
     /// The attachment lasts as long as this `Bpf`.
     pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<Attached, MapsError> {
+        if self.take_over_xdp_link(interface)? {
+            return Ok(Attached::TakenOver);
+        }
         let program: &mut Xdp = program(&mut self.ebpf, common::PROGRAM)?;
         let native = match mode {
             XdpMode::Generic => None,
             XdpMode::Native | XdpMode::Auto => Some(program.attach(interface, AttachFlags::Driver)),
         };
-        match native {
-            Some(Ok(_)) => return Ok(Attached::Native),
+        let (link, attached) = match native {
+            Some(Ok(link)) => (link, Attached::Native),
             Some(Err(e)) if mode == XdpMode::Native || !driver_lacks_xdp(&e) => {
                 return Err(program_error(common::PROGRAM)(e));
             }
-            Some(Err(_)) | None => {}
-        }
-        program
-            .attach(interface, AttachFlags::Skb)
-            .map_err(program_error(common::PROGRAM))?;
-        Ok(Attached::Generic)
+            Some(Err(_)) | None => (
+                program
+                    .attach(interface, AttachFlags::Skb)
+                    .map_err(program_error(common::PROGRAM))?,
+                Attached::Generic,
+            ),
+        };
+        self.xdp_links.push((interface.to_owned(), link));
+        Ok(attached)
     }
 
     /// Takes map `name` and pins it as `pin_dir/pin` unless it is pinned there already
@@ -367,14 +377,11 @@ impl Blocklist {
     }
 
     /// Removes the entries that expired before `now` (`CLOCK_BOOTTIME` seconds);
-    /// returns how many, and counts the others. An entry renewed meanwhile (by `kgate
-    /// block add`) stays.
-    pub fn remove_expired(&self, now: u64) -> Result<(usize, OriginCounts), MapError> {
+    /// returns how many. An entry renewed meanwhile (by `kgate block add`) stays.
+    pub fn remove_expired(&self, now: u64) -> Result<usize, MapError> {
         let mut removed = 0;
-        let mut left = OriginCounts::default();
         for (prefix, entry) in self.entries()? {
             if entry.applies_at(now) {
-                left.add(entry.origin);
                 continue;
             }
             let still_expired = self.get(&prefix)?.is_some_and(|e| !e.applies_at(now));
@@ -382,7 +389,7 @@ impl Blocklist {
                 removed += 1;
             }
         }
-        Ok((removed, left))
+        Ok(removed)
     }
 }
 

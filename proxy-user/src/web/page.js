@@ -146,7 +146,7 @@ function newBackend() {
 function lastCheck(s, now) {
   if (!s.last_check) return "–";
   let out = s.last_check;
-  if (s.last_check_ms != null) out += ", " + s.last_check_ms + " ms";
+  if (s.last_check_us != null) out += ", " + (s.last_check_us / 1000).toFixed(1) + " ms";
   if (s.last_check_at != null) out += ", " + duration(now - s.last_check_at) + " ago";
   if (s.last_check_detail) out += ": " + s.last_check_detail;
   return out;

@@ -62,30 +62,9 @@ pub const CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
 /// attached from.
 pub struct EarlyDrop {
     maps: Arc<XdpMaps>,
-    census: Arc<Census>,
     cleanup: tokio::task::JoinHandle<()>,
     /// Running while the configuration has `[crowdsec]`.
     bouncer: Mutex<Option<Bouncer>>,
-}
-
-/// The blocklist's entries by origin, as the cleanup task last counted them (every
-/// [`CLEANUP_INTERVAL`], and soon after kgate itself changed the list): for the
-/// metrics, which should not walk a quarter of a million entries at each scrape.
-#[derive(Default)]
-pub struct Census {
-    counts: Mutex<OriginCounts>,
-    changed: tokio::sync::Notify,
-}
-
-impl Census {
-    /// Asks for a count soon: the list changed.
-    pub fn refresh(&self) {
-        self.changed.notify_one();
-    }
-
-    pub fn counts(&self) -> OriginCounts {
-        *self.counts.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 impl EarlyDrop {
@@ -98,7 +77,7 @@ impl EarlyDrop {
         };
         check_interfaces(&settings.interfaces)?;
         if bpf.is_none() {
-            let loaded = Bpf::load(&config.global.bpf_pin_path).context(
+            let loaded = Bpf::load(&config.global.bpf_pin_path, None).context(
                 "[xdp] is configured, but eBPF cannot load here: run kgate as root (or with \
                  CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON), or remove the [xdp] section",
             )?;
@@ -110,11 +89,9 @@ impl EarlyDrop {
              bpf_ktime_get_boot_ns (5.8 or later)",
         )?;
         let maps = Arc::new(maps);
-        let census = Arc::new(Census::default());
         let early_drop = EarlyDrop {
-            cleanup: tokio::spawn(remove_expired_entries(maps.clone(), census.clone())),
+            cleanup: tokio::spawn(remove_expired_entries(maps.clone())),
             maps,
-            census,
             bouncer: Mutex::new(None),
         };
         early_drop.apply(config)?;
@@ -185,8 +162,6 @@ impl EarlyDrop {
                 "no blocklist file configured: its earlier entries were removed"
             );
         }
-        self.census.refresh();
-
         let mut bouncer = self.bouncer.lock().unwrap_or_else(|p| p.into_inner());
         match crowdsec {
             Some((settings, key)) => {
@@ -197,12 +172,7 @@ impl EarlyDrop {
                     if bouncer.is_some() {
                         info!("[crowdsec] changed: the bouncer starts again with the new settings");
                     }
-                    *bouncer = Some(Bouncer::start(
-                        settings,
-                        key,
-                        self.maps.clone(),
-                        self.census.clone(),
-                    ));
+                    *bouncer = Some(Bouncer::start(settings, key, self.maps.clone()));
                 }
             }
             None => {
@@ -231,18 +201,13 @@ impl EarlyDrop {
             .map(Bouncer::status)
     }
 
-    /// The blocklist's entries by origin, as last counted (see [`Census`]).
-    pub fn blocklist_counts(&self) -> OriginCounts {
-        self.census.counts()
-    }
-
     /// The program's counters, summed over CPUs.
     pub fn stats(&self) -> Result<XdpStats, MapError> {
         self.maps.stats()
     }
 
     /// Blocklist entries that apply now, both families, by origin (for the status
-    /// document: counted now, where the metrics take the [`Census`]).
+    /// document and the metrics).
     pub fn blocklist_by_origin(&self) -> Result<OriginCounts, MapError> {
         let entries = self.maps.blocklist().entries()?;
         Ok(OriginCounts::of(
@@ -308,25 +273,19 @@ pub fn sync_file_entries(
     Ok((added, removed))
 }
 
-async fn remove_expired_entries(maps: Arc<XdpMaps>, census: Arc<Census>) {
+async fn remove_expired_entries(maps: Arc<XdpMaps>) {
     let mut tick = tokio::time::interval(CLEANUP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = census.changed.notified() => {}
-        }
+        tick.tick().await;
         let maps = maps.clone();
         // A long list takes many syscalls: off the async workers.
         let result =
             tokio::task::spawn_blocking(move || maps.blocklist().remove_expired(boot_seconds()))
                 .await;
-        if let Ok(Ok((_, counts))) = &result {
-            *census.counts.lock().unwrap_or_else(|p| p.into_inner()) = *counts;
-        }
         match result {
-            Ok(Ok((0, _))) => {}
-            Ok(Ok((removed, _))) => info!(removed, "expired blocklist entries removed"),
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => info!(removed, "expired blocklist entries removed"),
             Ok(Err(e)) => warn!("removing expired blocklist entries failed: {e}"),
             Err(e) => warn!("removing expired blocklist entries failed: {e}"),
         }

@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 pub use lapi::read_key;
 
 use self::{decisions::Bans, lapi::Lapi};
-use super::{Census, Prefix, boot_time};
+use super::{Prefix, boot_time};
 use crate::{
     config::Crowdsec,
     maps::{Blocklist, MapError, XdpMaps},
@@ -84,12 +84,7 @@ pub struct Bouncer {
 
 impl Bouncer {
     /// Starts pulling decisions into `maps`' blocklist. Must run inside a tokio runtime.
-    pub fn start(
-        settings: &Crowdsec,
-        key: HeaderValue,
-        maps: Arc<XdpMaps>,
-        census: Arc<Census>,
-    ) -> Bouncer {
+    pub fn start(settings: &Crowdsec, key: HeaderValue, maps: Arc<XdpMaps>) -> Bouncer {
         let status = Arc::new(Mutex::new(BouncerStatus {
             url: settings.url.to_string(),
             interval_seconds: settings.interval.as_secs(),
@@ -110,7 +105,6 @@ impl Bouncer {
             lapi: Lapi::new(&settings.url, key.clone()),
             interval: settings.interval,
             maps,
-            census,
             status: status.clone(),
         };
         Bouncer {
@@ -152,7 +146,6 @@ struct Run {
     lapi: Lapi,
     interval: Duration,
     maps: Arc<XdpMaps>,
-    census: Arc<Census>,
     status: Arc<Mutex<BouncerStatus>>,
 }
 
@@ -209,7 +202,6 @@ impl Run {
                             }
                             map_failing = false;
                             if changed.written + changed.removed > 0 {
-                                self.census.refresh();
                                 info!(
                                     bans = bans.len(),
                                     written = changed.written,

@@ -57,6 +57,8 @@ pub const SYN_RATE_V6_PREFIX: u32 = 64;
 pub const ORIGIN_FILE: u8 = 1;
 /// [`BlockEntry::origin`]: added with `kgate block add`.
 pub const ORIGIN_COMMAND: u8 = 2;
+/// [`BlockEntry::origin`]: a ban decision of CrowdSec's local API (`[crowdsec]`).
+pub const ORIGIN_CROWDSEC: u8 = 3;
 
 /// The value of a blocklist entry. The key is the prefix itself.
 #[repr(C)]
@@ -68,7 +70,7 @@ pub struct BlockEntry {
     /// The entry's own prefix length, so that the program can look past an expired
     /// entry for a shorter prefix that still applies.
     pub prefix_len: u8,
-    /// [`ORIGIN_FILE`] or [`ORIGIN_COMMAND`].
+    /// [`ORIGIN_FILE`], [`ORIGIN_COMMAND`] or [`ORIGIN_CROWDSEC`].
     pub origin: u8,
     pub _pad: [u8; 2],
 }
@@ -253,6 +255,11 @@ pub struct XdpStats {
     pub dropped_syn_rate: u64,
     /// Of `passed`: packets whose headers were cut short or inconsistent.
     pub malformed: u64,
+    /// Of `dropped_blocklist`, by the origin of the entry that matched, indexed by
+    /// [`BlockEntry::origin`]: 1 the blocklist file, 2 `kgate block add`, 3 CrowdSec.
+    /// An array, not named fields: the program indexes it with a masked origin, which
+    /// the verifier can bound (a `match` compiles to arithmetic it cannot).
+    pub dropped_by_origin: [u64; 4],
 }
 
 impl XdpStats {
@@ -265,9 +272,27 @@ impl XdpStats {
                 dropped_blocklist: acc.dropped_blocklist + s.dropped_blocklist,
                 dropped_syn_rate: acc.dropped_syn_rate + s.dropped_syn_rate,
                 malformed: acc.malformed + s.malformed,
+                dropped_by_origin: core::array::from_fn(|i| {
+                    acc.dropped_by_origin[i] + s.dropped_by_origin[i]
+                }),
             })
     }
+
+    /// Counts one packet dropped by a blocklist entry of `origin`.
+    #[inline(always)]
+    pub fn count_blocked(&mut self, origin: u8) {
+        self.dropped_blocklist += 1;
+        self.dropped_by_origin[usize::from(origin & ORIGIN_MASK)] += 1;
+    }
+
+    /// Packets dropped by entries of `origin` ([`ORIGIN_FILE`], ...).
+    pub fn dropped_by(&self, origin: u8) -> u64 {
+        self.dropped_by_origin[usize::from(origin & ORIGIN_MASK)]
+    }
 }
+
+/// Origins fit in two bits: [`XdpStats::dropped_by_origin`] has a slot for each.
+const ORIGIN_MASK: u8 = 3;
 
 // SAFETY: each is `repr(C)` plain data with no implicit padding (bytemuck's Pod
 // derive checks that).
@@ -350,6 +375,22 @@ mod tests {
         let until_100 = BlockEntry::new(24, 100, ORIGIN_COMMAND);
         assert!(until_100.applies_at(99));
         assert!(!until_100.applies_at(100));
+    }
+
+    #[test]
+    fn blocklist_drops_are_counted_by_origin_and_summed_over_cpus() {
+        let mut one = XdpStats::default();
+        one.count_blocked(ORIGIN_CROWDSEC);
+        one.count_blocked(ORIGIN_FILE);
+        let mut two = XdpStats::default();
+        two.count_blocked(ORIGIN_CROWDSEC);
+        two.count_blocked(ORIGIN_COMMAND);
+        let sum = XdpStats::sum([&one, &two]);
+        assert_eq!(sum.dropped_blocklist, 4);
+        assert_eq!(
+            [ORIGIN_FILE, ORIGIN_COMMAND, ORIGIN_CROWDSEC].map(|o| sum.dropped_by(o)),
+            [1, 1, 2]
+        );
     }
 
     #[test]

@@ -103,7 +103,8 @@ impl Segment {
 enum Verdict {
     Pass,
     Malformed,
-    Blocked,
+    /// By an entry of this origin (`BlockEntry::origin`).
+    Blocked(u8),
     OverRate,
 }
 
@@ -118,7 +119,7 @@ pub fn kgate_xdp(ctx: XdpContext) -> u32 {
     count(verdict);
     match verdict {
         Verdict::Pass | Verdict::Malformed => xdp_action::XDP_PASS,
-        Verdict::Blocked | Verdict::OverRate => xdp_action::XDP_DROP,
+        Verdict::Blocked(_) | Verdict::OverRate => xdp_action::XDP_DROP,
     }
 }
 
@@ -126,8 +127,8 @@ fn judge(segment: &Segment) -> Verdict {
     if !is_frontend(segment) {
         return Verdict::Pass;
     }
-    if is_blocked(segment) {
-        return Verdict::Blocked;
+    if let Some(origin) = blocked_by(segment) {
+        return Verdict::Blocked(origin);
     }
     let syn = segment.has_flags && segment.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if syn && over_rate(segment) {
@@ -149,7 +150,7 @@ fn count(verdict: Verdict) {
             stats.passed += 1;
             stats.malformed += 1;
         }
-        Verdict::Blocked => stats.dropped_blocklist += 1,
+        Verdict::Blocked(origin) => stats.count_blocked(origin),
         Verdict::OverRate => stats.dropped_syn_rate += 1,
     }
 }
@@ -170,7 +171,8 @@ fn is_frontend(segment: &Segment) -> bool {
         .is_some()
 }
 
-fn is_blocked(segment: &Segment) -> bool {
+/// The origin of the blocklist entry that applies to the segment's source, if any.
+fn blocked_by(segment: &Segment) -> Option<u8> {
     if segment.is_v6 {
         blocked_in(&KGATE_BLOCK_V6, Key::new(128, segment.source))
     } else {
@@ -180,26 +182,28 @@ fn is_blocked(segment: &Segment) -> bool {
 
 /// The longest prefix that holds `key` decides, unless it has expired: then the next
 /// shorter one does (a few lookups at most; the daemon removes expired entries).
+/// Returns the deciding entry's origin.
 #[inline(always)]
-fn blocked_in<K>(trie: &LpmTrie<K, BlockEntry, MAX_BLOCKED_PREFIXES>, mut key: Key<K>) -> bool {
+fn blocked_in<K>(
+    trie: &LpmTrie<K, BlockEntry, MAX_BLOCKED_PREFIXES>,
+    mut key: Key<K>,
+) -> Option<u8> {
     for _ in 0..MAX_BLOCK_LOOKUPS {
-        let Some(entry) = trie.get(&key) else {
-            return false;
-        };
+        let entry = trie.get(&key)?;
         if entry.expires_at == 0 {
-            return true;
+            return Some(entry.origin);
         }
         // SAFETY: the helper only reads a clock.
         let now = unsafe { bpf_ktime_get_boot_ns() } / NS_PER_SECOND;
         if entry.applies_at(now) {
-            return true;
+            return Some(entry.origin);
         }
         if entry.prefix_len == 0 {
-            return false;
+            return None;
         }
         key.prefix_len = u32::from(entry.prefix_len) - 1;
     }
-    false
+    None
 }
 
 fn over_rate(segment: &Segment) -> bool {

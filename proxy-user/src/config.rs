@@ -20,8 +20,10 @@ use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
 mod accept_proxy;
+mod crowdsec;
 mod xdp;
 pub use accept_proxy::AcceptProxy;
+pub use crowdsec::{ApiKey, Crowdsec};
 pub use xdp::{Xdp, XdpMode};
 
 /// A validated configuration.
@@ -32,6 +34,8 @@ pub struct Config {
     pub backends: Vec<Backend>,
     /// `[xdp]`: early drop in the driver; `None` when the section is absent.
     pub xdp: Option<Xdp>,
+    /// `[crowdsec]`: CrowdSec's ban decisions in the XDP blocklist; needs `[xdp]`.
+    pub crowdsec: Option<Crowdsec>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -282,6 +286,8 @@ struct ConfigFile {
     backends: Vec<BackendSection>,
     #[serde(default)]
     xdp: Option<xdp::XdpSection>,
+    #[serde(default)]
+    crowdsec: Option<Spanned<crowdsec::CrowdsecSection>>,
 }
 
 #[derive(Deserialize)]
@@ -618,11 +624,26 @@ impl ConfigFile {
             });
         }
 
+        let crowdsec = match self.crowdsec {
+            Some(section) if xdp.is_none() => {
+                return Err(Located {
+                    span: section.span(),
+                    message: "[crowdsec] puts its bans in the XDP blocklist: add an [xdp] \
+                              section (the interfaces clients come in on), or remove [crowdsec]"
+                        .to_owned(),
+                });
+            }
+            section => section
+                .map(crowdsec::CrowdsecSection::validate)
+                .transpose()?,
+        };
+
         Ok(Config {
             global,
             frontends,
             backends,
             xdp,
+            crowdsec,
         })
     }
 }

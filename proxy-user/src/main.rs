@@ -12,9 +12,10 @@
 //! kgate hands its sockets to the new binary), `status` (the status document that
 //! `kgate status`, the stats page and `publish` show), `publish` (server state into
 //! the pinned map), `web` (the stats page, `/status.json` and `/metrics` on
-//! `metrics_listen`), `metrics`, `rate` (events a second), `xdp` (early drop),
-//! `interfaces` (this host's interfaces and addresses), `privileges`, `cli/`. `maps`
-//! is the only module that talks to aya.
+//! `metrics_listen`), `metrics`, `rate` (events a second), `xdp` (early drop;
+//! `xdp::crowdsec`, the CrowdSec bouncer that feeds its blocklist), `interfaces` (this
+//! host's interfaces and addresses), `privileges`, `cli/`. `maps` is the only module
+//! that talks to aya.
 
 mod accept_proxy;
 mod admission;

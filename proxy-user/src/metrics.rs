@@ -430,6 +430,56 @@ pub fn families(daemon: &Daemon) -> Vec<Family> {
             .with(verdict("dropped_blocklist"), Int(xdp.dropped_blocklist))
             .with(verdict("dropped_syn_rate"), Int(xdp.dropped_syn_rate)),
         );
+        let by_origin = |family: Family, counts: &status::ByOrigin| {
+            let origin = |o: &str| vec![("origin", o.to_owned())];
+            family
+                .with(origin("file"), Int(counts.file))
+                .with(origin("command"), Int(counts.command))
+                .with(origin("crowdsec"), Int(counts.crowdsec))
+        };
+        all.push(by_origin(
+            Family::new(
+                "kgate_xdp_blocklist_drops",
+                "Packets the XDP program dropped by blocklist, by the origin of the entry",
+                Counter,
+            ),
+            &xdp.dropped_by_origin,
+        ));
+        all.push(by_origin(
+            Family::new(
+                "kgate_blocklist_entries",
+                "Blocklist prefixes that apply, by origin",
+                Gauge,
+            ),
+            &xdp.blocklist_by_origin,
+        ));
+    }
+    if let Some(bouncer) = &document.crowdsec {
+        let connected = bouncer.state == crate::xdp::crowdsec::LapiState::Connected;
+        all.extend([
+            Family::new(
+                "kgate_crowdsec_lapi_up",
+                "1 when the last pull of CrowdSec decisions worked",
+                Gauge,
+            )
+            .with(vec![], Int(connected.into())),
+            Family::new(
+                "kgate_crowdsec_bans",
+                "Prefixes banned by the CrowdSec decisions kgate holds",
+                Gauge,
+            )
+            .with(vec![], Int(bouncer.bans as u64)),
+            Family::new(
+                "kgate_crowdsec_pulls",
+                "Pulls of the CrowdSec decision stream, by result",
+                Counter,
+            )
+            .with(vec![("result", "ok".to_owned())], Int(bouncer.pulls))
+            .with(
+                vec![("result", "failed".to_owned())],
+                Int(bouncer.failed_pulls),
+            ),
+        ]);
     }
     all
 }

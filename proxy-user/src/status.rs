@@ -14,6 +14,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use proxy_common::xdp::{ORIGIN_COMMAND, ORIGIN_CROWDSEC, ORIGIN_FILE};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -22,6 +23,7 @@ use crate::{
     dataplane::Dataplane,
     gateway::Gateway,
     maps::ServerMaps,
+    xdp::crowdsec::BouncerStatus,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,6 +35,9 @@ pub struct Status {
     pub servers: Vec<ServerStatus>,
     /// `None` without an `[xdp]` section.
     pub xdp: Option<XdpStatus>,
+    /// The CrowdSec bouncer; `None` without a `[crowdsec]` section.
+    #[serde(default)]
+    pub crowdsec: Option<BouncerStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -140,6 +145,21 @@ pub struct XdpStatus {
     pub malformed: u64,
     /// Blocklist entries that apply now (IPv4 and IPv6).
     pub blocklist_entries: u64,
+    /// Of `blocklist_entries`, by where they came from.
+    #[serde(default)]
+    pub blocklist_by_origin: ByOrigin,
+    /// Of `dropped_blocklist`, by the origin of the entry that matched.
+    #[serde(default)]
+    pub dropped_by_origin: ByOrigin,
+}
+
+/// Blocklist entries, or packets they dropped, by origin: the blocklist file, `kgate
+/// block add`, CrowdSec's decisions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByOrigin {
+    pub file: u64,
+    pub command: u64,
+    pub crowdsec: u64,
 }
 
 /// The document for `daemon`, now.
@@ -183,14 +203,29 @@ pub fn build(daemon: &Daemon) -> Status {
             .collect(),
         xdp: daemon.early_drop.as_ref().map(|early_drop| {
             let stats = early_drop.stats().unwrap_or_default();
+            let entries = early_drop.blocklist_by_origin().unwrap_or_default();
             XdpStatus {
                 passed: stats.passed,
                 dropped_blocklist: stats.dropped_blocklist,
                 dropped_syn_rate: stats.dropped_syn_rate,
                 malformed: stats.malformed,
-                blocklist_entries: early_drop.blocklist_len().unwrap_or_default() as u64,
+                blocklist_entries: entries.total() as u64,
+                blocklist_by_origin: ByOrigin {
+                    file: entries.file as u64,
+                    command: entries.command as u64,
+                    crowdsec: entries.crowdsec as u64,
+                },
+                dropped_by_origin: ByOrigin {
+                    file: stats.dropped_by(ORIGIN_FILE),
+                    command: stats.dropped_by(ORIGIN_COMMAND),
+                    crowdsec: stats.dropped_by(ORIGIN_CROWDSEC),
+                },
             }
         }),
+        crowdsec: daemon
+            .early_drop
+            .as_ref()
+            .and_then(|early_drop| early_drop.crowdsec_status()),
     }
 }
 

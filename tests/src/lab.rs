@@ -176,6 +176,37 @@ impl NetNs {
         spawn_in(self.open(), self.name.clone(), f)
     }
 
+    /// Adds `addr` (in this namespace's /24 toward the gateway) to [`NetNs::ifname`]: a
+    /// second source address, for tests that need one blocked and one not.
+    pub fn add_v4(&self, addr: Ipv4Addr) {
+        ip(&[
+            "-n",
+            &self.name,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &self.ifname,
+        ]);
+    }
+
+    /// Waits (up to `timeout`) until a TCP socket of this namespace listens on `port`,
+    /// by looking at its socket table (a test connection would show in a server's log).
+    pub fn wait_listening(&self, port: u16, timeout: Duration) -> bool {
+        self.run(move || {
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                if is_listening(port) {
+                    return true;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    }
+
     /// A `Command` whose child enters this namespace (network only, with `setns`) just
     /// before `exec`. Its mount namespace stays ours, so it sees the same /sys/fs/bpf.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
@@ -206,6 +237,22 @@ pub(crate) fn spawn_in<T: Send + 'static>(
             f()
         })
         .expect("spawning a thread")
+}
+
+/// Whether a TCP socket of this thread's network namespace listens on `port`.
+fn is_listening(port: u16) -> bool {
+    let port = format!(":{port:04X}");
+    // thread-self: /proc/net would show the namespace of the process's main thread.
+    ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+        .iter()
+        .filter_map(|table| fs::read_to_string(table).ok())
+        .any(|table| {
+            table.lines().skip(1).any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // local_address is fields[1] (HEXADDR:PORT); st is fields[3], 0A = LISTEN.
+                fields.len() > 3 && fields[1].ends_with(&port) && fields[3] == "0A"
+            })
+        })
 }
 
 /// Moves the calling thread (or the child, in `pre_exec`) into the network namespace.

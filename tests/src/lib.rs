@@ -10,6 +10,9 @@
 //! - [`backend`]: what sits behind the proxy: PROXY header reading, a threaded TCP
 //!   server and a mock mail server.
 //! - [`postfix`]: a real, private Postfix (postscreen behind PROXY v2) in a namespace.
+//! - [`crowdsec`]: a real, private CrowdSec local API in a namespace.
+//! - [`dovecot`]: a real, private Dovecot (IMAP behind PROXY v2) in a namespace.
+//! - [`tls`]: self-signed certificates and `openssl s_client` sessions.
 //! - [`prometheus`]: `promtool check metrics`, and a real Prometheus scraping kgate.
 //! - [`smtp`]: a small SMTP client, and the byte sequences of kgate's health checks.
 //! - [`rawtcp`]: a hand-made TCP client that sends overlapping retransmissions.
@@ -22,6 +25,8 @@
 
 pub mod backend;
 pub mod browser;
+pub mod crowdsec;
+pub mod dovecot;
 pub mod keepalived;
 pub mod kgate;
 pub mod lab;
@@ -33,6 +38,7 @@ pub mod rawtcp;
 pub mod rig;
 pub mod smtp;
 pub mod sockmap;
+pub mod tls;
 pub mod xdp;
 
 mod proc;

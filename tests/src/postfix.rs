@@ -67,6 +67,18 @@ impl Postfix {
     /// Like [`Postfix::start`], with extra `main.cf` lines (`"postscreen_greet_wait = 2s"`),
     /// which override the defaults written before them.
     pub fn start_with(lab: &Lab, ns: &NetNs, listen: SocketAddr, main_cf: &[&str]) -> Postfix {
+        Postfix::start_with_services(lab, ns, listen, main_cf, &[])
+    }
+
+    /// Like [`Postfix::start_with`], with more `master.cf` services: smtpd on other
+    /// ports, say (`"10.200.10.2:30587 inet n - n - - smtpd -o ..."`).
+    pub fn start_with_services(
+        lab: &Lab,
+        ns: &NetNs,
+        listen: SocketAddr,
+        main_cf: &[&str],
+        services: &[String],
+    ) -> Postfix {
         let dir = lab
             .temp_dir()
             .join(format!("postfix-{}-{}", ns.name(), listen.port()));
@@ -76,7 +88,7 @@ impl Postfix {
             listen,
             stopped: true,
         };
-        postfix.write_config(main_cf);
+        postfix.write_config(main_cf, services);
         postfix.postfix("check");
         let mut postfix = postfix;
         postfix.stopped = false;
@@ -156,7 +168,7 @@ impl Postfix {
         self.dir.join("config")
     }
 
-    fn write_config(&self, extra: &[&str]) {
+    fn write_config(&self, extra: &[&str], services: &[String]) {
         let config = self.config_dir();
         let mail = self.dir.join("mail");
         for dir in [&config, &mail, &self.dir.join("spool")] {
@@ -210,7 +222,7 @@ impl Postfix {
         }
         // Services: type, private, unprivileged, chroot, wakeup, process limit, command.
         // Nothing chrooted: no copies of /etc files in the queue directory are needed.
-        let master_cf = format!(
+        let mut master_cf = format!(
             "{service} inet n - n - 1 postscreen\n\
              smtpd pass - - n - - smtpd\n\
              postlog unix-dgram n - n - 1 postlogd\n\
@@ -229,8 +241,13 @@ impl Postfix {
              discard unix - - n - - discard\n\
              virtual unix - n n - - virtual\n\
              anvil unix - - n - 1 anvil\n\
-             scache unix - - n - 1 scache\n"
+             scache unix - - n - 1 scache\n\
+             tlsmgr unix - - n 1000? 1 tlsmgr\n"
         );
+        for service in services {
+            master_cf.push_str(service);
+            master_cf.push('\n');
+        }
         for (name, text) in [("main.cf", main_cf), ("master.cf", master_cf)] {
             let path = config.join(name);
             fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
@@ -260,18 +277,7 @@ impl Postfix {
     /// Waits until postscreen listens, by looking at the namespace's sockets (a test
     /// connection would show up in the log).
     fn wait_listening(&self) {
-        let port = self.listen.port();
-        let listening = self.ns.run(move || {
-            let deadline = Instant::now() + START_TIMEOUT;
-            while Instant::now() < deadline {
-                if is_listening(port) {
-                    return true;
-                }
-                std::thread::sleep(POLL);
-            }
-            false
-        });
-        if !listening {
+        if !self.ns.wait_listening(self.listen.port(), START_TIMEOUT) {
             panic!(
                 "Postfix did not listen on {} within {START_TIMEOUT:?}; its log:\n{}",
                 self.listen,
@@ -322,22 +328,6 @@ pub fn trouble(log: &str) -> Vec<String> {
         })
         .map(str::to_owned)
         .collect()
-}
-
-/// Whether a TCP socket of this thread's network namespace listens on `port`.
-fn is_listening(port: u16) -> bool {
-    let port = format!(":{port:04X}");
-    // thread-self: /proc/net would show the namespace of the process's main thread.
-    ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
-        .iter()
-        .filter_map(|table| fs::read_to_string(table).ok())
-        .any(|table| {
-            table.lines().skip(1).any(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                // local_address is fields[1] (HEXADDR:PORT); st is fields[3], 0A = LISTEN.
-                fields.len() > 3 && fields[1].ends_with(&port) && fields[3] == "0A"
-            })
-        })
 }
 
 /// The uid and gid of the `postfix` user.

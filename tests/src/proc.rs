@@ -169,3 +169,17 @@ fn pidfd_kill(pidfd: &OwnedFd) -> bool {
 pub(crate) fn pid_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// The pids (not ours) whose command line (`/proc/PID/cmdline`, NUL-separated) `matches`.
+pub(crate) fn pids_whose_cmdline(matches: impl Fn(&[u8]) -> bool) -> Vec<u32> {
+    let own = std::process::id();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != own)
+        .filter(|pid| fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| matches(&c)))
+        .collect()
+}

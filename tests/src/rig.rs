@@ -21,9 +21,9 @@ use crate::{
 
 pub const FRONTEND_PORT: u16 = 2525;
 pub const BACKEND_PORT: u16 = 2525;
-/// No test socket waits longer than this for a byte: a hang becomes a failure.
 /// Where the rig's kgate serves its metrics, in the gateway namespace.
-const METRICS: &str = "127.0.0.1:9464";
+pub const METRICS: &str = "127.0.0.1:9464";
+/// No test socket waits longer than this for a byte: a hang becomes a failure.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A lab with kgate running in front of `backends` servers.

@@ -12,14 +12,20 @@ use crate::kgate::kgate_bin;
 use crate::proc;
 
 /// The counters of kgate's XDP program, summed over CPUs (the `XdpStats` layout in
-/// proxy-common/src/xdp.rs: four u64s in this order).
+/// proxy-common/src/xdp.rs: eight u64s in this order).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct XdpCounters {
     pub passed: u64,
     pub dropped_blocklist: u64,
     pub dropped_syn_rate: u64,
     pub malformed: u64,
+    /// Of `dropped_blocklist`, by the matching entry's origin: [0] none known, [1] the
+    /// blocklist file, [2] `kgate block add`, [3] CrowdSec.
+    pub dropped_by_origin: [u64; 4],
 }
+
+/// Words of `XdpStats`.
+const XDP_STATS_WORDS: usize = 8;
 
 /// Reads `<pin>/xdp_stats`, which exists while kgate runs with an `[xdp]` section.
 pub fn xdp_counters(pin: &Path) -> anyhow::Result<XdpCounters> {
@@ -31,10 +37,15 @@ pub fn xdp_counters(pin: &Path) -> anyhow::Result<XdpCounters> {
         )
     })?;
     let map = Map::from_map_data(data)?;
-    let stats = PerCpuArray::<MapData, [u64; 4]>::try_from(map)
-        .with_context(|| format!("{} is not a per-CPU array of 4 u64s", path.display()))?;
+    let stats =
+        PerCpuArray::<MapData, [u64; XDP_STATS_WORDS]>::try_from(map).with_context(|| {
+            format!(
+                "{} is not a per-CPU array of {XDP_STATS_WORDS} u64s",
+                path.display()
+            )
+        })?;
     let per_cpu = stats.get(&0, 0)?;
-    let mut sum = [0u64; 4];
+    let mut sum = [0u64; XDP_STATS_WORDS];
     for cpu in per_cpu.iter() {
         for (total, value) in sum.iter_mut().zip(cpu) {
             *total += value;
@@ -45,6 +56,7 @@ pub fn xdp_counters(pin: &Path) -> anyhow::Result<XdpCounters> {
         dropped_blocklist: sum[1],
         dropped_syn_rate: sum[2],
         malformed: sum[3],
+        dropped_by_origin: [sum[4], sum[5], sum[6], sum[7]],
     })
 }
 

@@ -110,6 +110,11 @@ fn a_blocked_source_cannot_connect_while_another_can_and_unblocking_works_at_onc
         (3, 0),
         "{counters:?}"
     );
+    assert_eq!(
+        counters.dropped_by_origin,
+        [0, 0, 3, 0],
+        "dropped by a command entry: {counters:?}"
+    );
     // kgate status shows the same counters.
     let status = rig.kgate.status();
     assert_eq!(status["xdp"]["dropped_blocklist"], 3, "{status}");

@@ -33,6 +33,9 @@ pub struct DebianPackage {
     pub why: &'static str,
     /// debconf answers (`owner question type value`) so that installing it asks nothing.
     pub debconf: &'static [&'static str],
+    /// Files written before it is installed, where missing (path, text): how some
+    /// packages are told, the way their README.Debian says, to skip a step.
+    pub files: &'static [(&'static str, &'static str)],
 }
 
 impl DebianPackage {
@@ -41,11 +44,16 @@ impl DebianPackage {
             name,
             why,
             debconf: &[],
+            files: &[],
         }
     }
 
     const fn debconf(self, debconf: &'static [&'static str]) -> Self {
         Self { debconf, ..self }
+    }
+
+    const fn files(self, files: &'static [(&'static str, &'static str)]) -> Self {
+        Self { files, ..self }
     }
 }
 
@@ -114,6 +122,31 @@ pub const DEBIAN_PACKAGES: &[DebianPackage] = &[
     DebianPackage::new(
         "dpkg-dev",
         "`dpkg-shlibdeps`: cargo-deb computes the Debian package's Depends with it",
+    ),
+    DebianPackage::new(
+        "crowdsec",
+        "a real CrowdSec local API whose ban decisions kgate applies to its XDP blocklist \
+         (tests/src/crowdsec.rs runs a private one per test); the system's is not used",
+    )
+    // The package registers with CrowdSec's online API at install unless this file
+    // exists and is not empty (its README.Debian): offline here, that would fail.
+    .files(&[(
+        "/etc/crowdsec/online_api_credentials.yaml",
+        "# No Central API registration: kgate's tests run CrowdSec offline.\n",
+    )]),
+    DebianPackage::new(
+        "dovecot-imapd",
+        "real Dovecot behind PROXY v2 (`haproxy = yes`) in the lab's backends: imap checks \
+         must leave its log clean (tests/src/dovecot.rs); the system instance is not used",
+    ),
+    DebianPackage::new(
+        "openssl",
+        "self-signed certificates for the lab's TLS listeners (465, 993) and `s_client` as \
+         the IMAPS client",
+    ),
+    DebianPackage::new(
+        "libio-socket-ssl-perl",
+        "swaks's TLS (`--tls-on-connect`, the submissions port 465)",
     ),
 ];
 
@@ -469,6 +502,18 @@ pub fn debian_packages(not_root: NotRoot) -> anyhow::Result<()> {
             );
         }
     }
+    for (path, text) in missing.iter().flat_map(|p| p.files.iter()) {
+        let path = Path::new(path);
+        if path.exists() {
+            continue;
+        }
+        println!("setup: writing {} before the install", path.display());
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let _no_starts = NoServiceStarts::during_install()?;
     let apt = |args: &[&str]| {
         let mut cmd = Command::new("apt-get");
         cmd.args(args)
@@ -502,6 +547,46 @@ pub fn debian_packages(not_root: NotRoot) -> anyhow::Result<()> {
         missing_names.join(" ")
     );
     Ok(())
+}
+
+/// Keeps the packages being installed from starting their services (`invoke-rc.d`
+/// asks `/usr/sbin/policy-rc.d`; 101 means "no"): the tests run private instances in
+/// their namespaces, and on a machine without systemd an init script (Dovecot's, say)
+/// would otherwise start a system-wide one. Only where no such policy exists; removed
+/// when dropped.
+struct NoServiceStarts(Option<PathBuf>);
+
+impl NoServiceStarts {
+    const POLICY: &str = "/usr/sbin/policy-rc.d";
+
+    fn during_install() -> anyhow::Result<NoServiceStarts> {
+        let path = PathBuf::from(Self::POLICY);
+        if path.exists() {
+            return Ok(NoServiceStarts(None));
+        }
+        println!(
+            "setup: services of the packages installed now are not started ({} for the install)",
+            path.display()
+        );
+        fs::write(
+            &path,
+            "#!/bin/sh\n# kgate's cargo xtask: no service starts during its install\nexit 101\n",
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {} executable", path.display()))?;
+        Ok(NoServiceStarts(Some(path)))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0
+            && let Err(e) = fs::remove_file(path)
+        {
+            eprintln!("setup: could not remove {}: {e}", path.display());
+        }
+    }
 }
 
 fn missing_packages() -> anyhow::Result<Vec<&'static DebianPackage>> {

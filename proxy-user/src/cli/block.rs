@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use proxy_common::xdp::{BlockEntry, ORIGIN_COMMAND, ORIGIN_FILE};
+use proxy_common::xdp::{BlockEntry, ORIGIN_COMMAND, ORIGIN_CROWDSEC, ORIGIN_FILE};
 
 use crate::{
     config::{Config, DEFAULT_PIN_PATH},
@@ -104,11 +104,17 @@ pub fn block(command: BlockCommand) -> anyhow::Result<()> {
                 );
             }
             println!("unblocked {prefix}");
-            if entry.is_some_and(|e| e.origin == ORIGIN_FILE) {
-                println!(
+            match entry.map(|e| e.origin) {
+                Some(ORIGIN_FILE) => println!(
                     "note: {prefix} is in the blocklist file and comes back when kgate starts \
                      or reloads: remove it from the file too"
-                );
+                ),
+                Some(ORIGIN_CROWDSEC) => println!(
+                    "note: {prefix} was banned by a CrowdSec decision and comes back at the \
+                     bouncer's next pull: delete the decision (`cscli decisions delete --ip \
+                     ADDRESS` or `--range PREFIX`) instead"
+                ),
+                _ => {}
             }
         }
         BlockCommand::List { maps } => {
@@ -181,6 +187,7 @@ fn table(mut entries: Vec<(Prefix, BlockEntry)>, now: u64) -> String {
             let origin = match entry.origin {
                 ORIGIN_FILE => "file",
                 ORIGIN_COMMAND => "command",
+                ORIGIN_CROWDSEC => "crowdsec",
                 _ => "other",
             };
             [prefix.to_string(), expires, origin.to_owned()]
@@ -220,13 +227,18 @@ mod tests {
                 p("203.0.113.0/24"),
                 BlockEntry::new(24, 999, ORIGIN_COMMAND),
             ),
+            (
+                p("2001:db8:bad::/48"),
+                BlockEntry::new(48, 1000 + 4 * 3600 - 5, ORIGIN_CROWDSEC),
+            ),
         ];
         assert_eq!(
             table(entries, 1000),
-            "PREFIX           EXPIRES  FROM\n\
-             192.0.2.0/24     never    command\n\
-             198.51.100.7/32  in 1h    command\n\
-             2001:db8::/32    never    file\n"
+            "PREFIX             EXPIRES        FROM\n\
+             192.0.2.0/24       never          command\n\
+             198.51.100.7/32    in 1h          command\n\
+             2001:db8::/32      never          file\n\
+             2001:db8:bad::/48  in 3h 59m 55s  crowdsec\n"
         );
         assert_eq!(table(Vec::new(), 0), "no blocked prefixes\n");
     }

@@ -12,6 +12,11 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
     {
         crate::xdp::read_blocklist_file(file)?;
     }
+    // And the bouncer's key (under systemd, ExecStartPre runs this with kgate's own
+    // environment, so an api_key_env variable is checked too).
+    if let Some(crowdsec) = &config.crowdsec {
+        crate::xdp::crowdsec::read_key(&crowdsec.api_key)?;
+    }
     // A note, not an error: the file may be checked on another host than its own.
     for (frontend, address) in addresses_not_here(&config) {
         eprintln!(

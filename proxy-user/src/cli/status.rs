@@ -13,6 +13,7 @@ use crate::{
     config::Config,
     control,
     status::{ServerStatus, Status},
+    xdp::crowdsec::{BouncerStatus, LapiState},
 };
 
 pub fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
@@ -154,12 +155,54 @@ fn text(status: &Status) -> String {
         }
     }
     if let Some(x) = &status.xdp {
+        let (d, e) = (&x.dropped_by_origin, &x.blocklist_by_origin);
         out.push_str(&format!(
-            "\nxdp: passed {}, dropped by blocklist {}, dropped by SYN rate {}, malformed (passed) {}; {} blocklist entries\n",
-            x.passed, x.dropped_blocklist, x.dropped_syn_rate, x.malformed, x.blocklist_entries
+            "\nxdp: passed {}, dropped by blocklist {} (file {}, command {}, crowdsec {}), \
+             dropped by SYN rate {}, malformed (passed) {}; {} blocklist entries (file {}, \
+             command {}, crowdsec {})\n",
+            x.passed,
+            x.dropped_blocklist,
+            d.file,
+            d.command,
+            d.crowdsec,
+            x.dropped_syn_rate,
+            x.malformed,
+            x.blocklist_entries,
+            e.file,
+            e.command,
+            e.crowdsec
         ));
     }
+    if let Some(bouncer) = &status.crowdsec {
+        out.push_str(&crowdsec_line(bouncer, status.kgate.now));
+        out.push('\n');
+    }
     out
+}
+
+/// The CrowdSec bouncer in one line: `crowdsec: connected to URL, 3 bans, pulled 2s
+/// ago (every 10s)`, or since when and why not.
+fn crowdsec_line(bouncer: &BouncerStatus, now: u64) -> String {
+    let last = bouncer
+        .last_pull
+        .map_or("never".to_owned(), |t| format!("{} ago", ago(t, now)));
+    match bouncer.state {
+        LapiState::Connected => format!(
+            "crowdsec: connected to {}, {} bans, pulled {last} (every {}s)",
+            bouncer.url, bouncer.bans, bouncer.interval_seconds
+        ),
+        LapiState::Unreachable => format!(
+            "crowdsec: UNREACHABLE at {} for {}: {}; the blocklist keeps its CrowdSec \
+             entries (last pull that worked: {last}), retrying",
+            bouncer.url,
+            ago(bouncer.since, now),
+            bouncer.error.as_deref().unwrap_or("?")
+        ),
+        LapiState::Starting => format!(
+            "crowdsec: starting, first pull from {} not answered yet",
+            bouncer.url
+        ),
+    }
 }
 
 fn server_row(s: &ServerStatus, now: u64) -> Vec<String> {
@@ -236,7 +279,7 @@ fn table(columns: &[&str], rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{About, BackendStatus, FrontendStatus, XdpStatus};
+    use crate::status::{About, BackendStatus, ByOrigin, FrontendStatus, XdpStatus};
 
     fn sample() -> Status {
         let server = ServerStatus {
@@ -303,6 +346,27 @@ mod tests {
                 dropped_syn_rate: 1,
                 malformed: 0,
                 blocklist_entries: 5,
+                blocklist_by_origin: ByOrigin {
+                    file: 1,
+                    command: 2,
+                    crowdsec: 2,
+                },
+                dropped_by_origin: ByOrigin {
+                    file: 0,
+                    command: 0,
+                    crowdsec: 2,
+                },
+            }),
+            crowdsec: Some(BouncerStatus {
+                url: "http://127.0.0.1:8080/".into(),
+                interval_seconds: 10,
+                state: LapiState::Connected,
+                since: 1000,
+                last_pull: Some(1117),
+                error: None,
+                bans: 2,
+                pulls: 12,
+                failed_pulls: 0,
             }),
         }
     }
@@ -358,7 +422,33 @@ mod tests {
         );
         assert_eq!(
             lines[9],
-            "xdp: passed 10, dropped by blocklist 2, dropped by SYN rate 1, malformed (passed) 0; 5 blocklist entries"
+            "xdp: passed 10, dropped by blocklist 2 (file 0, command 0, crowdsec 2), dropped by \
+             SYN rate 1, malformed (passed) 0; 5 blocklist entries (file 1, command 2, crowdsec 2)"
+        );
+        assert_eq!(
+            lines[10],
+            "crowdsec: connected to http://127.0.0.1:8080/, 2 bans, pulled 3s ago (every 10s)"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_lapi_says_since_when_why_and_that_the_bans_stay() {
+        let bouncer = BouncerStatus {
+            url: "http://127.0.0.1:8080/".into(),
+            interval_seconds: 10,
+            state: LapiState::Unreachable,
+            since: 1000,
+            last_pull: None,
+            error: Some("cannot connect: Connection refused".into()),
+            bans: 0,
+            pulls: 0,
+            failed_pulls: 4,
+        };
+        assert_eq!(
+            crowdsec_line(&bouncer, 1045),
+            "crowdsec: UNREACHABLE at http://127.0.0.1:8080/ for 45s: cannot connect: Connection \
+             refused; the blocklist keeps its CrowdSec entries (last pull that worked: never), \
+             retrying"
         );
     }
 

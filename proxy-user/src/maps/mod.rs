@@ -31,7 +31,7 @@ use tracing::{info, warn};
 pub use packet::{PacketEvents, PacketMaps};
 pub use servers::ServerMaps;
 pub use splice::{GrantRequests, SpliceMaps};
-pub use xdp::{Attached, Blocklist, XdpMaps};
+pub use xdp::{Attached, Blocklist, OriginCounts, XdpMaps};
 
 /// The eBPF object, built by build.rs from proxy-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));

@@ -303,6 +303,35 @@ impl Blocklist {
         }
     }
 
+    /// Adds `prefix` only if it has no entry yet (`BPF_NOEXIST`, so an entry another
+    /// process made meanwhile is never overwritten); false when it had one.
+    pub fn insert_if_absent(&self, prefix: &Prefix, entry: BlockEntry) -> Result<bool, MapError> {
+        const BPF_NOEXIST: u64 = 1;
+        let entry = BlockEntry {
+            prefix_len: prefix.len(),
+            ..entry
+        };
+        let inserted = match prefix.addr() {
+            IpAddr::V4(a) => lock(&self.v4).insert(
+                &Key::new(prefix.len().into(), a.octets()),
+                entry,
+                BPF_NOEXIST,
+            ),
+            IpAddr::V6(a) => lock(&self.v6).insert(
+                &Key::new(prefix.len().into(), a.octets()),
+                entry,
+                BPF_NOEXIST,
+            ),
+        };
+        match inserted {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The entry of exactly `prefix` (not of a shorter prefix that holds it).
     pub fn get(&self, prefix: &Prefix) -> Result<Option<BlockEntry>, MapError> {
         let found = match prefix.addr() {
@@ -361,6 +390,38 @@ impl Blocklist {
             }
         }
         Ok(removed)
+    }
+}
+
+/// Blocklist entries by where they came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginCounts {
+    pub file: usize,
+    pub command: usize,
+    pub crowdsec: usize,
+}
+
+impl OriginCounts {
+    /// The entries among `entries` that apply at `now`, by origin.
+    pub fn of<'a>(entries: impl IntoIterator<Item = &'a BlockEntry>, now: u64) -> OriginCounts {
+        let mut counts = OriginCounts::default();
+        for entry in entries.into_iter().filter(|e| e.applies_at(now)) {
+            counts.add(entry.origin);
+        }
+        counts
+    }
+
+    fn add(&mut self, origin: u8) {
+        match origin {
+            common::ORIGIN_FILE => self.file += 1,
+            common::ORIGIN_COMMAND => self.command += 1,
+            common::ORIGIN_CROWDSEC => self.crowdsec += 1,
+            _ => {}
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.file + self.command + self.crowdsec
     }
 }
 

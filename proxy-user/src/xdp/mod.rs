@@ -12,9 +12,11 @@
 //!    path otherwise (`mode = "auto"`), and the log says which.
 //!
 //! Blocklist entries, and why they last:
-//! - Entries come from the blocklist file (origin "file") or from `kgate block add`
-//!   (origin "command"). Loading the file adds its prefixes and removes the file
-//!   entries it no longer lists; command entries are left alone.
+//! - Entries come from the blocklist file (origin "file"), from `kgate block add`
+//!   (origin "command") or from CrowdSec's ban decisions (origin "crowdsec", with
+//!   `[crowdsec]`: crowdsec/mod.rs). Loading the file adds its prefixes and removes the
+//!   file entries it no longer lists; the bouncer only ever adds and removes crowdsec
+//!   entries; command entries are left alone by both.
 //! - Kept across restarts: the two blocklist maps stay pinned when kgate exits, and
 //!   the next kgate opens the same maps, so command entries survive a restart or an
 //!   upgrade, and `kgate block` works from any shell, even while kgate is stopped.
@@ -26,36 +28,43 @@
 //!   expired entries.
 
 mod blocklist_file;
+pub mod crowdsec;
 mod prefix;
 
 use std::{
     collections::{BTreeSet, HashMap},
     ffi::CStr,
     io,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
-use proxy_common::xdp::{BlockEntry, ORIGIN_COMMAND, ORIGIN_FILE, XdpConfig, XdpStats};
+use proxy_common::xdp::{
+    BlockEntry, ORIGIN_COMMAND, ORIGIN_CROWDSEC, ORIGIN_FILE, XdpConfig, XdpStats,
+};
 use tracing::{info, warn};
 
 pub use blocklist_file::read as read_blocklist_file;
 pub use prefix::Prefix;
 
+use self::crowdsec::{Bouncer, BouncerStatus, sync_crowdsec_entries};
 use crate::{
     config::{Config, XdpMode},
-    maps::{Attached, Blocklist, Bpf, MapError, XdpMaps},
+    maps::{Attached, Blocklist, Bpf, MapError, OriginCounts, XdpMaps},
 };
 
 /// How often the daemon removes expired blocklist entries.
 pub const CLEANUP_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The running XDP program's maps, and the task that removes expired entries. The
-/// program itself stays attached as long as the [`Bpf`] it was attached from.
+/// The running XDP program's maps, the task that removes expired entries, and the
+/// CrowdSec bouncer. The program itself stays attached as long as the [`Bpf`] it was
+/// attached from.
 pub struct EarlyDrop {
     maps: Arc<XdpMaps>,
     cleanup: tokio::task::JoinHandle<()>,
+    /// Running while the configuration has `[crowdsec]`.
+    bouncer: Mutex<Option<Bouncer>>,
 }
 
 impl EarlyDrop {
@@ -83,6 +92,7 @@ impl EarlyDrop {
         let early_drop = EarlyDrop {
             cleanup: tokio::spawn(remove_expired_entries(maps.clone())),
             maps,
+            bouncer: Mutex::new(None),
         };
         early_drop.apply(config)?;
         for interface in &settings.interfaces {
@@ -101,9 +111,11 @@ impl EarlyDrop {
         Ok(Some(early_drop))
     }
 
-    /// Makes the maps match `config`: the frontends, the SYN rate limit and the
-    /// blocklist file's entries. At start, and again on each reload. Nothing changes
-    /// when the blocklist file cannot be read or has a bad line.
+    /// Makes the maps match `config`: the frontends, the SYN rate limit, the
+    /// blocklist file's entries, and the CrowdSec bouncer (started, restarted with new
+    /// settings, or stopped with its entries removed). At start, and again on each
+    /// reload. Nothing changes when the blocklist file or the bouncer's key cannot be
+    /// read, or the file has a bad line.
     pub fn apply(&self, config: &Config) -> anyhow::Result<()> {
         let Some(settings) = &config.xdp else {
             bail!("the configuration has no [xdp] section any more: restart kgate to detach XDP");
@@ -111,6 +123,10 @@ impl EarlyDrop {
         let file = match &settings.blocklist_file {
             Some(path) => read_blocklist_file(path)?,
             None => BTreeSet::new(),
+        };
+        let crowdsec = match &config.crowdsec {
+            Some(settings) => Some((settings, crowdsec::read_key(&settings.api_key)?)),
+            None => None,
         };
         let frontends: Vec<_> = config
             .frontends
@@ -146,7 +162,43 @@ impl EarlyDrop {
                 "no blocklist file configured: its earlier entries were removed"
             );
         }
+        let mut bouncer = self.bouncer.lock().unwrap_or_else(|p| p.into_inner());
+        match crowdsec {
+            Some((settings, key)) => {
+                if !bouncer
+                    .as_ref()
+                    .is_some_and(|b| b.runs_with(settings, &key))
+                {
+                    if bouncer.is_some() {
+                        info!("[crowdsec] changed: the bouncer starts again with the new settings");
+                    }
+                    *bouncer = Some(Bouncer::start(settings, key, self.maps.clone()));
+                }
+            }
+            None => {
+                if bouncer.take().is_some() {
+                    info!("[crowdsec] removed: the bouncer stopped");
+                }
+                let synced = sync_crowdsec_entries(self.maps.blocklist(), &HashMap::new())
+                    .context("removing the CrowdSec entries of the blocklist")?;
+                if synced.removed > 0 {
+                    info!(
+                        removed = synced.removed,
+                        "no [crowdsec] configured: the CrowdSec entries of the blocklist were removed"
+                    );
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The CrowdSec bouncer's state, with `[crowdsec]`.
+    pub fn crowdsec_status(&self) -> Option<BouncerStatus> {
+        self.bouncer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Bouncer::status)
     }
 
     /// The program's counters, summed over CPUs.
@@ -154,11 +206,14 @@ impl EarlyDrop {
         self.maps.stats()
     }
 
-    /// Blocklist entries that apply now, both families (for the status page).
-    pub fn blocklist_len(&self) -> Result<usize, MapError> {
-        let now = boot_seconds();
+    /// Blocklist entries that apply now, both families, by origin (for the status
+    /// document and the metrics).
+    pub fn blocklist_by_origin(&self) -> Result<OriginCounts, MapError> {
         let entries = self.maps.blocklist().entries()?;
-        Ok(entries.iter().filter(|(_, e)| e.applies_at(now)).count())
+        Ok(OriginCounts::of(
+            entries.iter().map(|(_, e)| e),
+            boot_seconds(),
+        ))
     }
 
     /// One log line with the counters, at shutdown.
@@ -169,6 +224,9 @@ impl EarlyDrop {
                 dropped_blocklist = s.dropped_blocklist,
                 dropped_syn_rate = s.dropped_syn_rate,
                 malformed = s.malformed,
+                dropped_file = s.dropped_by(ORIGIN_FILE),
+                dropped_command = s.dropped_by(ORIGIN_COMMAND),
+                dropped_crowdsec = s.dropped_by(ORIGIN_CROWDSEC),
                 "XDP totals"
             ),
             Err(e) => warn!("could not read the XDP counters: {e}"),
@@ -179,6 +237,11 @@ impl EarlyDrop {
 impl Drop for EarlyDrop {
     fn drop(&mut self) {
         self.cleanup.abort();
+        // The bouncer's task stops with it.
+        self.bouncer
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 }
 

@@ -14,10 +14,14 @@ use aya::{
     EbpfLoader,
     programs::{TestRun, TestRunOptions},
 };
-use proxy_common::xdp::{ORIGIN_COMMAND, ORIGIN_FILE};
+use proxy_common::xdp::{ORIGIN_COMMAND, ORIGIN_CROWDSEC, ORIGIN_FILE};
 
 use super::*;
-use crate::xdp::{boot_seconds, sync_file_entries};
+use crate::xdp::{
+    boot_seconds,
+    crowdsec::{Synced, sync_crowdsec_entries},
+    sync_file_entries,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -650,6 +654,8 @@ fn every_crafted_packet_gets_its_verdict_and_is_counted() {
             dropped_blocklist: count(Expect::Drop),
             dropped_syn_rate: 0,
             malformed: count(Expect::Malformed),
+            // `block` makes command entries.
+            dropped_by_origin: [0, 0, count(Expect::Drop), 0],
         }
     );
 }
@@ -835,4 +841,105 @@ fn the_file_owns_its_entries_and_leaves_commands_alone() {
         .map(|(p, _)| p.to_string())
         .collect();
     assert_eq!(left, ["203.0.113.0/24"]);
+}
+
+#[test]
+fn crowdsec_bans_come_and_go_and_never_touch_file_or_command_entries() {
+    let Some(program) = Program::load() else {
+        return;
+    };
+    let list = program.maps.blocklist();
+    let p = |s: &str| s.parse::<Prefix>().unwrap();
+    let end = u32::try_from(boot_seconds() + 3600).unwrap();
+    let bans = |items: &[(&str, u32)]| -> std::collections::HashMap<Prefix, u32> {
+        items.iter().map(|&(s, e)| (p(s), e)).collect()
+    };
+    program.block("203.0.113.0/24", 0); // the operator's
+    sync_file_entries(list, &[p("192.0.2.0/24")].into_iter().collect()).unwrap();
+
+    // Bans of an address and a range per family, and one on the operator's prefix.
+    let wanted = bans(&[
+        ("198.51.100.9", end),
+        ("198.51.100.128/25", end),
+        ("2001:db8:bad::/48", end),
+        ("2001:db8::7", end + 60),
+        ("203.0.113.0/24", end),
+    ]);
+    assert_eq!(
+        sync_crowdsec_entries(list, &wanted).unwrap(),
+        Synced {
+            written: 4,
+            removed: 0
+        }
+    );
+    let entry = |s: &str| list.get(&p(s)).unwrap().map(|e| (e.origin, e.expires_at));
+    assert_eq!(entry("198.51.100.9"), Some((ORIGIN_CROWDSEC, end)));
+    assert_eq!(entry("2001:db8::7"), Some((ORIGIN_CROWDSEC, end + 60)));
+    assert_eq!(entry("203.0.113.0/24"), Some((ORIGIN_COMMAND, 0)));
+    assert_eq!(entry("192.0.2.0/24"), Some((ORIGIN_FILE, 0)));
+    // The program drops the banned source, and counts it as CrowdSec's.
+    assert_eq!(
+        program.run(&syn4(Ipv4Addr::new(198, 51, 100, 9), SMTP)),
+        XDP_DROP
+    );
+    assert_eq!(
+        program.run(&syn6(
+            Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 0, 0, 0, 0, 1),
+            SMTP
+        )),
+        XDP_DROP
+    );
+    let stats = program.maps.stats().unwrap();
+    assert_eq!(stats.dropped_by(ORIGIN_CROWDSEC), 2);
+    // Nothing changed: nothing written.
+    assert_eq!(
+        sync_crowdsec_entries(list, &wanted).unwrap(),
+        Synced::default()
+    );
+
+    // One lifted, one lengthened; the file's and the operator's entries stay.
+    let wanted = bans(&[
+        ("198.51.100.128/25", end + 600),
+        ("2001:db8:bad::/48", end),
+        ("2001:db8::7", end + 60),
+    ]);
+    assert_eq!(
+        sync_crowdsec_entries(list, &wanted).unwrap(),
+        Synced {
+            written: 1,
+            removed: 1
+        }
+    );
+    assert_eq!(entry("198.51.100.9"), None);
+    assert_eq!(
+        entry("198.51.100.128/25"),
+        Some((ORIGIN_CROWDSEC, end + 600))
+    );
+    assert_eq!(
+        program.run(&syn4(Ipv4Addr::new(198, 51, 100, 9), SMTP)),
+        XDP_PASS
+    );
+
+    // An entry the operator made meanwhile is not overwritten by a new ban.
+    program.block("198.51.100.9/32", 0);
+    let mut wanted = wanted;
+    wanted.insert(p("198.51.100.9"), end);
+    assert_eq!(
+        sync_crowdsec_entries(list, &wanted).unwrap(),
+        Synced::default()
+    );
+    assert_eq!(entry("198.51.100.9"), Some((ORIGIN_COMMAND, 0)));
+
+    // No bans at all: every CrowdSec entry leaves, nothing else does.
+    assert_eq!(sync_crowdsec_entries(list, &bans(&[])).unwrap().removed, 3);
+    let now = boot_seconds();
+    let counts = OriginCounts::of(list.entries().unwrap().iter().map(|(_, e)| e), now);
+    assert_eq!(
+        counts,
+        OriginCounts {
+            file: 1,
+            command: 2,
+            crowdsec: 0
+        }
+    );
 }

@@ -170,6 +170,8 @@ pub struct Event {
 pub struct PacketStats {
     /// Segments rewritten and redirected.
     pub forwarded_segments: u64,
+    /// Their payload bytes (retransmissions too).
+    pub forwarded_bytes: u64,
     /// Segments dropped during a handoff (their senders send them again).
     pub frozen_drops: u64,
     /// Segments with data dropped while a busy connection was held before its handoff.
@@ -192,6 +194,7 @@ impl PacketStats {
             .into_iter()
             .fold(PacketStats::default(), |acc, s| PacketStats {
                 forwarded_segments: acc.forwarded_segments + s.forwarded_segments,
+                forwarded_bytes: acc.forwarded_bytes + s.forwarded_bytes,
                 frozen_drops: acc.frozen_drops + s.frozen_drops,
                 held_drops: acc.held_drops + s.held_drops,
                 silenced: acc.silenced + s.silenced,

@@ -323,7 +323,10 @@ fn forward(
     }
     note_progress(rule, progress, seq, new_seq, ack, flags, payload);
     count_server_bytes(rule, payload);
-    count(|s| s.forwarded_segments += 1);
+    count(|s| {
+        s.forwarded_segments += 1;
+        s.forwarded_bytes += u64::from(payload);
+    });
     redirect(ctx, segment, rule, &mut scratch.fib)
 }
 

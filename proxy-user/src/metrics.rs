@@ -573,6 +573,14 @@ fn dataplane_families(daemon: &Daemon) -> Vec<Family> {
                         Counter,
                     )
                 });
+                all.push(
+                    Family::new(
+                        "kgate_packet_forwarded_bytes",
+                        "Payload bytes the TC programs forwarded, retransmissions included",
+                        Counter,
+                    )
+                    .with(vec![], Int(stats.forwarded_bytes)),
+                );
             }
             all
         }

@@ -149,14 +149,42 @@ pub fn tcp_shape(socket: impl AsFd) -> io::Result<TcpShape> {
     })
 }
 
-/// Puts the socket in repair mode (CAP_NET_ADMIN), or takes it out: in repair mode
-/// it transmits nothing of its own, its sequence numbers can be read, and closing it
-/// sends neither FIN nor RST.
-pub fn set_repair(socket: impl AsFd, on: bool) -> io::Result<()> {
-    /// Leaves repair mode without the window probe the kernel otherwise sends.
-    const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
-    let value = if on { 1 } else { TCP_REPAIR_OFF_NO_WP };
-    set_int(socket, libc::IPPROTO_TCP, libc::TCP_REPAIR, value)
+/// A socket put in repair mode (CAP_NET_ADMIN) by [`enter_repair`]: it transmits
+/// nothing of its own, its sequence numbers can be read, and closing it sends neither
+/// FIN nor RST.
+pub struct Repaired {
+    /// SO_REUSEADDR before: the kernel clears it when the socket leaves repair mode.
+    reuse_address: bool,
+}
+
+pub fn enter_repair(socket: impl AsFd) -> io::Result<Repaired> {
+    let socket = socket.as_fd();
+    let reuse_address = get_u32(socket, libc::SOL_SOCKET, libc::SO_REUSEADDR)? != 0;
+    set_int(socket, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1)?;
+    Ok(Repaired { reuse_address })
+}
+
+impl Repaired {
+    /// Takes the socket out of repair mode, as it was. SO_REUSEADDR comes back too:
+    /// without it, the TIME_WAIT the socket may end in would keep its address from a
+    /// new listener (a restarted kgate's) for a minute.
+    pub fn leave(&self, socket: impl AsFd) -> io::Result<()> {
+        /// Leaves repair mode without the window probe the kernel otherwise sends.
+        const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+        let socket = socket.as_fd();
+        set_int(
+            socket,
+            libc::IPPROTO_TCP,
+            libc::TCP_REPAIR,
+            TCP_REPAIR_OFF_NO_WP,
+        )?;
+        set_int(
+            socket,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            libc::c_int::from(self.reuse_address),
+        )
+    }
 }
 
 /// A socket's sequence numbers and timestamp clock, read in repair mode.
@@ -252,5 +280,37 @@ mod tests {
         assert_eq!(send_queue(&client).unwrap().written - written_before, 1000);
         assert_eq!(tcp_counters(&server).unwrap().bytes_received, 1000);
         set_receive_low_watermark(&server, 1).unwrap();
+    }
+
+    #[test]
+    fn a_socket_leaves_repair_mode_with_the_reuse_address_it_had() {
+        let listener =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener.set_reuse_address(true).unwrap();
+        listener
+            .bind(
+                &"127.0.0.1:0"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )
+            .unwrap();
+        listener.listen(1).unwrap();
+        let address = listener.local_addr().unwrap().as_socket().unwrap();
+        let client = TcpStream::connect(address).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        for (socket, reuse) in [(accepted.as_fd(), true), (client.as_fd(), false)] {
+            let repaired = match enter_repair(socket) {
+                Ok(repaired) => repaired,
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    eprintln!("skipped: repair mode needs CAP_NET_ADMIN");
+                    return;
+                }
+                Err(e) => panic!("entering repair mode: {e}"),
+            };
+            repaired.leave(socket).unwrap();
+            let now = get_u32(socket, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap();
+            assert_eq!(now != 0, reuse);
+        }
     }
 }

@@ -680,6 +680,48 @@ fn without_its_programs_the_packet_plane_copies_every_connection_and_says_why() 
     );
 }
 
+/// One short session where the server speaks first (a banner, QUIT, a goodbye): the
+/// server's first segment often comes during a handoff, which is then undone.
+fn server_first_session(frontend: SocketAddr) {
+    let mut c = connect(frontend);
+    let mut banner = [0u8; 8];
+    c.read_exact(&mut banner).unwrap();
+    assert_eq!(&banner, b"220 hi\r\n");
+    c.write_all(b"QUIT\r\n").unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"221 bye\r\n");
+}
+
+#[test]
+fn kgate_started_again_right_after_short_sessions_listens_at_once() {
+    if skip_without_root() {
+        return;
+    }
+    let mut rig = Rig::start("packet", 1);
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        read_proxy_header(&mut s).unwrap();
+        s.write_all(b"220 hi\r\n").unwrap();
+        let mut quit = [0u8; 6];
+        s.read_exact(&mut quit).unwrap();
+        s.write_all(b"221 bye\r\n").unwrap();
+    });
+    let frontend = rig.frontend_v4();
+    rig.lab.client().run(move || {
+        for _ in 0..60 {
+            server_first_session(frontend);
+        }
+    });
+    let config = std::fs::read_to_string(rig.kgate.config_path()).unwrap();
+    rig.kgate.stop();
+    // A socket taken out of repair mode by an undone handoff lost SO_REUSEADDR, and
+    // its TIME_WAIT kept the frontend's address from any new listener for a minute.
+    let kgate = Kgate::start(&rig.lab, &config);
+    rig.lab.client().run(move || server_first_session(frontend));
+    drop(kgate);
+}
+
 #[test]
 fn a_postscreen_session_is_forwarded_with_the_clients_address() {
     if skip_without_root() {

@@ -80,6 +80,7 @@ impl Dataplane {
                 Some(Ok(stats)) => info!(
                     handed_off = packet.handed_off(),
                     forwarded_segments = stats.forwarded_segments,
+                    forwarded_bytes = stats.forwarded_bytes,
                     frozen_drops = stats.frozen_drops,
                     held_drops = stats.held_drops,
                     silenced = stats.silenced,

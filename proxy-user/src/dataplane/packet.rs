@@ -404,10 +404,14 @@ impl Packet {
                 return Err(io::Error::other(e));
             }
         }
-        for (i, socket) in sockets.iter().enumerate() {
-            if let Err(e) = sockopt::set_repair(socket, true) {
-                self.undo(&keys, &sockets[..i], back.as_ref());
-                return Err(e);
+        let mut repaired = Vec::with_capacity(2);
+        for socket in sockets {
+            match sockopt::enter_repair(socket) {
+                Ok(before) => repaired.push((socket, before)),
+                Err(e) => {
+                    self.undo(&keys, &repaired, back.as_ref());
+                    return Err(e);
+                }
             }
         }
         let read = quiet(client, server)
@@ -415,11 +419,11 @@ impl Packet {
         let (x, y) = match read {
             Ok(Some((Ok(x), Ok(y)))) => (x, y),
             Ok(None) => {
-                self.undo(&keys, &sockets, back.as_ref());
+                self.undo(&keys, &repaired, back.as_ref());
                 return Ok(HandOff::NotQuiet);
             }
             Ok(Some((Err(e), _) | (_, Err(e)))) | Err(e) => {
-                self.undo(&keys, &sockets, back.as_ref());
+                self.undo(&keys, &repaired, back.as_ref());
                 return Err(e);
             }
         };
@@ -463,7 +467,7 @@ impl Packet {
             if let Err(e) = self.maps().set_rule(key, rule) {
                 // Nothing was forwarded with a half-set flow that a retransmission
                 // cannot mend: its segments came back as they were.
-                self.undo(&keys, &sockets, back.as_ref());
+                self.undo(&keys, &repaired, back.as_ref());
                 return Err(io::Error::other(e));
             }
         }
@@ -482,7 +486,12 @@ impl Packet {
 
     /// Takes a half-done handoff back: the rules go (or become `back` again), the
     /// sockets leave repair mode.
-    fn undo(&self, keys: &[FlowKey; 2], repaired: &[&TcpStream], back: Option<&Rule>) {
+    fn undo(
+        &self,
+        keys: &[FlowKey; 2],
+        repaired: &[(&TcpStream, sockopt::Repaired)],
+        back: Option<&Rule>,
+    ) {
         for key in keys {
             match back {
                 Some(rule) => {
@@ -494,8 +503,8 @@ impl Packet {
                 None => self.maps().remove_rule(key),
             }
         }
-        for socket in repaired {
-            if let Err(e) = sockopt::set_repair(socket, false) {
+        for (socket, before) in repaired {
+            if let Err(e) = before.leave(socket) {
                 warn!("a socket stays in repair mode after an undone handoff: {e}");
             }
         }

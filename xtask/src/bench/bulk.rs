@@ -23,9 +23,9 @@ use serde_json::json;
 
 use super::{
     Figure, Outcome,
-    proxy::Running,
+    proxy::{KernelBytes, Path, Running},
     server::{self, Server},
-    sys::{self, CpuTimes},
+    sys::CpuTimes,
 };
 
 /// Length of the pattern that every stream is a window onto: odd and not a power of
@@ -210,8 +210,15 @@ pub fn run(
         running.header_source,
         handler,
     )?;
-    let stats_path = running.pin_path(lab).map(|p| p.join("splice_stats"));
-    let splice_before = stats_path.as_deref().map(sys::splice_stats).transpose()?;
+    let kernel = running.kernel_bytes(lab);
+    let kernel_before = kernel.as_ref().map(KernelBytes::read).transpose()?;
+    let passed_before = match running.path {
+        Path::Sockmap => kernel
+            .as_ref()
+            .map(|k| k.read_field("passed_bytes"))
+            .transpose()?,
+        _ => None,
+    };
 
     let cpu_before = CpuTimes::now()?;
     let started = Instant::now();
@@ -281,15 +288,20 @@ pub fn run(
         "seconds": seconds,
         "cpu_busy_seconds": cpu_after.busy_seconds_since(&cpu_before),
     });
-    if let (Some(path), Some(before)) = (&stats_path, splice_before) {
-        let after = sys::splice_stats(path)?;
-        let redirected = after.0 - before.0;
-        let passed = after.1 - before.1;
-        if redirected == 0 {
-            bail!("kgate on the sockmap path redirected no byte: the splice was not used");
+    if let (Some(kernel), Some(before)) = (&kernel, kernel_before) {
+        let moved = kernel.read()? - before;
+        if moved == 0 {
+            bail!(
+                "kgate on the {} path moved no byte in the kernel ({} stayed 0)",
+                running.path.label(),
+                kernel.key
+            );
         }
-        details["spliced_bytes"] = json!(redirected);
-        details["passed_to_userspace_bytes"] = json!(passed);
+        details[kernel.key] = json!(moved);
+        if let Some(before) = passed_before {
+            details["passed_to_userspace_bytes"] =
+                json!(kernel.read_field("passed_bytes")? - before);
+        }
     }
     let (gbps_figure, cpu_figure) = if streams == 1 {
         (Figure::Bulk1Gbps, Figure::Bulk1Cpu)

@@ -28,9 +28,8 @@ use serde_json::json;
 
 use super::{
     Figure, Outcome,
-    proxy::Running,
+    proxy::{KernelBytes, Running},
     server::{self, Server},
-    sys,
 };
 
 const MESSAGE: usize = 64;
@@ -68,12 +67,12 @@ fn echo(mut conn: TcpStream) -> anyhow::Result<()> {
     }
 }
 
-/// What the client measured, and (on the sockmap path) the bytes kgate's program
-/// had redirected when measuring began.
+/// What the client measured, and (on the sockmap and packet paths) the bytes the
+/// kernel had moved for kgate when measuring began.
 struct Measured {
     histogram: Histogram<u64>,
     warmup_rounds: u64,
-    redirected_before: Option<u64>,
+    kernel_before: Option<u64>,
 }
 
 pub fn run(lab: &Lab, running: &Running, warmup: u64, rounds: u64) -> anyhow::Result<Outcome> {
@@ -85,12 +84,12 @@ pub fn run(lab: &Lab, running: &Running, warmup: u64, rounds: u64) -> anyhow::Re
         Arc::new(echo),
     )?;
     let target = running.target;
-    let stats_path = running.pin_path(lab).map(|p| p.join("splice_stats"));
-    let stats_at_start = stats_path.clone();
+    let kernel = running.kernel_bytes(lab);
+    let kernel_at_start = kernel.clone();
     let Measured {
         histogram,
         warmup_rounds,
-        redirected_before,
+        kernel_before,
     } = lab.client().run(move || -> anyhow::Result<Measured> {
         let mut histogram = Histogram::<u64>::new_with_bounds(LOWEST_NS, HIGHEST_NS, 3)
             .context("creating the histogram")?;
@@ -120,9 +119,9 @@ pub fn run(lab: &Lab, running: &Running, warmup: u64, rounds: u64) -> anyhow::Re
             round += 1;
         }
         let warmup_rounds = round;
-        let redirected_before = stats_at_start
-            .as_deref()
-            .map(|path| sys::splice_stats(path).map(|(redirected, _)| redirected))
+        let kernel_before = kernel_at_start
+            .as_ref()
+            .map(KernelBytes::read)
             .transpose()?;
         for round in warmup_rounds..warmup_rounds + rounds {
             let ns = u64::try_from(round_trip(round)?.as_nanos()).unwrap_or(u64::MAX);
@@ -131,7 +130,7 @@ pub fn run(lab: &Lab, running: &Running, warmup: u64, rounds: u64) -> anyhow::Re
         Ok(Measured {
             histogram,
             warmup_rounds,
-            redirected_before,
+            kernel_before,
         })
     })?;
     server.expect_served(1, Duration::from_secs(10))?;
@@ -143,9 +142,8 @@ pub fn run(lab: &Lab, running: &Running, warmup: u64, rounds: u64) -> anyhow::Re
         // Both directions of the measured round trips.
         "bytes_total": 2 * MESSAGE as u64 * rounds,
     });
-    if let (Some(path), Some(before)) = (&stats_path, redirected_before) {
-        let (after, _) = sys::splice_stats(path)?;
-        details["spliced_bytes"] = json!(after - before);
+    if let (Some(kernel), Some(before)) = (&kernel, kernel_before) {
+        details[kernel.key] = json!(kernel.read()? - before);
     }
     let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let (p50, p99, p999) = (us(0.5), us(0.99), us(0.999));

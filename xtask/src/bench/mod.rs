@@ -488,7 +488,7 @@ pub fn run(options: Options) -> anyhow::Result<ExitCode> {
         failures: failures.clone(),
     };
     let summary = report::Summary::new(&records);
-    let targets = report::targets(&summary);
+    let targets = report::targets(&summary, &settings.paths);
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let markdown = report::markdown(&context, &summary, &targets, "results.svg");
     write(&out.join("results.md"), &markdown)?;

@@ -13,6 +13,8 @@ use std::{
 use ::tests::{
     kgate::{Kgate, global_section, pin_path_for},
     lab::Lab,
+    packet::rules_len,
+    sockmap::sock_hash_len,
 };
 use anyhow::{Context as _, bail};
 
@@ -75,6 +77,38 @@ impl Path {
     }
 }
 
+/// A pinned map of kgate's that holds two entries per connection carried in the
+/// kernel: the splice's sockets (sockmap), the TC programs' rules (packet).
+pub struct HeldEntries {
+    pub map: PathBuf,
+    /// What its entries are, for messages.
+    pub what: &'static str,
+    pub len: fn(&FsPath) -> anyhow::Result<usize>,
+}
+
+/// A per-CPU counter of kgate's, in a pinned map.
+#[derive(Clone)]
+pub struct KernelBytes {
+    map: PathBuf,
+    field: &'static str,
+    /// Its name in a run's details.
+    pub key: &'static str,
+}
+
+impl KernelBytes {
+    pub fn read(&self) -> anyhow::Result<u64> {
+        self.read_field(self.field)
+    }
+
+    /// Another field of the same map.
+    pub fn read_field(&self, field: &str) -> anyhow::Result<u64> {
+        Ok(sys::sum_bpftool_field(
+            &sys::bpftool_dump(&self.map)?,
+            field,
+        ))
+    }
+}
+
 /// A path ready to carry connections: where the client connects, whether the backend
 /// gets a PROXY header, and the proxy process, stopped on drop.
 pub struct Running {
@@ -125,7 +159,11 @@ impl Running {
                         settings.queue_limit.as_deref(),
                     ),
                 );
-                if !kgate.log().contains(&format!("dataplane=\"{dataplane}\"")) {
+                // The packet plane serves without its programs too, copying: not the
+                // path to measure.
+                if !kgate.log().contains(&format!("dataplane=\"{dataplane}\""))
+                    || kgate.log().contains("programs cannot load")
+                {
                     bail!(
                         "kgate did not start the {dataplane} data plane; its log:\n{}",
                         kgate.log()
@@ -157,9 +195,41 @@ impl Running {
         }
     }
 
-    /// kgate's pin directory, on the sockmap path.
-    pub fn pin_path(&self, lab: &Lab) -> Option<PathBuf> {
-        (self.path == Path::Sockmap).then(|| pin_path_for(lab))
+    /// Where kgate's connections carried in the kernel can be counted.
+    pub fn held_entries(&self, lab: &Lab) -> Option<HeldEntries> {
+        let pins = pin_path_for(lab);
+        match self.path {
+            Path::Sockmap => Some(HeldEntries {
+                map: pins.join("peers"),
+                what: "sockets in kgate's peers map",
+                len: sock_hash_len,
+            }),
+            Path::Packet => Some(HeldEntries {
+                map: pins.join("packet_rules"),
+                what: "rules in kgate's packet_rules map",
+                len: rules_len,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Where the kernel counts the bytes it moves for kgate: the splice's redirected
+    /// bytes (sockmap), the TC programs' forwarded ones (packet).
+    pub fn kernel_bytes(&self, lab: &Lab) -> Option<KernelBytes> {
+        let pins = pin_path_for(lab);
+        match self.path {
+            Path::Sockmap => Some(KernelBytes {
+                map: pins.join("splice_stats"),
+                field: "redirected_bytes",
+                key: "spliced_bytes",
+            }),
+            Path::Packet => Some(KernelBytes {
+                map: pins.join("packet_stats"),
+                field: "forwarded_bytes",
+                key: "forwarded_bytes",
+            }),
+            _ => None,
+        }
     }
 
     /// Stops the proxy; an error if it did not exit cleanly.

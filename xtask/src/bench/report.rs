@@ -57,9 +57,19 @@ impl Stat {
 /// Every figure's statistics per path, over the runs that passed their checks.
 pub struct Summary {
     stats: HashMap<(Figure, Path), Stat>,
-    /// Per workload, the share of the sockmap path's measured bytes that the kernel
-    /// spliced (kgate copied the rest), in percent.
-    spliced_share: HashMap<Workload, Stat>,
+    /// Per workload and kgate path, the share of the measured bytes that the kernel
+    /// moved (spliced on sockmap, forwarded at TC on packet; kgate copied the rest),
+    /// in percent.
+    kernel_share: HashMap<(Workload, Path), Stat>,
+}
+
+/// The details key of the bytes the kernel moved for kgate on `path`, if it does.
+fn kernel_bytes_key(path: Path) -> Option<&'static str> {
+    match path {
+        Path::Sockmap => Some("spliced_bytes"),
+        Path::Packet => Some("forwarded_bytes"),
+        _ => None,
+    }
 }
 
 impl Summary {
@@ -76,28 +86,28 @@ impl Summary {
             .into_iter()
             .filter_map(|(key, mut v)| Stat::of(&mut v).map(|s| (key, s)))
             .collect();
-        let mut shares: HashMap<Workload, Vec<f64>> = HashMap::new();
+        let mut shares: HashMap<(Workload, Path), Vec<f64>> = HashMap::new();
         for record in records {
-            let Ok(outcome) = &record.outcome else {
+            let (Ok(outcome), Some(key)) = (&record.outcome, kernel_bytes_key(record.path)) else {
                 continue;
             };
             let bytes = |key: &str| outcome.details.get(key).and_then(|v| v.as_f64());
-            if let (Some(spliced), Some(total)) = (bytes("spliced_bytes"), bytes("bytes_total"))
+            if let (Some(moved), Some(total)) = (bytes(key), bytes("bytes_total"))
                 && total > 0.0
             {
                 shares
-                    .entry(record.workload)
+                    .entry((record.workload, record.path))
                     .or_default()
-                    .push(100.0 * spliced / total);
+                    .push(100.0 * moved / total);
             }
         }
-        let spliced_share = shares
+        let kernel_share = shares
             .into_iter()
-            .filter_map(|(workload, mut v)| Stat::of(&mut v).map(|s| (workload, s)))
+            .filter_map(|(key, mut v)| Stat::of(&mut v).map(|s| (key, s)))
             .collect();
         Summary {
             stats,
-            spliced_share,
+            kernel_share,
         }
     }
 
@@ -124,9 +134,20 @@ pub struct Target {
     pub detail: String,
 }
 
-/// The issue's targets for kgate's sockmap path.
-pub fn targets(summary: &Summary) -> Vec<Target> {
-    let s = Path::Sockmap;
+/// The targets, for each kgate path that carries connections in the kernel.
+pub type Targets = Vec<(Path, Vec<Target>)>;
+
+/// The issues' targets for each of kgate's kernel paths among `paths`.
+pub fn targets(summary: &Summary, paths: &[Path]) -> Targets {
+    [Path::Sockmap, Path::Packet]
+        .into_iter()
+        .filter(|path| paths.contains(path))
+        .map(|path| (path, targets_of(summary, path)))
+        .collect()
+}
+
+fn targets_of(summary: &Summary, path: Path) -> Vec<Target> {
+    let name = path.label().trim_start_matches("kgate ");
     let mut out = Vec::new();
     for (gbps, streams) in [
         (Figure::Bulk1Gbps, "1 stream"),
@@ -134,14 +155,16 @@ pub fn targets(summary: &Summary) -> Vec<Target> {
     ] {
         out.push(ratio_target(
             summary,
-            format!("sockmap throughput ≥ 1.5× HAProxy's ({streams})"),
+            path,
+            format!("{name} throughput ≥ 1.5× HAProxy's ({streams})"),
             gbps,
             Path::Haproxy,
             |r| r >= 1.5,
         ));
         out.push(ratio_target(
             summary,
-            format!("sockmap throughput ≥ 0.8× direct ({streams})"),
+            path,
+            format!("{name} throughput ≥ 0.8× direct ({streams})"),
             gbps,
             Path::Direct,
             |r| r >= 0.8,
@@ -153,21 +176,22 @@ pub fn targets(summary: &Summary) -> Vec<Target> {
     ] {
         out.push(ratio_target(
             summary,
-            format!("sockmap CPU per GiB ≤ 0.6× HAProxy's ({streams})"),
+            path,
+            format!("{name} CPU per GiB ≤ 0.6× HAProxy's ({streams})"),
             cpu,
             Path::Haproxy,
             |r| r <= 0.6,
         ));
     }
     let p99 = |p| summary.median(Figure::RrP99, p);
-    out.push(match (p99(s), p99(Path::Haproxy), p99(Path::Direct)) {
+    out.push(match (p99(path), p99(Path::Haproxy), p99(Path::Direct)) {
         (Some(k), Some(h), Some(d)) => {
             let (added_k, added_h) = (k - d, h - d);
             Target {
                 goal: "added p99 latency over direct ≤ half of HAProxy's".into(),
                 met: Some(added_k <= 0.5 * added_h),
                 detail: format!(
-                    "sockmap adds {} µs, HAProxy {} µs to direct's p99 of {} µs",
+                    "{name} adds {} µs, HAProxy {} µs to direct's p99 of {} µs",
                     num(added_k),
                     num(added_h),
                     num(d)
@@ -178,12 +202,13 @@ pub fn targets(summary: &Summary) -> Vec<Target> {
     });
     out.push(ratio_target(
         summary,
+        path,
         "short sessions per second ≥ 1.2× HAProxy's".into(),
         Figure::SessRate,
         Path::Haproxy,
         |r| r >= 1.2,
     ));
-    out.push(match summary.median(Figure::ScaleProxyRss, s) {
+    out.push(match summary.median(Figure::ScaleProxyRss, path) {
         Some(bytes) => Target {
             goal: "kgate's memory per held connection < 1 KiB".into(),
             met: Some(bytes < 1024.0),
@@ -199,15 +224,16 @@ pub fn targets(summary: &Summary) -> Vec<Target> {
 
 fn ratio_target(
     summary: &Summary,
+    path: Path,
     goal: String,
     figure: Figure,
     reference: Path,
     holds: impl Fn(f64) -> bool,
 ) -> Target {
     match (
-        summary.median(figure, Path::Sockmap),
+        summary.median(figure, path),
         summary.median(figure, reference),
-        summary.ratio(figure, Path::Sockmap, reference),
+        summary.ratio(figure, path, reference),
     ) {
         (Some(a), Some(b), Some(r)) => Target {
             goal,
@@ -272,7 +298,7 @@ pub fn progress_line(record: &Record, settings: &Settings) -> String {
 
 /// The tables, the targets and the notes, as Markdown; `image` is the chart's path
 /// relative to where the text will live.
-fn body(context: &Context, summary: &Summary, targets: &[Target], image: &str) -> String {
+fn body(context: &Context, summary: &Summary, targets: &Targets, image: &str) -> String {
     let s = &context.settings;
     let mut md = String::new();
     let _ = writeln!(
@@ -295,16 +321,22 @@ fn body(context: &Context, summary: &Summary, targets: &[Target], image: &str) -
         "![kgate, HAProxy and the direct path: throughput, CPU per GiB, latency, \
          sessions per second, memory per connection]({image})\n"
     );
-    md.push_str("| target (kgate sockmap) | result | measured |\n|---|---|---|\n");
-    for t in targets {
-        let result = match t.met {
-            Some(true) => "met",
-            Some(false) => "**missed**",
-            None => "not measured",
-        };
-        let _ = writeln!(md, "| {} | {result} | {} |", t.goal, t.detail);
+    for (path, targets) in targets {
+        let _ = writeln!(
+            md,
+            "| target ({}) | result | measured |\n|---|---|---|",
+            path.label()
+        );
+        for t in targets {
+            let result = match t.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "not measured",
+            };
+            let _ = writeln!(md, "| {} | {result} | {} |", t.goal, t.detail);
+        }
+        md.push('\n');
     }
-    md.push('\n');
 
     for &workload in &s.workloads {
         let figures: Vec<Figure> = Figure::ALL
@@ -353,7 +385,7 @@ fn body(context: &Context, summary: &Summary, targets: &[Target], image: &str) -
             }
             md.push('\n');
         }
-        if let Some(share) = summary.spliced_share.get(&workload) {
+        if let Some(share) = summary.kernel_share.get(&(workload, Path::Sockmap)) {
             let why_copied = match workload {
                 Workload::Bulk1 | Workload::Bulk8 => ", passed to it at the queue bound",
                 _ => "",
@@ -362,6 +394,16 @@ fn body(context: &Context, summary: &Summary, targets: &[Target], image: &str) -
                 md,
                 "\nkgate sockmap spliced {} % of these bytes in the kernel ({}–{} %); kgate \
                  copied the rest{why_copied}.",
+                num(share.median),
+                num(share.min),
+                num(share.max)
+            );
+        }
+        if let Some(share) = summary.kernel_share.get(&(workload, Path::Packet)) {
+            let _ = writeln!(
+                md,
+                "\nkgate packet forwarded {} % of these bytes at TC ({}–{} %; \
+                 retransmissions count again); kgate copied the rest, before the handoff.",
                 num(share.median),
                 num(share.min),
                 num(share.max)
@@ -415,7 +457,7 @@ fn body(context: &Context, summary: &Summary, targets: &[Target], image: &str) -
 }
 
 /// results.md.
-pub fn markdown(context: &Context, summary: &Summary, targets: &[Target], image: &str) -> String {
+pub fn markdown(context: &Context, summary: &Summary, targets: &Targets, image: &str) -> String {
     format!(
         "# kgate benchmarks\n\n{}",
         body(context, summary, targets, image)
@@ -423,7 +465,7 @@ pub fn markdown(context: &Context, summary: &Summary, targets: &[Target], image:
 }
 
 /// What goes between the README's markers.
-pub fn readme_block(context: &Context, summary: &Summary, targets: &[Target]) -> String {
+pub fn readme_block(context: &Context, summary: &Summary, targets: &Targets) -> String {
     format!(
         "{README_START}\n{}\nRaw numbers of every run: [bench/results.json](bench/results.json).\n{README_END}",
         body(context, summary, targets, "bench/results.svg")
@@ -460,7 +502,7 @@ pub fn json(
     context: &Context,
     records: &[Record],
     summary: &Summary,
-    targets: &[Target],
+    targets: &Targets,
     failures: &[String],
 ) -> Value {
     let s = &context.settings;
@@ -537,9 +579,16 @@ pub fn json(
         "load_average_after": context.load_after,
         "duration_s": context.duration_s,
         "summary": stats,
-        "targets": targets.iter().map(|t| json!({
-            "goal": t.goal, "met": t.met, "detail": t.detail,
-        })).collect::<Vec<_>>(),
+        "targets": targets
+            .iter()
+            .map(|(path, targets)| {
+                let targets: Vec<Value> = targets
+                    .iter()
+                    .map(|t| json!({ "goal": t.goal, "met": t.met, "detail": t.detail }))
+                    .collect();
+                (path.key().to_owned(), Value::Array(targets))
+            })
+            .collect::<serde_json::Map<_, _>>(),
         "failures": failures,
         "runs": runs,
     })
@@ -550,15 +599,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_spliced_share_comes_from_the_sockmap_runs_that_report_it() {
-        let run = |path, spliced: u64, total: u64| Record {
+    fn the_kernel_share_comes_from_the_runs_of_each_path_that_report_it() {
+        let run = |path, moved: u64, total: u64| Record {
             rep: 0,
             path,
             workload: Workload::Bulk1,
             seconds: 1.0,
             outcome: Ok(super::super::Outcome {
                 figures: vec![],
-                details: json!({ "spliced_bytes": spliced, "bytes_total": total }),
+                details: match path {
+                    Path::Packet => json!({ "forwarded_bytes": moved, "bytes_total": total }),
+                    _ => json!({ "spliced_bytes": moved, "bytes_total": total }),
+                },
             }),
         };
         let summary = Summary::new(&[
@@ -569,10 +621,26 @@ mod tests {
                 outcome: Err("failed".into()),
                 ..run(Path::Sockmap, 0, 1)
             },
+            run(Path::Packet, 99, 100),
+            // Direct reports no kernel bytes of kgate's, whatever its details say.
+            run(Path::Direct, 100, 100),
         ]);
-        let share = summary.spliced_share[&Workload::Bulk1];
+        let share = summary.kernel_share[&(Workload::Bulk1, Path::Sockmap)];
         assert_eq!((share.median, share.min, share.max), (50.0, 25.0, 100.0));
-        assert!(!summary.spliced_share.contains_key(&Workload::Bulk8));
+        assert_eq!(
+            summary.kernel_share[&(Workload::Bulk1, Path::Packet)].median,
+            99.0
+        );
+        assert!(
+            !summary
+                .kernel_share
+                .contains_key(&(Workload::Bulk1, Path::Direct))
+        );
+        assert!(
+            !summary
+                .kernel_share
+                .contains_key(&(Workload::Bulk8, Path::Sockmap))
+        );
     }
 
     #[test]

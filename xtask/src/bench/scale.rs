@@ -25,13 +25,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ::tests::{lab::Lab, sockmap::sock_hash_len};
+use ::tests::lab::Lab;
 use anyhow::{Context as _, anyhow, bail};
 use serde_json::json;
 
 use super::{
     Figure, Outcome,
-    proxy::Running,
+    proxy::{HeldEntries, Running},
     server,
     sys::{self, Memory},
 };
@@ -152,7 +152,7 @@ impl Reading {
 pub fn run(lab: &Lab, running: &Running, n: usize) -> anyhow::Result<Outcome> {
     let holder = Holder::start(lab, running, n)?;
     let proxy = running.pid();
-    let peers = running.pin_path(lab).map(|p| p.join("peers"));
+    let held_entries = running.held_entries(lab);
     let proxy_fds = proxy.map(sys::open_fds);
     let before = Reading::now(proxy)?;
 
@@ -196,11 +196,12 @@ pub fn run(lab: &Lab, running: &Running, n: usize) -> anyhow::Result<Outcome> {
             holder.count()
         );
     }
-    if let Some(peers) = &peers {
-        let spliced = wait_map_len(peers, 2 * n, deadline)?;
-        if spliced != 2 * n {
+    if let Some(entries) = &held_entries {
+        let held = wait_map_len(entries, 2 * n, deadline)?;
+        if held != 2 * n {
             bail!(
-                "kgate's peers map holds {spliced} sockets, not the {} of {n} spliced connections",
+                "{held} {}, not the {} of {n} connections carried in the kernel",
+                entries.what,
                 2 * n
             );
         }
@@ -221,7 +222,7 @@ pub fn run(lab: &Lab, running: &Running, n: usize) -> anyhow::Result<Outcome> {
 
     drop(clients);
     drop(held);
-    release(running, proxy_fds, peers.as_deref())?;
+    release(running, proxy_fds, held_entries.as_ref())?;
 
     let mut figures = vec![
         (Figure::ScaleKernel, per_conn(slab) / 1024.0),
@@ -296,9 +297,9 @@ fn echo_each(clients: &[TcpStream], held: &[TcpStream]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_map_len(path: &std::path::Path, want: usize, deadline: Instant) -> anyhow::Result<usize> {
+fn wait_map_len(entries: &HeldEntries, want: usize, deadline: Instant) -> anyhow::Result<usize> {
     loop {
-        let len = sock_hash_len(path)?;
+        let len = (entries.len)(&entries.map)?;
         if len == want || Instant::now() >= deadline {
             return Ok(len);
         }
@@ -307,11 +308,11 @@ fn wait_map_len(path: &std::path::Path, want: usize, deadline: Instant) -> anyho
 }
 
 /// Waits until the proxy has closed the connections: its open files back to where
-/// they were, and on the sockmap path its sock hash empty.
+/// they were, and on the sockmap and packet paths its map of them empty.
 fn release(
     running: &Running,
     fds_before: Option<usize>,
-    peers: Option<&std::path::Path>,
+    held_entries: Option<&HeldEntries>,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + RELEASE_TIMEOUT;
     if let (Some(pid), Some(before)) = (running.pid(), fds_before) {
@@ -323,10 +324,13 @@ fn release(
             bail!("the proxy still has {now} files open, {before} before the scale test");
         }
     }
-    if let Some(peers) = peers {
-        let left = wait_map_len(peers, 0, deadline)?;
+    if let Some(entries) = held_entries {
+        let left = wait_map_len(entries, 0, deadline)?;
         if left != 0 {
-            bail!("{left} sockets stayed in kgate's peers map after the connections closed");
+            bail!(
+                "{left} {} stayed after the connections closed",
+                entries.what
+            );
         }
     }
     Ok(())

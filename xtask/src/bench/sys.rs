@@ -308,15 +308,6 @@ pub fn sum_bpftool_field(dump: &serde_json::Value, field: &str) -> u64 {
     }
 }
 
-/// (redirected, passed) bytes from kgate's per-CPU `splice_stats` map at `path`.
-pub fn splice_stats(path: &Path) -> anyhow::Result<(u64, u64)> {
-    let dump = bpftool_dump(path)?;
-    Ok((
-        sum_bpftool_field(&dump, "redirected_bytes"),
-        sum_bpftool_field(&dump, "passed_bytes"),
-    ))
-}
-
 /// `bpftool map dump pinned PATH`, parsed.
 pub fn bpftool_dump(path: &Path) -> anyhow::Result<serde_json::Value> {
     let out = Command::new("bpftool")

@@ -51,11 +51,18 @@ pub const DOWN: u8 = 1;
 pub const FREEZE: u8 = 1;
 /// [`Rule::state`]: segments are rewritten and forwarded.
 pub const FORWARD: u8 = 2;
-/// [`Rule::state`]: before a handoff of a busy connection, segments that carry data
-/// (or a FIN) are dropped, so that nothing more reaches the sockets that their peers
-/// would count as delivered; pure ACKs pass, so that the sockets learn what their own
-/// bytes became. The sockets still send.
+/// [`Rule::state`]: before a handoff of a busy connection, the gateway's own sockets
+/// of the flow announce a zero window (the egress program closes it in every segment
+/// they send): their peers stop sending new data, what is in flight arrives, and the
+/// sockets drain and get quiet. Nothing is dropped: the peers' ACKs, which ride on
+/// their data, keep flowing. The handoff then opens the windows again (segments
+/// kgate writes, marked [`INJECTED_MARK`]).
 pub const HOLD: u8 = 3;
+
+/// `skb->mark` of the segments kgate writes itself through raw sockets (resets,
+/// window updates): the egress program lets them out even for a flow whose own
+/// sockets it silences.
+pub const INJECTED_MARK: u32 = 0x6b67_6174;
 
 /// [`Rule::flags`]: both connections carry TCP timestamps.
 pub const TIMESTAMPS: u8 = 1;
@@ -109,7 +116,29 @@ pub struct Rule {
     /// to the receiver).
     pub window_shift_in: u8,
     pub window_shift_out: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// While [`HOLD`]: the last segment the gateway's own socket sent to this rule's
+    /// sender, as it was before the egress program closed its window (written by that
+    /// program). Userspace sends it again, window open, when the hold ends without a
+    /// handoff: the peer may have nothing else coming to learn the window from.
+    pub held_last_sent: LastSent,
+}
+
+/// A segment's sequence state, as [`Rule::held_last_sent`] keeps it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LastSent {
+    /// The sequence number past the segment (its payload and FIN).
+    pub seq_end: u32,
+    pub ack: u32,
+    pub tsval: u32,
+    pub tsecr: u32,
+    /// As in the segment (the sender's scale applies).
+    pub window: u16,
+    /// 1 when the segment was seen (the fields above are set).
+    pub seen: u8,
+    /// 1 when the segment carried timestamps.
+    pub timestamps: u8,
 }
 
 /// [`DirectionProgress::flags`]: the direction's FIN was forwarded.
@@ -174,8 +203,9 @@ pub struct PacketStats {
     pub forwarded_bytes: u64,
     /// Segments dropped during a handoff (their senders send them again).
     pub frozen_drops: u64,
-    /// Segments with data dropped while a busy connection was held before its handoff.
-    pub held_drops: u64,
+    /// Segments of the gateway's own sockets whose window was closed while a busy
+    /// connection was held before its handoff.
+    pub held_windows: u64,
     /// Segments of the gateway's own sockets of a forwarded flow, dropped at egress.
     pub silenced: u64,
     /// Segments of a forwarded flow with no route to their new destination (dropped).
@@ -196,7 +226,7 @@ impl PacketStats {
                 forwarded_segments: acc.forwarded_segments + s.forwarded_segments,
                 forwarded_bytes: acc.forwarded_bytes + s.forwarded_bytes,
                 frozen_drops: acc.frozen_drops + s.frozen_drops,
-                held_drops: acc.held_drops + s.held_drops,
+                held_windows: acc.held_windows + s.held_windows,
                 silenced: acc.silenced + s.silenced,
                 no_route: acc.no_route + s.no_route,
                 malformed: acc.malformed + s.malformed,

@@ -13,7 +13,9 @@
 //! While a flow's rules say `FREEZE`, its segments are dropped (the handoff reads the
 //! sockets then, and nothing may change them); their senders send them again. At
 //! egress, segments the gateway's own sockets of such a flow would send are dropped:
-//! those sockets no longer follow the connection.
+//! those sockets no longer follow the connection. While they say `HOLD`, the egress
+//! program closes the window in what those sockets send (see `HOLD`), and ingress lets
+//! everything through. Segments kgate writes itself carry `INJECTED_MARK` and pass.
 //!
 //! Every read and write goes through the skb helpers (`bpf_skb_load_bytes`,
 //! `bpf_skb_store_bytes`), which check bounds and reach into paged data.
@@ -32,8 +34,8 @@ use proxy_common::{
     ServerBytes,
     packet::{
         CLOSED, DOWN, EVENT_RING_BYTES, Event, FIN_ACKED, FIN_SEEN, FORWARD, FREEZE, FlowKey,
-        HALF_CLOSED, HOLD, MAX_PACKET_FLOWS, PacketStats, Progress, RESET, RESET_SEEN, Rule,
-        TIMESTAMPS, TS_KNOWN, UP, advance, translate_window,
+        HALF_CLOSED, HOLD, INJECTED_MARK, LastSent, MAX_PACKET_FLOWS, PacketStats, Progress, RESET,
+        RESET_SEEN, Rule, TIMESTAMPS, TS_KNOWN, UP, advance, translate_window,
     },
 };
 
@@ -146,16 +148,65 @@ pub fn kgate_pkt_egress(ctx: TcContext) -> i32 {
         source_port: key.destination_port,
         destination_port: key.source_port,
     };
-    // SAFETY: reading a field of the program's context.
-    let from_ingress = unsafe { (*ctx.skb.skb).ingress_ifindex } != 0;
-    // SAFETY: only the state is read.
-    let silenced = unsafe { KGATE_PKT_RULES.get(reverse) }
-        .is_some_and(|rule| rule.state == FREEZE || rule.state == FORWARD);
-    if !from_ingress && silenced {
-        count(|s| s.silenced += 1);
-        return TC_ACT_SHOT;
+    // SAFETY: reading fields of the program's context.
+    let (from_ingress, mark) =
+        unsafe { ((*ctx.skb.skb).ingress_ifindex != 0, (*ctx.skb.skb).mark) };
+    if from_ingress || mark == INJECTED_MARK {
+        return NOT_OURS;
     }
-    NOT_OURS
+    let Some(rule) = KGATE_PKT_RULES.get_ptr_mut(reverse) else {
+        return NOT_OURS;
+    };
+    // SAFETY: a rule of the map; userspace replaces rules whole, and only this program
+    // writes `held_last_sent`, which nothing else reads while the rule holds.
+    let rule = unsafe { &mut *rule };
+    match rule.state {
+        FREEZE | FORWARD => {
+            count(|s| s.silenced += 1);
+            TC_ACT_SHOT
+        }
+        HOLD => match close_window(&ctx, &segment, &mut rule.held_last_sent) {
+            Ok(()) => NOT_OURS,
+            Err(Broken) => {
+                count(|s| s.malformed += 1);
+                TC_ACT_SHOT
+            }
+        },
+        _ => NOT_OURS,
+    }
+}
+
+/// Announces a zero window in a segment of the gateway's own socket, and keeps what
+/// the segment said in `last`.
+fn close_window(ctx: &TcContext, segment: &Segment, last: &mut LastSent) -> Result<(), Broken> {
+    let l4 = segment.l4;
+    let seq = u32::from_be(load::<u32>(ctx, l4 + TCP_SEQ)?);
+    let ack = u32::from_be(load::<u32>(ctx, l4 + TCP_ACK_NUMBER)?);
+    let doff = usize::from(load::<u8>(ctx, l4 + TCP_DOFF)? >> 4) * 4;
+    let flags: u8 = load(ctx, l4 + TCP_FLAGS)?;
+    let window: u16 = load(ctx, l4 + TCP_WINDOW)?;
+    let payload = segment.end.checked_sub(l4 + doff).ok_or(Broken)? as u32;
+    last.seq_end = seq
+        .wrapping_add(payload)
+        .wrapping_add(u32::from(flags & TCP_FIN != 0));
+    last.ack = ack;
+    last.window = u16::from_be(window);
+    last.timestamps = 0;
+    // Linux puts the timestamps first, after two NOPs, in every segment but a SYN.
+    if doff >= TCP_MIN_HLEN + 12 {
+        let head: [u8; 4] = load(ctx, l4 + TCP_MIN_HLEN)?;
+        if head == [OPT_NOP, OPT_NOP, OPT_TIMESTAMP, OPT_TIMESTAMP_LEN as u8] {
+            last.tsval = u32::from_be(load::<u32>(ctx, l4 + TCP_MIN_HLEN + 4)?);
+            last.tsecr = u32::from_be(load::<u32>(ctx, l4 + TCP_MIN_HLEN + 8)?);
+            last.timestamps = 1;
+        }
+    }
+    last.seen = 1;
+    if window != 0 {
+        replace_u16(ctx, l4 + TCP_WINDOW, l4 + TCP_CHECKSUM, window, 0)?;
+        count(|s| s.held_windows += 1);
+    }
+    Ok(())
 }
 
 fn try_ingress(ctx: &TcContext) -> Result<i32, Broken> {
@@ -173,14 +224,6 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, Broken> {
             count(|s| s.frozen_drops += 1);
             Ok(TC_ACT_SHOT)
         }
-        HOLD => {
-            if carries_data(ctx, &segment)? {
-                count(|s| s.held_drops += 1);
-                Ok(TC_ACT_SHOT)
-            } else {
-                Ok(NOT_OURS)
-            }
-        }
         FORWARD => {
             let scratch = KGATE_PKT_SCRATCH.get_ptr_mut(0).ok_or(Broken)?;
             // SAFETY: the per-CPU slot belongs to this CPU while the program runs.
@@ -190,17 +233,6 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, Broken> {
     }
 }
 
-/// Whether the segment carries bytes or a FIN: something its receiver would
-/// acknowledge as delivered.
-fn carries_data(ctx: &TcContext, segment: &Segment) -> Result<bool, Broken> {
-    let doff = usize::from(load::<u8>(ctx, segment.l4 + TCP_DOFF)? >> 4) * 4;
-    let flags: u8 = load(ctx, segment.l4 + TCP_FLAGS)?;
-    Ok(flags & TCP_FIN != 0 || segment.end > segment.l4 + doff)
-}
-
-/// Reads the addresses and ports of a TCP segment over Ethernet into `segment`; false
-/// for anything else (fragments and IPv6 extension headers included: no flow sends
-/// them).
 fn parse(ctx: &TcContext, segment: &mut Segment) -> bool {
     parse_into(ctx, segment).is_some()
 }

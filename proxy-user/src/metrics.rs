@@ -560,7 +560,7 @@ fn dataplane_families(daemon: &Daemon) -> Vec<Family> {
                     series: [
                         ("forwarded", stats.forwarded_segments),
                         ("dropped_frozen", stats.frozen_drops),
-                        ("dropped_held", stats.held_drops),
+                        ("held_window_closed", stats.held_windows),
                         ("silenced", stats.silenced),
                         ("no_route", stats.no_route),
                         ("malformed", stats.malformed),

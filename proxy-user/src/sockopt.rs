@@ -196,6 +196,8 @@ pub struct Sequence {
     pub send_next: u32,
     /// Its TCP timestamp clock now (what it would send as TSval).
     pub ts_clock: u32,
+    /// The window its peer last announced to it, in bytes.
+    pub send_window: u32,
 }
 
 pub fn sequence(socket: impl AsFd) -> io::Result<Sequence> {
@@ -217,10 +219,27 @@ pub fn sequence(socket: impl AsFd) -> io::Result<Sequence> {
     )?;
     let send_next = get_u32(socket, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
     let ts_clock = get_u32(socket, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP)?;
+    // struct tcp_repair_window: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+    let mut window = [0u32; 5];
+    let mut len = mem::size_of_val(&window) as libc::socklen_t;
+    // SAFETY: the option writes at most `len` bytes into `window`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_REPAIR_WINDOW,
+            window.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(Sequence {
         receive_next,
         send_next,
         ts_clock,
+        send_window: window[1],
     })
 }
 

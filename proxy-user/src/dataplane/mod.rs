@@ -11,7 +11,7 @@
 
 mod direction;
 mod packet;
-mod packet_reset;
+mod packet_raw;
 mod parking;
 mod relay;
 mod sockmap;
@@ -82,7 +82,7 @@ impl Dataplane {
                     forwarded_segments = stats.forwarded_segments,
                     forwarded_bytes = stats.forwarded_bytes,
                     frozen_drops = stats.frozen_drops,
-                    held_drops = stats.held_drops,
+                    held_windows = stats.held_windows,
                     silenced = stats.silenced,
                     no_route = stats.no_route,
                     malformed = stats.malformed,

@@ -61,7 +61,7 @@ use tracing::{debug, warn};
 
 use super::{
     Path, Timeouts,
-    packet_reset::Resetter,
+    packet_raw::{self, RawSegments, WindowUpdate},
     relay::{End, Transfer},
 };
 use crate::{
@@ -139,7 +139,7 @@ pub struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         if self.armed {
-            self.packet.undo(&self.keys, &[], None);
+            self.packet.release(&self.keys);
         }
     }
 }
@@ -162,7 +162,7 @@ pub struct Packet {
     flows: Mutex<Slab<Slot>>,
     fallbacks: [AtomicU64; Fallback::ALL.len()],
     handed_off: AtomicU64,
-    resetter: Option<Resetter>,
+    raw: Option<RawSegments>,
     local: Mutex<LocalAddresses>,
     /// The interfaces the programs are attached to (indexes).
     attached: HashSet<u32>,
@@ -209,12 +209,14 @@ impl Packet {
         attached: HashSet<u32>,
         routes: Routes,
     ) -> Arc<Packet> {
-        let resetter = match Resetter::open() {
-            Ok(resetter) => Some(resetter),
+        let raw = match RawSegments::open() {
+            Ok(raw) => Some(raw),
             Err(e) => {
                 warn!(
                     "forwarded connections will be closed without resetting their peers at \
-                     a timeout or at shutdown: no raw socket ({e}; it needs CAP_NET_RAW)"
+                     a timeout or at shutdown, and a busy connection's peers will wait for \
+                     their next window probe after its handoff: no raw socket ({e}; it needs \
+                     CAP_NET_RAW and CAP_NET_ADMIN)"
                 );
                 None
             }
@@ -225,7 +227,7 @@ impl Packet {
             flows: Mutex::default(),
             fallbacks: Default::default(),
             handed_off: AtomicU64::new(0),
-            resetter,
+            raw,
             local: Mutex::new(LocalAddresses::default()),
             attached,
             routes: Some(Mutex::new(routes)),
@@ -243,7 +245,7 @@ impl Packet {
             flows: Mutex::default(),
             fallbacks: Default::default(),
             handed_off: AtomicU64::new(0),
-            resetter: None,
+            raw: None,
             local: Mutex::new(LocalAddresses::default()),
             attached: HashSet::new(),
             routes: None,
@@ -450,7 +452,7 @@ impl Packet {
             server_slot,
             window_shift_in: scale(&shapes[0], true),
             window_shift_out: scale(&shapes[1], false),
-            _pad: [0; 6],
+            ..Rule::default()
         };
         let down = Rule {
             new_key: key(locals[0], peers[0]),
@@ -474,6 +476,7 @@ impl Packet {
         if let Some(held) = held {
             // The rules are the flow's now.
             held.armed = false;
+            self.open_windows(&peers, &locals, &shapes, [&x, &y]);
         }
         flows.insert(Slot::Reserved(None));
         self.handed_off.fetch_add(1, Ordering::Relaxed);
@@ -482,6 +485,71 @@ impl Packet {
             keys,
             next_seq: [x.send_next, y.send_next],
         }))
+    }
+
+    /// After the handoff of a held connection: each peer may send again, as much as
+    /// the other peer last allowed (see packet_raw.rs).
+    fn open_windows(
+        &self,
+        peers: &[SocketAddr; 2],
+        locals: &[SocketAddr; 2],
+        shapes: &[TcpShape; 2],
+        sequences: [&sockopt::Sequence; 2],
+    ) {
+        let Some(raw) = &self.raw else {
+            return;
+        };
+        for side in 0..2 {
+            let (own, other) = (sequences[side], sequences[1 - side]);
+            let shape = &shapes[side];
+            let scale = if shape.window_scaling {
+                shape.own_window_scale
+            } else {
+                0
+            };
+            let update = WindowUpdate {
+                from: locals[side],
+                to: peers[side],
+                seq: own.send_next,
+                ack: own.receive_next,
+                window: u16::try_from(other.send_window >> scale).unwrap_or(u16::MAX),
+                timestamps: shape.timestamps.then_some((own.ts_clock, 0)),
+            };
+            if let Err(e) = raw.update_window(&update) {
+                debug!(to = %update.to, "opening a window after a hold: {e}");
+            }
+        }
+    }
+
+    /// Ends a hold that did not lead to a handoff: the rules go, and each peer gets
+    /// the last segment the gateway sent it again, with its window open (see
+    /// [`Rule::held_last_sent`]).
+    fn release(&self, keys: &[FlowKey; 2]) {
+        let last_sent = keys.map(|key| match self.maps().rule(&key) {
+            Ok(Some(rule)) if rule.held_last_sent.seen == 1 => Some(rule.held_last_sent),
+            _ => None,
+        });
+        self.undo(keys, &[], None);
+        let Some(raw) = &self.raw else {
+            return;
+        };
+        for (key, last) in keys.iter().zip(last_sent) {
+            let Some(last) = last else {
+                continue;
+            };
+            // The rule's key is the peer's segments as they arrive: this goes back.
+            let update = WindowUpdate {
+                from: packet_raw::address(key.destination, key.destination_port),
+                to: packet_raw::address(key.source, key.source_port),
+                seq: last.seq_end,
+                ack: last.ack,
+                window: last.window,
+                timestamps: (last.timestamps == 1).then_some((last.tsval, last.tsecr)),
+            };
+            if let Err(e) = raw.update_window(&update) {
+                debug!(to = %update.to, "opening a window after a hold: {e}");
+            }
+        }
     }
 
     /// Takes a half-done handoff back: the rules go (or become `back` again), the
@@ -659,8 +727,8 @@ impl Packet {
             self.maps().remove_rule(key);
         }
         let progress = self.maps().progress(slot as u32).unwrap_or_default();
-        if reset_peers && let Some(resetter) = &self.resetter {
-            resetter.reset_both(&forwarded.keys, forwarded.next_seq, &progress);
+        if reset_peers && let Some(raw) = &self.raw {
+            raw.reset_both(&forwarded.keys, forwarded.next_seq, &progress);
         }
         forwarded.log(end, &progress);
     }
@@ -674,9 +742,9 @@ impl Packet {
                 for key in &forwarded.keys {
                     self.maps().remove_rule(key);
                 }
-                if let Some(resetter) = &self.resetter {
+                if let Some(raw) = &self.raw {
                     let progress = self.maps().progress(slot as u32).unwrap_or_default();
-                    resetter.reset_both(&forwarded.keys, forwarded.next_seq, &progress);
+                    raw.reset_both(&forwarded.keys, forwarded.next_seq, &progress);
                 }
             }
         }

@@ -120,6 +120,14 @@ enum Later {
 
 /// The first wait before a handoff is tried again, and the longest.
 const HANDOFF_RETRY: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(64));
+/// How long a connection must have been quiet before a handoff is tried: a segment
+/// that comes while the handoff reads the sockets is dropped, and when it is the
+/// last one its sender has in flight (a banner, a command, a reply), it is sent
+/// again only after some 200 ms. Right after a copy the answer to it is on its
+/// way; after a quiet millisecond, a peer more than a LAN away, or one that thinks
+/// before it speaks (postscreen's greeting pause), is unlikely to speak in the few
+/// microseconds the handoff takes. Sessions shorter than this stay copied.
+const HANDOFF_QUIET: Duration = Duration::from_millis(1);
 /// A connection that has copied this much and still moves is held for its handoff:
 /// short sessions never are (what the hold drops, their peers send again, late).
 const HOLD_AFTER_BYTES: u64 = 64 * 1024;
@@ -129,10 +137,41 @@ const HOLD_LIMIT: Duration = Duration::from_secs(2);
 const HOLD_PAUSE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(64));
 
 impl Later {
-    fn at(&self) -> Instant {
+    /// When to act, for a connection quiet since `quiet_since` that has copied
+    /// `copied` bytes.
+    fn due(&self, quiet_since: Instant, copied: u64) -> Instant {
         match self {
-            Later::Splice { at, .. } | Later::HandOff { at, .. } => *at,
+            Later::Splice { at, .. } => *at,
+            // A busy connection is held instead (see `try_hand_off`).
+            Later::HandOff { at, .. } if copied >= HOLD_AFTER_BYTES => *at,
+            Later::HandOff { at, .. } => (*at).max(quiet_since + HANDOFF_QUIET),
         }
+    }
+
+    /// Lets a hold go once it has lasted [`HOLD_LIMIT`] (the connection is handed off
+    /// later, if ever); else returns when that will be. Checked whether or not a
+    /// handoff may be tried meanwhile: a hold must never outlast its limit.
+    fn release_overdue_hold(&mut self, now: Instant) -> Option<Instant> {
+        let Later::HandOff {
+            held: held @ Some(_),
+            at,
+            backoff,
+            pause,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let ends = held.as_ref().map(|(_, since)| *since + HOLD_LIMIT)?;
+        if now < ends {
+            return Some(ends);
+        }
+        debug!("the connection did not get quiet in its hold: let go for {pause:?}");
+        *held = None;
+        *at = now + *pause;
+        *pause = (*pause * 2).min(HOLD_PAUSE.1);
+        *backoff = HANDOFF_RETRY.0;
+        None
     }
 }
 
@@ -252,7 +291,7 @@ impl Relay {
             backoff,
             copied,
             held,
-            pause,
+            ..
         }) = &mut self.later
         else {
             return None;
@@ -280,11 +319,14 @@ impl Relay {
             HandOff::NotQuiet => {}
         }
         match held {
-            Some((_, since)) if now.duration_since(*since) >= HOLD_LIMIT => {
-                *held = None;
-                *at = now + *pause;
-                *pause = (*pause * 2).min(HOLD_PAUSE.1);
-                *backoff = HANDOFF_RETRY.0;
+            Some(_) => {
+                let later = self.later.as_mut()?;
+                if later.release_overdue_hold(now).is_some()
+                    && let Later::HandOff { at, backoff, .. } = later
+                {
+                    *at = now + *backoff;
+                    *backoff = (*backoff * 2).min(HANDOFF_RETRY.1);
+                }
             }
             None if moving && copied_now >= HOLD_AFTER_BYTES => {
                 match packet.hold(&self.client, &self.server) {
@@ -423,6 +465,12 @@ impl Relay {
                 };
                 if first_fin.is_some() {
                     idle_check = idle_check.min(Instant::now() + timeouts.half_closed);
+                    // Past a FIN a connection is never quiet (its sockets are no longer
+                    // established): no handoff, and a hold would only stop the other
+                    // direction until its limit.
+                    if matches!(self.later, Some(Later::HandOff { .. })) {
+                        self.later = None;
+                    }
                 }
             }
             let draining = up.wants_drain_poll() || down.wants_drain_poll();
@@ -431,13 +479,14 @@ impl Relay {
             }
             let park_at = (splice.is_some() && up.parkable() && down.parkable())
                 .then_some(quiet_since + PARK_AFTER);
+            let copied = up.state.copied_bytes() + down.state.copied_bytes();
             let later_at = self
                 .later
                 .as_ref()
                 .filter(|_| up.may_join() && down.may_join())
-                .map(Later::at);
-            let bulk = matches!(self.later, Some(Later::Splice { .. }))
-                && up.state.copied_bytes() + down.state.copied_bytes() >= SPLICE_AFTER_BYTES;
+                .map(|later| later.due(quiet_since, copied));
+            let bulk =
+                matches!(self.later, Some(Later::Splice { .. })) && copied >= SPLICE_AFTER_BYTES;
             if let Some(at) = later_at
                 && (Instant::now() >= at || bulk)
             {
@@ -445,10 +494,14 @@ impl Relay {
                 self.progress.idle_check = idle_check;
                 return Stop::Later;
             }
+            let hold_ends = self
+                .later
+                .as_mut()
+                .and_then(|later| later.release_overdue_hold(Instant::now()));
             // One readiness future per socket and one timer: each is part of every
             // connection's task, so every one of them costs memory per connection.
             let drain_at = draining.then(|| Instant::now() + drain_poll);
-            let wake_at = [drain_at, park_at, later_at]
+            let wake_at = [drain_at, park_at, later_at, hold_ends]
                 .into_iter()
                 .flatten()
                 .fold(idle_check, Instant::min);

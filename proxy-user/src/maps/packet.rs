@@ -110,6 +110,14 @@ impl PacketMaps {
         lock(&self.rules).insert(key, rule, 0)
     }
 
+    pub fn rule(&self, key: &FlowKey) -> Result<Option<Rule>, MapError> {
+        match lock(&self.rules).get(key, 0) {
+            Ok(rule) => Ok(Some(rule)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Removes the rule for `key`; a missing one is not an error.
     pub fn remove_rule(&self, key: &FlowKey) {
         let _ = lock(&self.rules).remove(key);

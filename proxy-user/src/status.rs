@@ -96,7 +96,7 @@ pub struct BackendStatus {
     pub name: String,
     pub balance: String,
     pub proxy_protocol: String,
-    /// tcp, smtp, imap or none.
+    /// tcp, smtp, imap, smtps, imaps or none.
     pub check: String,
     /// Clients closed because no server could take them.
     pub no_server: u64,

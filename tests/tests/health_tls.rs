@@ -5,14 +5,16 @@
 //! must leave both logs clean; a plain server on a TLS port, and a certificate that
 //! `tls_verify` refuses, must fail with a reason that says so.
 
+use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::dovecot::{Dovecot, Listeners};
-use tests::kgate::{Kgate, global_section};
+use tests::kgate::{Kgate, global_section, kgate_bin};
 use tests::lab::{Lab, skip_without_root};
 use tests::postfix::{Postfix, trouble};
 use tests::tls::{ca_signed, self_signed};
@@ -342,4 +344,62 @@ fn tls_checks_fail_on_a_plain_port_and_on_a_certificate_tls_verify_refuses_sayin
     {
         println!("  {line}");
     }
+}
+
+/// `kgate check` reads `tls_ca_file`: one it cannot read, or that holds no
+/// certificate, is an error at the key's line that says what to give.
+#[test]
+fn kgate_check_reads_the_ca_file_and_names_the_line_of_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("kgate-health-tls-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let (ca, _) = self_signed(&dir, "ca.kgate.test");
+    let not_pem = dir.join("not-pem.txt");
+    fs::write(&not_pem, "a note, not a certificate\n").unwrap();
+    let check = |ca_file: &Path| {
+        let config = dir.join("kgate.toml");
+        fs::write(
+            &config,
+            format!(
+                "[[frontends]]\nname = \"imaps\"\nlisten = [\"192.0.2.1:993\"]\nbackend = \"b\"\n\
+                 [[backends]]\nname = \"b\"\n[backends.health]\ncheck = \"imaps\"\n\
+                 tls_verify = true\ntls_ca_file = {:?}\n\
+                 [[backends.servers]]\nname = \"node1\"\naddress = \"192.0.2.101:30993\"\n",
+                ca_file.display().to_string()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(kgate_bin())
+            .arg("check")
+            .arg("-c")
+            .arg(&config)
+            .output()
+            .expect("running kgate check");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).replace(&config.display().to_string(), "FILE"),
+            String::from_utf8_lossy(&out.stderr).replace(&config.display().to_string(), "FILE"),
+        )
+    };
+    let (code, stdout, stderr) = check(&ca);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("FILE: valid"), "{stdout}");
+
+    let missing = dir.join("missing.pem");
+    let (code, _, stderr) = check(&missing);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "kgate: FILE:10:15: cannot read tls_ca_file `{}`: No such file or directory",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    let (code, _, stderr) = check(&not_pem);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("kgate: FILE:10:15: tls_ca_file ")
+            && stderr.contains("holds no certificate"),
+        "{stderr}"
+    );
+    let _ = fs::remove_dir_all(&dir);
 }

@@ -115,6 +115,7 @@ mod tests {
                 address: None,
                 send_proxy: true,
                 helo: "h".into(),
+                tls: Default::default(),
             },
             proxy_protocol: ProxyProtocol::V2,
             connect_timeout: Duration::from_secs(1),

@@ -21,9 +21,11 @@ use toml::Spanned;
 
 mod accept_proxy;
 mod crowdsec;
+mod tls;
 mod xdp;
 pub use accept_proxy::AcceptProxy;
 pub use crowdsec::{ApiKey, Crowdsec};
+pub use tls::{CheckTls, Trust};
 pub use xdp::{Xdp, XdpMode};
 
 /// A validated configuration.
@@ -137,6 +139,8 @@ pub struct HealthConfig {
     pub send_proxy: bool,
     /// The name the smtp check gives in EHLO.
     pub helo: String,
+    /// How the smtps and imaps checks treat the server's certificate.
+    pub tls: CheckTls,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -148,6 +152,10 @@ pub enum CheckType {
     Tcp,
     Smtp,
     Imap,
+    /// TLS from the first byte (465), then the smtp dialogue.
+    Smtps,
+    /// TLS from the first byte (993), then the imap dialogue.
+    Imaps,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -399,6 +407,9 @@ struct HealthSection {
     address: Option<Spanned<String>>,
     send_proxy: Option<bool>,
     helo: Option<String>,
+    tls_verify: Option<Spanned<bool>>,
+    tls_ca_file: Option<Spanned<PathBuf>>,
+    tls_server_name: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -801,6 +812,9 @@ impl HealthSection {
             address: None,
             send_proxy: None,
             helo: None,
+            tls_verify: None,
+            tls_ca_file: None,
+            tls_server_name: None,
         }
     }
 
@@ -812,9 +826,10 @@ impl HealthSection {
         };
         let interval = self.interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
         // postscreen greets with `220-`, waits postscreen_greet_wait (6 s by default),
-        // then sends the final `220 `: an smtp check must outlast that wait.
+        // then sends the final `220 `: an smtp check must outlast that wait. smtpd on
+        // 465 has no postscreen, but may hold its greeting for its lookups of the client.
         let default_timeout = match self.check {
-            CheckType::Smtp => DEFAULT_SMTP_CHECK_TIMEOUT,
+            CheckType::Smtp | CheckType::Smtps => DEFAULT_SMTP_CHECK_TIMEOUT,
             _ => DEFAULT_CHECK_TIMEOUT,
         };
         let address = match &self.address {
@@ -851,6 +866,12 @@ impl HealthSection {
                 .send_proxy
                 .unwrap_or(proxy_protocol != ProxyProtocol::None),
             helo: self.helo.unwrap_or_else(|| DEFAULT_HELO.to_owned()),
+            tls: tls::TlsKeys {
+                tls_verify: self.tls_verify,
+                tls_ca_file: self.tls_ca_file,
+                tls_server_name: self.tls_server_name,
+            }
+            .validate(self.check)?,
         })
     }
 }

@@ -60,7 +60,7 @@ pub struct HealthView {
     pub reason: String,
     /// When it came to `state`.
     pub since: SystemTime,
-    /// "ok", "refused", "timeout", "bad reply", "error", or "" before the first check.
+    /// "ok", "refused", "timeout", "bad reply", "tls", "error", or "" before the first check.
     pub last_check: &'static str,
     /// What went wrong in the last check, when it failed.
     pub last_failure: Option<String>,

@@ -96,7 +96,7 @@ pub struct BackendStatus {
     pub name: String,
     pub balance: String,
     pub proxy_protocol: String,
-    /// tcp, smtp, imap or none.
+    /// tcp, smtp, imap, smtps, imaps or none.
     pub check: String,
     /// Clients closed because no server could take them.
     pub no_server: u64,
@@ -114,7 +114,7 @@ pub struct ServerStatus {
     pub reason: String,
     /// Since when.
     pub since: u64,
-    /// ok, refused, timeout, bad reply, error; "" before the first check.
+    /// ok, refused, timeout, bad reply, tls, error; "" before the first check.
     pub last_check: String,
     /// What went wrong, when the last check failed.
     pub last_check_detail: Option<String>,
@@ -283,6 +283,8 @@ fn backends(gateway: &Gateway) -> Vec<BackendStatus> {
                 CheckType::Tcp => "tcp",
                 CheckType::Smtp => "smtp",
                 CheckType::Imap => "imap",
+                CheckType::Smtps => "smtps",
+                CheckType::Imaps => "imaps",
             }
             .to_owned(),
             no_server: pool.counters.no_server.load(Ordering::Relaxed),

@@ -38,6 +38,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 
+/// The name in the IMAPS listener's certificate.
+const IMAPS_NAME: &str = "imap.kgate.test";
+
 /// Log severities above `Info:` (Dovecot writes `<process>: Warning: ...`).
 const TROUBLE: [&str; 4] = ["Warning:", "Error:", "Fatal:", "Panic:"];
 
@@ -111,6 +114,14 @@ impl Dovecot {
 
     pub fn listeners(&self) -> &Listeners {
         &self.listeners
+    }
+
+    /// The self-signed certificate of its IMAPS listener (made with `openssl req
+    /// -x509`, for `imap.kgate.test`), if it has one.
+    pub fn certificate(&self) -> Option<PathBuf> {
+        self.listeners
+            .imaps
+            .map(|_| tls::self_signed(&self.dir, IMAPS_NAME).0)
     }
 
     /// The whole log so far (and what the master printed before it opened the log).
@@ -190,7 +201,7 @@ impl Dovecot {
                     imaps.ip(),
                     imaps.port()
                 ));
-                let (cert, key) = tls::self_signed(dir, "imap.kgate.test");
+                let (cert, key) = tls::self_signed(dir, IMAPS_NAME);
                 format!(
                     "ssl = yes\nssl_cert = <{}\nssl_key = <{}\n",
                     cert.display(),

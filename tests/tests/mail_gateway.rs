@@ -252,10 +252,21 @@ fn the_packaged_example_carries_25_465_587_and_993_to_four_nodes_with_the_client
         .unwrap_or_default();
     assert!(line.contains(", TLS"), "{line}");
 
-    // The checks (smtp on 25 and 587, tcp on the TLS ports) and the sessions left no
-    // warning or error on any node.
+    // The checks (smtp on 25 and 587, smtps and imaps on the TLS ports) and the
+    // sessions left no warning or error on any node, nor a TLS connection cut short (a
+    // tcp check on the TLS ports left one per check).
     for (i, node) in nodes.iter().enumerate() {
         let (postfix, dovecot) = (node.postfix.log(), node.dovecot.log());
+        assert!(
+            !postfix.contains("SSL_accept error"),
+            "node{}:\n{postfix}",
+            i + 1
+        );
+        assert!(
+            !dovecot.contains("TLS handshaking"),
+            "node{}:\n{dovecot}",
+            i + 1
+        );
         assert_eq!(
             trouble(&postfix),
             Vec::<String>::new(),

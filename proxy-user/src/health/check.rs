@@ -11,13 +11,21 @@
 //!   `QUIT` -> 221, close.
 //! - `imap`: header, `* OK` greeting (or `* PREAUTH`), `a1 LOGOUT` -> `* BYE` and
 //!   `a1 OK`, close.
+//! - `smtps`, `imaps`: header, TLS handshake ([`super::tls`]), then the `smtp` or
+//!   `imap` dialogue inside TLS, close (`close_notify`, then FIN).
 
-use std::{fmt, io, net::SocketAddr, time::Duration};
+use std::{fmt, io, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::time::Instant;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::Instant,
+};
 
-use super::session::{CLOSE_GRACE, MAX_REPLY_LINES, Session, quote};
-use crate::proxy_header;
+use super::{
+    session::{CLOSE_GRACE, MAX_REPLY_LINES, Session, quote},
+    tls::TlsClient,
+};
+use crate::{config::CheckTls, proxy_header};
 
 /// What to check and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,6 +40,9 @@ pub struct CheckSpec {
     pub timeout: Duration,
     /// The name the `smtp` check gives in `EHLO`.
     pub helo_name: String,
+    /// How `smtps` and `imaps` checks do TLS (shared by the servers of a backend); when
+    /// `None`, they verify nothing, as by default.
+    pub tls: Option<Arc<TlsClient>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,6 +50,15 @@ pub enum CheckKind {
     Tcp,
     Smtp,
     Imap,
+    Smtps,
+    Imaps,
+}
+
+impl CheckKind {
+    /// TLS from the first byte.
+    pub fn tls(self) -> bool {
+        matches!(self, CheckKind::Smtps | CheckKind::Imaps)
+    }
 }
 
 impl fmt::Display for CheckKind {
@@ -47,6 +67,8 @@ impl fmt::Display for CheckKind {
             CheckKind::Tcp => "tcp",
             CheckKind::Smtp => "smtp",
             CheckKind::Imap => "imap",
+            CheckKind::Smtps => "smtps",
+            CheckKind::Imaps => "imaps",
         })
     }
 }
@@ -57,6 +79,7 @@ impl fmt::Display for CheckKind {
 pub enum Step {
     Connecting,
     SendingHeader,
+    TlsHandshake,
     Greeting,
     /// Writing a command (`"EHLO"`, `"QUIT"`, `"LOGOUT"`).
     Sending(&'static str),
@@ -81,6 +104,7 @@ impl fmt::Display for Step {
         match self {
             Step::Connecting => f.write_str("connecting"),
             Step::SendingHeader => f.write_str("sending the PROXY header"),
+            Step::TlsHandshake => f.write_str("doing the TLS handshake"),
             Step::Greeting => f.write_str("waiting for the greeting"),
             Step::Sending(command) => write!(f, "sending {command}"),
             Step::Reply(command) => write!(f, "waiting for the reply to {command}"),
@@ -106,6 +130,9 @@ pub enum CheckFailure {
         expected: &'static str,
         got: String,
     },
+    /// The TLS handshake failed: not TLS, a certificate refused, an alert.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     /// Any other socket error (reset, unreachable, ...).
     #[error("{error} while {step}")]
     Io { step: Step, error: String },
@@ -135,43 +162,67 @@ const IMAP_TAG: &str = "a1";
 pub async fn run_check(spec: &CheckSpec) -> Result<(), CheckFailure> {
     let deadline = Instant::now() + spec.timeout;
     let mut session = Session::connect(spec.address, deadline).await?;
-    let result = match exchange(spec, &mut session).await {
-        Ok(()) => Ok(()),
-        Err(failure) => {
-            if spec.kind == CheckKind::Smtp && matches!(failure, CheckFailure::BadReply { .. }) {
-                // The server speaks SMTP but said no: say goodbye properly, so its log
-                // shows a QUIT and not a lost connection (briefly: the check has failed).
-                session.limit_deadline(CLOSE_GRACE);
-                if session
-                    .send(Step::Sending("QUIT"), b"QUIT\r\n")
-                    .await
-                    .is_ok()
-                {
-                    let _ = smtp_reply(&mut session, Step::Reply("QUIT"), "221").await;
-                }
+    if spec.proxy_local
+        && let Err(failure) = session
+            .send(Step::SendingHeader, &proxy_header::local_v2())
+            .await
+    {
+        session.close().await;
+        return Err(failure);
+    }
+    if !spec.kind.tls() {
+        return converse(spec, session).await;
+    }
+    let default;
+    let tls = match &spec.tls {
+        Some(tls) => tls,
+        None => {
+            default = Arc::new(TlsClient::new(&CheckTls::default()));
+            &default
+        }
+    };
+    match session.start_tls(tls, spec.address).await {
+        Ok(session) => converse(spec, session).await,
+        Err((failure, plain)) => {
+            if let Some(plain) = plain {
+                plain.close().await;
             }
             Err(failure)
         }
+    }
+}
+
+/// The protocol's dialogue, then the close.
+async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
+    spec: &CheckSpec,
+    mut session: Session<S>,
+) -> Result<(), CheckFailure> {
+    let smtp_kind = matches!(spec.kind, CheckKind::Smtp | CheckKind::Smtps);
+    let result = match spec.kind {
+        CheckKind::Tcp => Ok(()),
+        CheckKind::Smtp | CheckKind::Smtps => smtp(&mut session, &spec.helo_name).await,
+        CheckKind::Imap | CheckKind::Imaps => imap(&mut session).await,
     };
+    if smtp_kind && matches!(result, Err(CheckFailure::BadReply { .. })) {
+        // The server speaks SMTP but said no: say goodbye properly, so its log shows a
+        // QUIT and not a lost connection (briefly: the check has failed).
+        session.limit_deadline(CLOSE_GRACE);
+        if session
+            .send(Step::Sending("QUIT"), b"QUIT\r\n")
+            .await
+            .is_ok()
+        {
+            let _ = smtp_reply(&mut session, Step::Reply("QUIT"), "221").await;
+        }
+    }
     session.close().await;
     result
 }
 
-/// Everything between connect and close.
-async fn exchange(spec: &CheckSpec, session: &mut Session) -> Result<(), CheckFailure> {
-    if spec.proxy_local {
-        session
-            .send(Step::SendingHeader, &proxy_header::local_v2())
-            .await?;
-    }
-    match spec.kind {
-        CheckKind::Tcp => Ok(()),
-        CheckKind::Smtp => smtp(session, &spec.helo_name).await,
-        CheckKind::Imap => imap(session).await,
-    }
-}
-
-async fn smtp(session: &mut Session, helo_name: &str) -> Result<(), CheckFailure> {
+async fn smtp<S: AsyncRead + AsyncWrite + Unpin>(
+    session: &mut Session<S>,
+    helo_name: &str,
+) -> Result<(), CheckFailure> {
     smtp_reply(session, Step::Greeting, "220").await?;
     session
         .send(
@@ -186,8 +237,8 @@ async fn smtp(session: &mut Session, helo_name: &str) -> Result<(), CheckFailure
 
 /// Reads a whole SMTP reply (`250-...` lines, then `250 ...` or `250`) and checks its
 /// code. Returns only after the last line, so the caller never talks too early.
-async fn smtp_reply(
-    session: &mut Session,
+async fn smtp_reply<S: AsyncRead + AsyncWrite + Unpin>(
+    session: &mut Session<S>,
     step: Step,
     expected: &'static str,
 ) -> Result<(), CheckFailure> {
@@ -224,7 +275,9 @@ fn smtp_line(line: &str) -> Option<(&str, bool)> {
     }
 }
 
-async fn imap(session: &mut Session) -> Result<(), CheckFailure> {
+async fn imap<S: AsyncRead + AsyncWrite + Unpin>(
+    session: &mut Session<S>,
+) -> Result<(), CheckFailure> {
     let greeting = session.read_line(Step::Greeting).await?;
     let mut words = greeting.split_ascii_whitespace();
     let ok = words.next() == Some("*")
@@ -268,96 +321,8 @@ async fn imap(session: &mut Session) -> Result<(), CheckFailure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::{TcpListener, TcpStream},
-        task::JoinHandle,
-        time::timeout,
-    };
-
-    const LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
-    const LONG: Duration = Duration::from_secs(5);
-
-    /// One step of a scripted server.
-    enum Act {
-        /// Write these bytes.
-        Send(&'static str),
-        /// Read exactly these bytes and fail unless they match.
-        Expect(&'static [u8]),
-        /// Wait this long, and fail if the client sends anything meanwhile.
-        Silence(Duration),
-        /// Close (FIN) at once, leaving whatever the client sends unread.
-        Hangup,
-    }
-
-    /// How the client ended the connection, as the server saw it.
-    #[derive(Debug, PartialEq)]
-    enum End {
-        /// A clean close (read returned 0).
-        Fin,
-        Reset,
-        /// Neither within 5 s.
-        StillOpen,
-        /// The script hung up first.
-        ServerClosed,
-    }
-
-    /// A server on 127.0.0.1 that accepts one connection and plays `script`. Its handle
-    /// gives the bytes received beyond the script's expectations, and how the client
-    /// closed. A failed expectation panics in the handle (awaited by the test).
-    async fn scripted(script: Vec<Act>) -> (SocketAddr, JoinHandle<(Vec<u8>, End)>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let handle = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            for act in script {
-                match act {
-                    Act::Send(text) => stream.write_all(text.as_bytes()).await.unwrap(),
-                    Act::Expect(bytes) => {
-                        let mut got = vec![0; bytes.len()];
-                        timeout(LONG, stream.read_exact(&mut got))
-                            .await
-                            .expect("the client did not send what was expected in time")
-                            .unwrap_or_else(|e| {
-                                panic!("reading {:?}: {e}", String::from_utf8_lossy(bytes))
-                            });
-                        assert_eq!(
-                            String::from_utf8_lossy(&got),
-                            String::from_utf8_lossy(bytes),
-                        );
-                    }
-                    Act::Silence(pause) => {
-                        let mut byte = [0; 1];
-                        match timeout(pause, stream.read(&mut byte)).await {
-                            Err(_) => {}
-                            // The client gave up (its timeout) and closed.
-                            Ok(Ok(0)) => return (Vec::new(), End::Fin),
-                            Ok(read) => panic!("the client talked early: {read:?} {byte:?}"),
-                        }
-                    }
-                    Act::Hangup => return (Vec::new(), End::ServerClosed),
-                }
-            }
-            read_to_end(&mut stream).await
-        });
-        (addr, handle)
-    }
-
-    async fn read_to_end(stream: &mut TcpStream) -> (Vec<u8>, End) {
-        let mut rest = Vec::new();
-        let mut buf = [0; 1024];
-        loop {
-            match timeout(LONG, stream.read(&mut buf)).await {
-                Err(_) => return (rest, End::StillOpen),
-                Ok(Ok(0)) => return (rest, End::Fin),
-                Ok(Ok(n)) => rest.extend_from_slice(&buf[..n]),
-                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    return (rest, End::Reset);
-                }
-                Ok(Err(e)) => panic!("server read: {e}"),
-            }
-        }
-    }
+    use crate::health::test_server::{Act, End, LOCAL, LONG, scripted};
+    use tokio::net::TcpListener;
 
     fn spec(kind: CheckKind, address: SocketAddr) -> CheckSpec {
         CheckSpec {
@@ -366,6 +331,7 @@ mod tests {
             proxy_local: true,
             timeout: LONG,
             helo_name: "kgate.test".to_owned(),
+            tls: None,
         }
     }
 

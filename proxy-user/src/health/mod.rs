@@ -1,8 +1,9 @@
 //! Health checks: is a backend's server worth sending clients to?
 //!
 //! - [`check`]: one check of one server ([`check::run_check`]): `tcp`, `smtp` or
-//!   `imap`, each optionally opened with a PROXY v2 LOCAL header, everything under one
-//!   timeout, and a [`check::CheckFailure`] that reads well in a log line.
+//!   `imap`, and `smtps` or `imaps` (the same inside TLS, [`tls`]), each optionally
+//!   opened with a PROXY v2 LOCAL header, everything under one timeout, and a
+//!   [`check::CheckFailure`] that reads well in a log line.
 //! - [`state`]: the rise/fall state machine of one server and the interval to the next
 //!   check (pure logic, no I/O).
 //! - [`monitor`]: a task that checks one server forever, logs its state changes and
@@ -45,3 +46,6 @@ pub mod state;
 pub mod wiring;
 
 mod session;
+#[cfg(test)]
+mod test_server;
+mod tls;

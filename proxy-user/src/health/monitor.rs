@@ -317,6 +317,7 @@ mod tests {
             proxy_local: false,
             timeout: Duration::from_secs(1),
             helo_name: "kgate.test".into(),
+            tls: None,
         }
     }
 

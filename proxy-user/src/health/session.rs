@@ -1,15 +1,20 @@
-//! One check's connection: connect, write, read bounded lines, close politely, all
-//! before one deadline. Every error is turned into a [`CheckFailure`] naming the step.
+//! One check's connection: connect, start TLS if asked, write, read bounded lines,
+//! close politely, all before one deadline. Every error is turned into a
+//! [`CheckFailure`] naming the step.
 
 use std::{io, net::SocketAddr, time::Duration};
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
     net::TcpStream,
     time::{Instant, timeout_at},
 };
+use tokio_rustls::client::TlsStream;
 
-use super::check::{CheckFailure, Step};
+use super::{
+    check::{CheckFailure, Step},
+    tls::{self, Recording, TlsClient},
+};
 
 /// The longest line a check reads. SMTP reply lines are at most 512 bytes (RFC 5321
 /// 4.5.3.1.5); an IMAP greeting with its capabilities is a few hundred.
@@ -29,13 +34,16 @@ const MAX_DRAIN: usize = 64 * 1024;
 /// How many characters of a reply a failure quotes.
 const QUOTE_CHARS: usize = 100;
 
-pub struct Session {
-    stream: BufReader<TcpStream>,
+/// A check's connection over `S`: TCP, or TLS over TCP ([`TlsSession`]).
+pub struct Session<S = TcpStream> {
+    stream: BufReader<S>,
     deadline: Instant,
     line: Vec<u8>,
 }
 
-impl Session {
+pub type TlsSession = Session<TlsStream<Recording>>;
+
+impl Session<TcpStream> {
     /// Connects to `address` before `deadline`.
     pub async fn connect(address: SocketAddr, deadline: Instant) -> Result<Session, CheckFailure> {
         let step = Step::Connecting;
@@ -56,15 +64,65 @@ impl Session {
         })
     }
 
+    /// Does the TLS handshake (the check's first read, so nothing is buffered yet). On
+    /// failure, gives the plain session back for a polite close, unless the deadline
+    /// passed in the middle of the handshake.
+    pub async fn start_tls(
+        self,
+        client: &TlsClient,
+        address: SocketAddr,
+    ) -> Result<TlsSession, (CheckFailure, Option<Session>)> {
+        let connector = match client.connector() {
+            Ok(connector) => connector,
+            Err(failure) => return Err((failure, Some(self))),
+        };
+        let Session {
+            stream,
+            deadline,
+            line,
+        } = self;
+        debug_assert!(stream.buffer().is_empty());
+        let handshake = connector
+            .connect(
+                client.server_name(address.ip()),
+                Recording::new(stream.into_inner()),
+            )
+            .into_fallible();
+        match timeout_at(deadline, handshake).await {
+            Err(_) => Err((CheckFailure::TimedOut(Step::TlsHandshake), None)),
+            Ok(Ok(stream)) => Ok(Session {
+                stream: BufReader::new(stream),
+                deadline,
+                line,
+            }),
+            Ok(Err((error, recording))) => {
+                let failure = tls::handshake_failure(&error, recording.first_bytes());
+                let plain = Session {
+                    stream: BufReader::new(recording.into_inner()),
+                    deadline,
+                    line,
+                };
+                Err((failure, Some(plain)))
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Brings the deadline forward to at most `grace` from now (for goodbyes after
     /// the check has already failed).
     pub fn limit_deadline(&mut self, grace: Duration) {
         self.deadline = self.deadline.min(Instant::now() + grace);
     }
 
-    /// Writes all of `bytes`.
+    /// Writes all of `bytes`, and sends them (TLS holds them until flushed).
     pub async fn send(&mut self, step: Step, bytes: &[u8]) -> Result<(), CheckFailure> {
-        match timeout_at(self.deadline, self.stream.get_mut().write_all(bytes)).await {
+        let stream = self.stream.get_mut();
+        let write = async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        };
+        match timeout_at(self.deadline, write).await {
             Err(_) => Err(CheckFailure::TimedOut(step)),
             Ok(Err(e)) => Err(CheckFailure::io(step, &e)),
             Ok(Ok(())) => Ok(()),
@@ -101,8 +159,8 @@ impl Session {
         Ok(String::from_utf8_lossy(&self.line[..end]).into_owned())
     }
 
-    /// Ends the connection cleanly, never failing: half-closes (FIN), then reads and
-    /// discards until the server closes too, for at most [`CLOSE_GRACE`] and not past
+    /// Ends the connection cleanly, never failing: half-closes (FIN; over TLS a
+    /// `close_notify` alert first), then reads and discards until the server closes too, for at most [`CLOSE_GRACE`] and not past
     /// the deadline. Closing a socket with unread bytes makes the kernel send a reset,
     /// which servers log (postscreen: `getpeername: Transport endpoint is not
     /// connected`); draining first avoids it.

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use super::{
     check::{CheckFailure, CheckKind, CheckSpec},
     monitor::{HealthSettings, Monitor, ServerHealthSnapshot},
+    tls::TlsClient,
 };
 use crate::{
     config::{CheckType, HealthConfig, Server},
@@ -49,8 +50,12 @@ pub fn update(
         let Some(kind) = check_kind(backend.health.check) else {
             continue;
         };
+        // Made once for the backend's servers (it may read the system's CAs).
+        let tls = kind
+            .tls()
+            .then(|| Arc::new(TlsClient::new(&backend.health.tls)));
         for (server, runtime) in backend.servers.iter().zip(&pool.servers) {
-            let spec = spec(kind, &backend.health, server);
+            let spec = spec(kind, &backend.health, server, tls.clone());
             let settings = settings(&backend.health);
             let fingerprint = format!("{spec:?} {settings:?}");
             let key = (backend.name.clone(), server.name.clone());
@@ -95,10 +100,17 @@ fn check_kind(check: CheckType) -> Option<CheckKind> {
         CheckType::Tcp => Some(CheckKind::Tcp),
         CheckType::Smtp => Some(CheckKind::Smtp),
         CheckType::Imap => Some(CheckKind::Imap),
+        CheckType::Smtps => Some(CheckKind::Smtps),
+        CheckType::Imaps => Some(CheckKind::Imaps),
     }
 }
 
-fn spec(kind: CheckKind, health: &HealthConfig, server: &Server) -> CheckSpec {
+fn spec(
+    kind: CheckKind,
+    health: &HealthConfig,
+    server: &Server,
+    tls: Option<Arc<TlsClient>>,
+) -> CheckSpec {
     CheckSpec {
         kind,
         address: SocketAddr::new(
@@ -108,6 +120,7 @@ fn spec(kind: CheckKind, health: &HealthConfig, server: &Server) -> CheckSpec {
         proxy_local: health.send_proxy,
         timeout: health.timeout,
         helo_name: health.helo.clone(),
+        tls,
     }
 }
 
@@ -206,6 +219,7 @@ fn view(snapshot: &ServerHealthSnapshot) -> HealthView {
             Some(Err(CheckFailure::Refused)) => "refused",
             Some(Err(CheckFailure::TimedOut(_))) => "timeout",
             Some(Err(CheckFailure::BadReply { .. })) => "bad reply",
+            Some(Err(CheckFailure::Tls(_))) => "tls",
             Some(Err(CheckFailure::Closed(_) | CheckFailure::Io { .. })) => "error",
         },
         consecutive_ok: health.consecutive_ok(),

@@ -47,6 +47,8 @@ pub struct Global {
     pub keep_pins: bool,
     /// `freebind` for every frontend that does not set its own.
     pub freebind: bool,
+    /// `log_connections` for every frontend that does not set its own.
+    pub log_connections: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -81,6 +83,8 @@ pub struct Frontend {
     /// Listen even where the address is not (yet) on this host (`IP_FREEBIND`): the
     /// backup of a VRRP pair listens on the virtual address it does not hold.
     pub freebind: bool,
+    /// A line in the log for each connection (conn.rs).
+    pub log_connections: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -327,6 +331,8 @@ struct GlobalSection {
     keep_pins: bool,
     #[serde(default)]
     freebind: bool,
+    #[serde(default = "yes")]
+    log_connections: bool,
 }
 
 impl Default for GlobalSection {
@@ -339,8 +345,13 @@ impl Default for GlobalSection {
             shutdown_timeout: None,
             keep_pins: false,
             freebind: false,
+            log_connections: true,
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_pin_path() -> Spanned<PathBuf> {
@@ -376,6 +387,7 @@ struct FrontendSection {
     #[serde(default)]
     accept_proxy_timeout: Option<Spanned<String>>,
     freebind: Option<bool>,
+    log_connections: Option<bool>,
     any_address: Option<Spanned<bool>>,
 }
 
@@ -671,6 +683,7 @@ impl ConfigFile {
                 }
                 .validate(name)?,
                 freebind: section.freebind.unwrap_or(global.freebind),
+                log_connections: section.log_connections.unwrap_or(global.log_connections),
             });
         }
         if frontends.is_empty() {
@@ -731,6 +744,7 @@ impl GlobalSection {
             shutdown_timeout: self.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
             keep_pins: self.keep_pins,
             freebind: self.freebind,
+            log_connections: self.log_connections,
         })
     }
 }
@@ -1309,6 +1323,34 @@ name = "b"
         let error = error(&text("", "freebind = \"yes\""));
         assert!(error.contains("kgate.toml:7:12:"), "{error}");
         assert!(error.contains("invalid type"), "{error}");
+    }
+
+    #[test]
+    fn log_connections_is_on_unless_off_and_a_frontend_overrides_the_global_default() {
+        let text = |global: &str, frontend: &str| {
+            format!(
+                "[global]\n{global}\n[[frontends]]\nname = \"a\"\nlisten = [\"10.0.20.1:25\"]\n\
+                 backend = \"b\"\n{frontend}\n[[frontends]]\nname = \"c\"\n\
+                 listen = [\"10.0.20.1:587\"]\nbackend = \"b\"\n[[backends]]\nname = \"b\"\n\
+                 [[backends.servers]]\nname = \"s\"\naddress = \"127.0.0.1:25\"\n"
+            )
+        };
+        let logged = |config: Config| -> Vec<bool> {
+            config.frontends.iter().map(|f| f.log_connections).collect()
+        };
+        assert_eq!(logged(parse(&text("", "")).unwrap()), [true, true]);
+        assert_eq!(
+            logged(parse(&text("", "log_connections = false")).unwrap()),
+            [false, true]
+        );
+        assert_eq!(
+            logged(parse(&text("log_connections = false", "")).unwrap()),
+            [false, false]
+        );
+        assert_eq!(
+            logged(parse(&text("log_connections = false", "log_connections = true")).unwrap()),
+            [true, false]
+        );
     }
 
     #[test]

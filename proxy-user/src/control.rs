@@ -134,6 +134,7 @@ async fn execute(daemon: &Arc<Daemon>, request: &str) -> Result<String, String> 
             gateway.pools[b].servers[s].set_admin(state);
             daemon.changed.notify_one();
             info!(server = %name, "set to {state} by the operator");
+            gateway.log_availability();
             Ok(format!("{name} {state}"))
         }
         _ => Err(format!(

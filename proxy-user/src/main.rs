@@ -13,8 +13,8 @@
 //! `kgate status`, the stats page and `publish` show), `publish` (server state into
 //! the pinned map), `web` (the stats page, `/status.json` and `/metrics` on
 //! `metrics_listen`), `metrics`, `rate` (events a second), `xdp` (early drop),
-//! `interfaces` (this host's interfaces and addresses), `privileges`, `cli/`. `maps`
-//! is the only module that talks to aya.
+//! `interfaces` (this host's interfaces and addresses), `privileges`, `logging` (stderr
+//! or the journal), `cli/`. `maps` is the only module that talks to aya.
 
 mod accept_proxy;
 mod admission;
@@ -30,6 +30,7 @@ mod gateway;
 mod handover;
 mod health;
 mod interfaces;
+mod logging;
 mod maps;
 mod metrics;
 mod pool;
@@ -44,20 +45,13 @@ mod upstream;
 mod web;
 mod xdp;
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    logging::init();
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

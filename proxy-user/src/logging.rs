@@ -16,7 +16,7 @@
 
 mod journal;
 
-use std::{fmt, io::IsTerminal};
+use std::{fmt, io::IsTerminal, sync::OnceLock};
 
 use tracing::{
     Event, Level, Subscriber,
@@ -37,11 +37,24 @@ use tracing_subscriber::{
 /// Fields with this prefix go to the journal only.
 const JOURNAL_ONLY: &str = "journal.";
 
+/// Where [`init`] sent the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Stderr,
+    /// The native protocol.
+    Journal,
+    /// The journal's stream, lines with a `<priority>` prefix.
+    Stream,
+}
+
+static OUTPUT: OnceLock<Output> = OnceLock::new();
+
 /// Sets up logging for the whole process: the journal when stderr is its stream and
 /// its socket answers, else text on stderr.
 pub fn init() {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if !journal::stderr_is_journal() {
+        let _ = OUTPUT.set(Output::Stderr);
         tracing_subscriber::fmt()
             .with_env_filter(filter())
             .fmt_fields(PlainFields)
@@ -51,11 +64,15 @@ pub fn init() {
         return;
     }
     match journal::Journal::open() {
-        Ok(journal) => tracing_subscriber::registry()
-            .with(filter())
-            .with(journal)
-            .init(),
+        Ok(journal) => {
+            let _ = OUTPUT.set(Output::Journal);
+            tracing_subscriber::registry()
+                .with(filter())
+                .with(journal)
+                .init();
+        }
         Err(e) => {
+            let _ = OUTPUT.set(Output::Stream);
             // The stream takes lines with a `<priority>` prefix: the levels survive,
             // the fields stay in the text.
             tracing_subscriber::fmt()
@@ -70,6 +87,17 @@ pub fn init() {
                  fields for journalctl to filter on"
             );
         }
+    }
+}
+
+/// The error that ends a command: on stderr as ever, and in the journal at priority
+/// `err`, where `journalctl -p err` finds why kgate stopped (a plain line on the
+/// stream would be `info`).
+pub fn failure(message: &str) {
+    match OUTPUT.get() {
+        Some(Output::Journal) => tracing::error!(target: "kgate", "{message}"),
+        Some(Output::Stream) => eprintln!("<{}>{message}", priority(Level::ERROR)),
+        Some(Output::Stderr) | None => eprintln!("{message}"),
     }
 }
 

@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kgate: {e:#}");
+            logging::failure(&format!("kgate: {e:#}"));
             ExitCode::FAILURE
         }
     }

@@ -17,7 +17,7 @@ use std::{
     fs,
     io::Read,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStderr, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -87,9 +87,73 @@ impl JournaledKgate {
     pub fn start(
         lab: &Lab,
         config_toml: &str,
-        (pin_path, control_socket): (PathBuf, PathBuf),
+        paths: (PathBuf, PathBuf),
         reach: Reach,
     ) -> JournaledKgate {
+        let (mut kgate, mut script_output) = JournaledKgate::spawn(lab, config_toml, paths, reach);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            kgate.find_journald();
+            if kgate.journald.is_some()
+                && kgate
+                    .entries(&[])
+                    .iter()
+                    .any(|e| text(e, "MESSAGE").contains(READY_LINE))
+            {
+                return kgate;
+            }
+            let exited = kgate.child.as_mut().unwrap().try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                let mut said = String::new();
+                let _ = script_output.read_to_string(&mut said);
+                panic!(
+                    "kgate under journald: {} before its ready line; the script said: {said}; \
+                     journald said: {}; the journal has: {:#?}",
+                    match exited {
+                        Some(status) => format!("exited ({status})"),
+                        None => format!("not ready within {READY_TIMEOUT:?}"),
+                    },
+                    fs::read_to_string(kgate.dir.join("journald.log")).unwrap_or_default(),
+                    kgate.entries(&[]),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Like [`JournaledKgate::start`], for a kgate expected to stop by itself: waits
+    /// (up to 30 s) for it to exit and returns how, with journald still running for
+    /// [`JournaledKgate::entries`].
+    pub fn run_to_exit(
+        lab: &Lab,
+        config_toml: &str,
+        paths: (PathBuf, PathBuf),
+    ) -> (ExitStatus, JournaledKgate) {
+        let (mut kgate, _) = JournaledKgate::spawn(lab, config_toml, paths, Reach::StreamAndSocket);
+        let child = kgate.child.as_mut().unwrap();
+        let status = proc::wait_timeout(child, READY_TIMEOUT)
+            .unwrap_or_else(|| panic!("kgate still runs {READY_TIMEOUT:?} after its start"));
+        kgate.child = None;
+        kgate.find_journald();
+        (status, kgate)
+    }
+
+    fn find_journald(&mut self) {
+        if self.journald.is_none() {
+            self.journald = fs::read_to_string(self.dir.join("journald.pid"))
+                .ok()
+                .and_then(|pid| pid.trim().parse().ok());
+        }
+    }
+
+    /// Starts the script; returns the kgate and what the script writes on stderr
+    /// before kgate takes it.
+    fn spawn(
+        lab: &Lab,
+        config_toml: &str,
+        (pin_path, control_socket): (PathBuf, PathBuf),
+        reach: Reach,
+    ) -> (JournaledKgate, ChildStderr) {
         let dir = lab.temp_dir().join("journal");
         fs::create_dir_all(dir.join("run-log")).unwrap();
         let config = dir.join("kgate.toml");
@@ -119,46 +183,15 @@ impl JournaledKgate {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting unshare (util-linux)");
-        let mut script_output = child.stderr.take().unwrap();
-        let mut kgate = JournaledKgate {
+        let script_output = child.stderr.take().unwrap();
+        let kgate = JournaledKgate {
             child: Some(child),
             journald: None,
             dir,
             pin_path,
             control_socket,
         };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if kgate.journald.is_none() {
-                kgate.journald = fs::read_to_string(kgate.dir.join("journald.pid"))
-                    .ok()
-                    .and_then(|pid| pid.trim().parse().ok());
-            }
-            if kgate.journald.is_some()
-                && kgate
-                    .entries(&[])
-                    .iter()
-                    .any(|e| text(e, "MESSAGE").contains(READY_LINE))
-            {
-                return kgate;
-            }
-            let exited = kgate.child.as_mut().unwrap().try_wait().unwrap();
-            if exited.is_some() || Instant::now() > deadline {
-                let mut said = String::new();
-                let _ = script_output.read_to_string(&mut said);
-                panic!(
-                    "kgate under journald: {} before its ready line; the script said: {said}; \
-                     journald said: {}; the journal has: {:#?}",
-                    match exited {
-                        Some(status) => format!("exited ({status})"),
-                        None => format!("not ready within {READY_TIMEOUT:?}"),
-                    },
-                    fs::read_to_string(kgate.dir.join("journald.log")).unwrap_or_default(),
-                    kgate.entries(&[]),
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        (kgate, script_output)
     }
 
     /// The journal's entries from kgate (`SYSLOG_IDENTIFIER=kgate`) that match every

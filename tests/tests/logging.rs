@@ -238,6 +238,38 @@ fn without_the_journals_socket_lines_go_to_its_stream_with_their_priority() {
     assert_eq!(text(&line, "PRIORITY"), "6", "{line:#?}");
 }
 
+/// A kgate that cannot start says why at priority err, where `journalctl -p err` finds
+/// it, as a plain line on the stream would not be (that is info).
+#[test]
+fn why_kgate_stops_is_an_error_in_the_journal() {
+    if tests::lab::skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(1);
+    // Not an address of the gateway, and no freebind: kgate cannot listen there.
+    let config = format!(
+        "{}\n[[frontends]]\nname = \"smtp\"\nlisten = [\"192.0.2.1:2525\"]\nbackend = \"mail\"\n\
+         [[backends]]\nname = \"mail\"\n[[backends.servers]]\nname = \"node0\"\n\
+         address = \"{}:2525\"\n",
+        global_section(&lab, "userspace"),
+        lab.backend(0).v4()
+    );
+    let (status, kgate) = JournaledKgate::run_to_exit(
+        &lab,
+        &config,
+        (pin_path_for(&lab), control_socket_for(&lab)),
+    );
+    assert_eq!(status.code(), Some(1));
+    let errors = kgate.wait_for(&["--priority=err"], 1);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(text(&errors[0], "PRIORITY"), "3", "{errors:#?}");
+    assert!(
+        text(&errors[0], "MESSAGE")
+            .starts_with("kgate: frontend `smtp` cannot listen on 192.0.2.1:2525"),
+        "{errors:#?}"
+    );
+}
+
 /// `log_connections = false` on a frontend: its connections make no line; another
 /// frontend's still do, and the counters count them all.
 #[test]

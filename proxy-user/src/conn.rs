@@ -56,8 +56,9 @@ enum Outcome {
 /// What a connection carries from accept to its log line, wherever it is relayed: a
 /// parked connection keeps it while no task runs for it.
 pub struct Ending {
-    /// Held for its drop: the daemon counts the connection open until then.
-    _open: Open,
+    /// The daemon counts the connection open until this drops; the log line names
+    /// its data plane.
+    open: Open,
     gateway: Arc<Gateway>,
     frontend: usize,
     /// The server, once connected: counted active until the log line.
@@ -141,7 +142,7 @@ impl Ending {
                 journal.frontend = %frontend.name,
                 journal.backend = %backend.name,
                 journal.server = self.server.map(|_| format!("{}/{server_name}", backend.name)),
-                journal.dataplane = self._open.daemon().dataplane.name(),
+                journal.dataplane = self.open.daemon().dataplane.name(),
                 journal.moved = %moved,
                 journal.bytes_in = bytes_in,
                 journal.bytes_out = bytes_out,
@@ -167,7 +168,7 @@ pub async fn handle(
 ) {
     let daemon = open.daemon().clone();
     let mut ending = Ending {
-        _open: open,
+        open,
         gateway: gateway.clone(),
         frontend,
         server: None,

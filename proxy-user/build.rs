@@ -21,6 +21,13 @@ fn main() -> anyhow::Result<()> {
         "cargo:rerun-if-changed={}",
         root_dir.join("../proxy-common")
     );
+    // aya-build passes every line the inner cargo writes to stderr on as a build-script
+    // warning: its progress ("Compiling core ...", "Finished ...") made some 135
+    // `warning: proxy-user@...` lines on a clean build. Quiet, that cargo writes only
+    // errors there; the compiler's own warnings and errors still come through aya-build
+    // (they are JSON messages on stdout), so only real problems show.
+    // SAFETY: the build script has no other thread yet that could read the environment.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),

@@ -142,6 +142,7 @@ mod tests {
             max_connections_per_source: per_source,
             accept_proxy: None,
             freebind: false,
+            log_connections: true,
         }
     }
 

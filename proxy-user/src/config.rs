@@ -53,6 +53,8 @@ pub struct Global {
     pub keep_pins: bool,
     /// `freebind` for every frontend that does not set its own.
     pub freebind: bool,
+    /// `log_connections` for every frontend that does not set its own.
+    pub log_connections: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -87,6 +89,8 @@ pub struct Frontend {
     /// Listen even where the address is not (yet) on this host (`IP_FREEBIND`): the
     /// backup of a VRRP pair listens on the virtual address it does not hold.
     pub freebind: bool,
+    /// A line in the log for each connection (conn.rs).
+    pub log_connections: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -205,10 +209,11 @@ const MAX_QUEUE_LIMIT: u64 = 256 << 20;
 /// A configuration error, located in its file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read the configuration: {source}")]
+    /// Not `#[source]`: the message says the cause, once, and what to do.
+    #[error("{path}: cannot read the configuration: {}", read_error(.error))]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}:{line}:{column}: {message}")]
     Invalid {
@@ -233,9 +238,9 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Config::parse(&text, path)
     }
@@ -254,11 +259,36 @@ impl Config {
         let file: ConfigFile = toml::from_str(text).map_err(|e| {
             // toml's own message repeats the location and quotes the line; keep only
             // the part that says what is wrong.
-            locate(e.span(), e.message().trim_end().to_owned())
+            let message = e.message().trim_end();
+            let message = match e.span() {
+                // toml says no more than "duplicate key": name it.
+                Some(span) if message == "duplicate key" => {
+                    let key = text.get(span.clone()).unwrap_or_default().trim_matches('"');
+                    format!(
+                        "`{key}` is set twice in the same table: keep one of the two (or, for a \
+                         second section, start it with its own [[...]] header)"
+                    )
+                }
+                _ => message.to_owned(),
+            };
+            locate(e.span(), message)
         })?;
         file.validate()
             .map_err(|Located { span, message }| locate(Some(span), message))
     }
+}
+
+/// An error reading the file, with what to do about it.
+fn read_error(error: &std::io::Error) -> String {
+    let hint = match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            "; give the file with -c FILE (the Debian package's example is \
+             /usr/share/doc/kgate/examples/kgate.toml)"
+        }
+        std::io::ErrorKind::PermissionDenied => "; run as root, or give a file you may read",
+        _ => "",
+    };
+    format!("{error}{hint}")
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
@@ -315,6 +345,8 @@ struct GlobalSection {
     keep_pins: bool,
     #[serde(default)]
     freebind: bool,
+    #[serde(default = "yes")]
+    log_connections: bool,
 }
 
 impl Default for GlobalSection {
@@ -327,8 +359,13 @@ impl Default for GlobalSection {
             shutdown_timeout: None,
             keep_pins: false,
             freebind: false,
+            log_connections: true,
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_pin_path() -> Spanned<PathBuf> {
@@ -353,9 +390,9 @@ struct FrontendSection {
     idle_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "optional_duration")]
     half_closed_timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "optional_limit")]
+    #[serde(default, deserialize_with = "optional_max_connections")]
     max_connections: Option<u32>,
-    #[serde(default, deserialize_with = "optional_limit")]
+    #[serde(default, deserialize_with = "optional_max_connections_per_source")]
     max_connections_per_source: Option<u32>,
     #[serde(default)]
     accept_proxy: Option<Spanned<bool>>,
@@ -364,6 +401,8 @@ struct FrontendSection {
     #[serde(default)]
     accept_proxy_timeout: Option<Spanned<String>>,
     freebind: Option<bool>,
+    log_connections: Option<bool>,
+    any_address: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -380,7 +419,7 @@ struct BackendSection {
     queue_limit: Option<Spanned<ByteSize>>,
     #[serde(default, deserialize_with = "optional_delay")]
     splice_after: Option<Duration>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_retries")]
     retries: Option<u32>,
     #[serde(default)]
     health: Option<HealthSection>,
@@ -399,11 +438,11 @@ struct HealthSection {
     fastinter: Option<Duration>,
     #[serde(default, deserialize_with = "optional_duration")]
     downinter: Option<Duration>,
-    rise: Option<Spanned<u32>>,
-    fall: Option<Spanned<u32>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
     #[serde(default, deserialize_with = "optional_duration")]
     timeout: Option<Duration>,
-    port: Option<Spanned<u16>>,
+    port: Option<Spanned<i64>>,
     address: Option<Spanned<String>>,
     send_proxy: Option<bool>,
     helo: Option<String>,
@@ -417,8 +456,8 @@ struct HealthSection {
 struct ServerSection {
     name: Spanned<String>,
     address: Spanned<Address>,
-    weight: Option<Spanned<u32>>,
-    #[serde(default, deserialize_with = "optional_limit")]
+    weight: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "optional_max_connections")]
     max_connections: Option<u32>,
 }
 
@@ -482,14 +521,39 @@ fn optional_delay<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D
     Ok(Some(duration))
 }
 
-fn optional_limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    let limit = u32::deserialize(d)?;
-    if limit == 0 {
-        return Err(de::Error::custom(
+fn optional_max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    optional_limit(d, "max_connections")
+}
+
+fn optional_max_connections_per_source<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u32>, D::Error> {
+    optional_limit(d, "max_connections_per_source")
+}
+
+fn optional_limit<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Option<u32>, D::Error> {
+    match i64::deserialize(d)? {
+        0 => Err(de::Error::custom(
             "a limit of 0 would refuse every client: leave the key out for no limit",
-        ));
+        )),
+        limit => u32::try_from(limit).map(Some).map_err(|_| {
+            de::Error::custom(format!(
+                "{key} = {limit} is out of range: give 1 to {}, or leave the key out for no \
+                 limit",
+                u32::MAX
+            ))
+        }),
     }
-    Ok(Some(limit))
+}
+
+fn optional_retries<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let retries = i64::deserialize(d)?;
+    u32::try_from(retries).map(Some).map_err(|_| {
+        de::Error::custom(format!(
+            "retries = {retries} is out of range: give 0 (the first server only) to {}",
+            u32::MAX
+        ))
+    })
 }
 
 impl ConfigFile {
@@ -573,6 +637,7 @@ impl ConfigFile {
                     ),
                 ));
             }
+            let any_address = section.any_address.as_ref().is_some_and(|a| *a.get_ref());
             let mut listen = Vec::new();
             for address in section.listen.get_ref() {
                 let addr = address.get_ref().0;
@@ -580,6 +645,17 @@ impl ConfigFile {
                     return Err(at(
                         address,
                         format!("`{addr}` has port 0: give the port clients connect to"),
+                    ));
+                }
+                if addr.ip().is_unspecified() && !any_address {
+                    return Err(at(
+                        address,
+                        format!(
+                            "`{addr}` listens on every address of this host, not one: give the \
+                             address clients connect to (\"192.0.2.1:{port}\"), or set \
+                             `any_address = true` in frontend `{name}` if every address is meant",
+                            port = addr.port()
+                        ),
                     ));
                 }
                 if let Some(other) = listening.insert(addr, name.clone()) {
@@ -594,6 +670,18 @@ impl ConfigFile {
                     first_address_over_xdp_capacity.get_or_insert(address.span());
                 }
                 listen.push(addr);
+            }
+            if let Some(set) = &section.any_address
+                && *set.get_ref()
+                && !listen.iter().any(|a| a.ip().is_unspecified())
+            {
+                return Err(at(
+                    set,
+                    format!(
+                        "frontend `{name}` sets `any_address` but listens on no 0.0.0.0 or [::] \
+                         address: remove the key"
+                    ),
+                ));
             }
             frontends.push(Frontend {
                 name: name.clone(),
@@ -612,6 +700,7 @@ impl ConfigFile {
                 }
                 .validate(name)?,
                 freebind: section.freebind.unwrap_or(global.freebind),
+                log_connections: section.log_connections.unwrap_or(global.log_connections),
             });
         }
         if frontends.is_empty() {
@@ -687,6 +776,7 @@ impl GlobalSection {
             shutdown_timeout: self.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
             keep_pins: self.keep_pins,
             freebind: self.freebind,
+            log_connections: self.log_connections,
         })
     }
 }
@@ -736,7 +826,7 @@ impl BackendSection {
             }
             let weight = match &server.weight {
                 None => 1,
-                Some(w) if (1..=MAX_WEIGHT).contains(w.get_ref()) => *w.get_ref(),
+                Some(w) if (1..=i64::from(MAX_WEIGHT)).contains(w.get_ref()) => *w.get_ref() as u32,
                 Some(w) => {
                     return Err(at(
                         w,
@@ -819,10 +909,19 @@ impl HealthSection {
     }
 
     fn validate(self, proxy_protocol: ProxyProtocol) -> Result<HealthConfig, Located> {
-        let count = |value: &Option<Spanned<u32>>, key: &str, default: u32| match value {
+        let count = |value: &Option<Spanned<i64>>, key: &str, default: u32| match value {
             None => Ok(default),
-            Some(v) if *v.get_ref() >= 1 => Ok(*v.get_ref()),
-            Some(v) => Err(at(v, format!("`{key}` must be at least 1"))),
+            Some(v) => match u32::try_from(*v.get_ref()) {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err(at(
+                    v,
+                    format!(
+                        "{key} = {} is out of range: give 1 to {} checks in a row",
+                        v.get_ref(),
+                        u32::MAX
+                    ),
+                )),
+            },
         };
         let interval = self.interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
         // postscreen greets with `220-`, waits postscreen_greet_wait (6 s by default),
@@ -844,14 +943,21 @@ impl HealthSection {
                 )
             })?),
         };
-        if let Some(port) = &self.port
-            && *port.get_ref() == 0
-        {
-            return Err(at(
-                port,
-                "port 0 cannot be checked: give the port to connect to",
-            ));
-        }
+        let port = match &self.port {
+            None => None,
+            Some(port) if *port.get_ref() == 0 => {
+                return Err(at(
+                    port,
+                    "port 0 cannot be checked: give the port to connect to",
+                ));
+            }
+            Some(port) => Some(u16::try_from(*port.get_ref()).map_err(|_| {
+                at(
+                    port,
+                    format!("port {} is out of range: give 1 to 65535", port.get_ref()),
+                )
+            })?),
+        };
         Ok(HealthConfig {
             check: self.check,
             interval,
@@ -860,7 +966,7 @@ impl HealthSection {
             rise: count(&self.rise, "rise", DEFAULT_RISE)?,
             fall: count(&self.fall, "fall", DEFAULT_FALL)?,
             timeout: self.timeout.unwrap_or(default_timeout),
-            port: self.port.map(Spanned::into_inner),
+            port,
             address,
             send_proxy: self
                 .send_proxy
@@ -1222,11 +1328,13 @@ name = "b"
     #[test]
     fn the_readme_example_is_valid() {
         let readme = include_str!("../../README.md");
+        // The first example of the Configuration section, wherever that section is.
         let example = readme
-            .split("```toml\n")
+            .split("\n## Configuration\n")
             .nth(1)
+            .and_then(|section| section.split("```toml\n").nth(1))
             .and_then(|rest| rest.split("```").next())
-            .expect("README.md has a ```toml example");
+            .expect("README.md's Configuration section has a ```toml example");
         let config = parse(example).unwrap();
         assert_eq!(config.frontends[0].name, "smtp");
     }
@@ -1259,6 +1367,156 @@ name = "b"
         let error = error(&text("", "freebind = \"yes\""));
         assert!(error.contains("kgate.toml:7:12:"), "{error}");
         assert!(error.contains("invalid type"), "{error}");
+    }
+
+    #[test]
+    fn log_connections_is_on_unless_off_and_a_frontend_overrides_the_global_default() {
+        let text = |global: &str, frontend: &str| {
+            format!(
+                "[global]\n{global}\n[[frontends]]\nname = \"a\"\nlisten = [\"10.0.20.1:25\"]\n\
+                 backend = \"b\"\n{frontend}\n[[frontends]]\nname = \"c\"\n\
+                 listen = [\"10.0.20.1:587\"]\nbackend = \"b\"\n[[backends]]\nname = \"b\"\n\
+                 [[backends.servers]]\nname = \"s\"\naddress = \"127.0.0.1:25\"\n"
+            )
+        };
+        let logged = |config: Config| -> Vec<bool> {
+            config.frontends.iter().map(|f| f.log_connections).collect()
+        };
+        assert_eq!(logged(parse(&text("", "")).unwrap()), [true, true]);
+        assert_eq!(
+            logged(parse(&text("", "log_connections = false")).unwrap()),
+            [false, true]
+        );
+        assert_eq!(
+            logged(parse(&text("log_connections = false", "")).unwrap()),
+            [false, false]
+        );
+        assert_eq!(
+            logged(parse(&text("log_connections = false", "log_connections = true")).unwrap()),
+            [true, false]
+        );
+    }
+
+    #[test]
+    fn a_key_set_twice_is_named() {
+        let twice = GOOD.replacen(
+            "dataplane = \"userspace\"",
+            "dataplane = \"userspace\"\ndataplane = \"sockmap\"",
+            1,
+        );
+        assert_eq!(
+            error(&twice),
+            "kgate.toml:5:1: `dataplane` is set twice in the same table: keep one of the two \
+             (or, for a second section, start it with its own [[...]] header)"
+        );
+    }
+
+    #[test]
+    fn numbers_out_of_range_say_the_range() {
+        let server = "address = \"10.0.20.101:30125\"";
+        let backend = "splice_after = \"0s\"";
+        let frontend = "backend = \"mail-smtp\"";
+        for (after, key, expect) in [
+            (
+                frontend,
+                "max_connections = 5000000000",
+                "kgate.toml:10:19: max_connections = 5000000000 is out of range: give 1 to \
+                 4294967295, or leave the key out for no limit",
+            ),
+            (
+                frontend,
+                "max_connections_per_source = -1",
+                "kgate.toml:10:30: max_connections_per_source = -1 is out of range: give 1 to \
+                 4294967295, or leave the key out for no limit",
+            ),
+            (
+                server,
+                "max_connections = 4294967296",
+                "kgate.toml:20:19: max_connections = 4294967296 is out of range",
+            ),
+            (
+                backend,
+                "retries = -1",
+                "kgate.toml:16:11: retries = -1 is out of range: give 0 (the first server only) \
+                 to 4294967295",
+            ),
+            (
+                server,
+                "weight = 5000000000",
+                "kgate.toml:20:10: weight 5000000000 is out of range: give 1 to 256",
+            ),
+            (
+                backend,
+                "[backends.health]\ncheck = \"tcp\"\nrise = 0",
+                "kgate.toml:18:8: rise = 0 is out of range: give 1 to 4294967295 checks in a row",
+            ),
+            (
+                backend,
+                "[backends.health]\ncheck = \"tcp\"\nfall = 99999999999",
+                "kgate.toml:18:8: fall = 99999999999 is out of range: give 1 to 4294967295",
+            ),
+            (
+                backend,
+                "[backends.health]\ncheck = \"tcp\"\nport = 70000",
+                "kgate.toml:18:8: port 70000 is out of range: give 1 to 65535",
+            ),
+        ] {
+            assert!(GOOD.contains(after), "{after}");
+            let message = error(&GOOD.replacen(after, &format!("{after}\n{key}"), 1));
+            assert!(message.starts_with(expect), "{key}: {message}");
+            assert!(!message.contains("expected u"), "{key}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_says_why_once_and_what_to_do() {
+        let missing = Path::new("/nonexistent/kgate.toml");
+        let message = format!(
+            "{:#}",
+            anyhow::Error::from(Config::load(missing).unwrap_err())
+        );
+        assert_eq!(
+            message,
+            "/nonexistent/kgate.toml: cannot read the configuration: No such file or directory \
+             (os error 2); give the file with -c FILE (the Debian package's example is \
+             /usr/share/doc/kgate/examples/kgate.toml)"
+        );
+    }
+
+    #[test]
+    fn listening_on_every_address_takes_any_address() {
+        for wildcard in ["0.0.0.0:25", "[::]:25"] {
+            let text = GOOD.replacen("\"10.0.20.1:25\"", &format!("\"{wildcard}\""), 1);
+            let message = error(&text);
+            assert!(
+                message.starts_with(&format!(
+                    "kgate.toml:8:11: `{wildcard}` listens on every address of this host, not \
+                     one: give the address clients connect to (\"192.0.2.1:25\"), or set \
+                     `any_address = true` in frontend `smtp`"
+                )),
+                "{message}"
+            );
+            let allowed = text.replacen(
+                "backend = \"mail-smtp\"",
+                "backend = \"mail-smtp\"\nany_address = true",
+                1,
+            );
+            let config = parse(&allowed).unwrap();
+            assert_eq!(config.frontends[0].listen[0], wildcard.parse().unwrap());
+        }
+        let needless = GOOD.replacen(
+            "backend = \"mail-smtp\"",
+            "backend = \"mail-smtp\"\nany_address = true",
+            1,
+        );
+        assert!(
+            error(&needless).starts_with(
+                "kgate.toml:10:15: frontend `smtp` sets `any_address` but listens on no 0.0.0.0 \
+                 or [::] address: remove the key"
+            ),
+            "{}",
+            error(&needless)
+        );
     }
 
     #[test]

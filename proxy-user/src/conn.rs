@@ -1,20 +1,25 @@
 //! One client connection, from accept to its log line.
 //!
 //! The log line, one per connection, as HAProxy's tcplog gives it:
-//! `CLIENT FRONTEND BACKEND/SERVER PATH bytes_in=N bytes_out=N end="CAUSE" DURATIONms`
-//! where PATH says how the bytes moved (`spliced`, `copied`, `half-spliced`, or `-`
-//! when none did) and CAUSE is one of `client closed`, `server closed`, `client
-//! reset`, `server reset`, `idle timeout`, `half-closed timeout`, `no server`,
-//! `over limit: ...`, `server failed: ...` (before the relay began), `client failed:
-//! ...` (its socket, before anything was done), or `PROXY header ...` (an
-//! `accept_proxy` frontend refused the connection, see `accept_proxy`).
-//! CLIENT is the address a PROXY header named, on such a frontend.
+//! `CLIENT FRONTEND BACKEND/SERVER MOVED bytes_in=N bytes_out=N end="CAUSE"
+//! [connect=Nms] DURATIONms` where MOVED says how the bytes moved (`spliced`, `copied`,
+//! `half-spliced`, `forwarded`, or `-` when none did), CAUSE is one of `client closed`,
+//! `server closed`, `client reset`, `server reset`, `idle timeout`, `half-closed
+//! timeout`, `no server`, `over limit: ...`, `server failed: ...` (before the relay
+//! began), `client failed: ...` (its socket, before anything was done), or `PROXY
+//! header ...` (an `accept_proxy` frontend refused the connection, see
+//! `accept_proxy`), and `connect=` is how long the server took to connect (retries
+//! included), when one did. CLIENT is the address a PROXY header named, on such a
+//! frontend. In the journal each part is also a field of its own (logging.rs):
+//! `CLIENT`, `FRONTEND`, `BACKEND`, `SERVER` (`BACKEND/SERVER`, as the other lines
+//! name a server), `DATAPLANE` (sockmap, userspace or packet), `MOVED`, `BYTES_IN`,
+//! `BYTES_OUT`, `END`, `CONNECT_MS`, `DURATION_MS`. A frontend with `log_connections =
+//! false` logs none.
 
 use std::{
-    fmt,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tokio::{io::AsyncWriteExt, net::TcpStream};
@@ -51,14 +56,17 @@ enum Outcome {
 /// What a connection carries from accept to its log line, wherever it is relayed: a
 /// parked connection keeps it while no task runs for it.
 pub struct Ending {
-    /// Held for its drop: the daemon counts the connection open until then.
-    _open: Open,
+    /// The daemon counts the connection open until this drops; the log line names
+    /// its data plane.
+    open: Open,
     gateway: Arc<Gateway>,
     frontend: usize,
     /// The server, once connected: counted active until the log line.
     server: Option<usize>,
     peer: SocketAddr,
     started: Instant,
+    /// How long the server took to connect, once one did.
+    connect_time: Option<Duration>,
     /// How the bytes move now, as the server's counts of open connections have it.
     path: Path,
     /// Held for its drop, which gives the frontend's slot back.
@@ -116,13 +124,37 @@ impl Ending {
             }
             None => "-",
         };
+        if !frontend.log_connections {
+            return;
+        }
+        let Parts {
+            moved,
+            bytes_in,
+            bytes_out,
+            end,
+        } = outcome.parts();
+        let duration_ms = self.started.elapsed().as_millis();
+        let connect_ms = self.connect_time.map(|t| t.as_millis());
         info!(
             target: "kgate::conn",
-            "{} {} {}/{server_name} {outcome} {}ms",
+            {
+                journal.client = %self.peer,
+                journal.frontend = %frontend.name,
+                journal.backend = %backend.name,
+                journal.server = self.server.map(|_| format!("{}/{server_name}", backend.name)),
+                journal.dataplane = self.open.daemon().dataplane.name(),
+                journal.moved = %moved,
+                journal.bytes_in = bytes_in,
+                journal.bytes_out = bytes_out,
+                journal.end = %end,
+                journal.connect_ms = connect_ms.map(|ms| ms as u64),
+                journal.duration_ms = duration_ms as u64,
+            },
+            "{} {} {}/{server_name} {moved} bytes_in={bytes_in} bytes_out={bytes_out} end=\"{end}\"{} {duration_ms}ms",
             self.peer,
             frontend.name,
             backend.name,
-            self.started.elapsed().as_millis(),
+            connect_ms.map(|ms| format!(" connect={ms}ms")).unwrap_or_default(),
         );
     }
 }
@@ -136,12 +168,13 @@ pub async fn handle(
 ) {
     let daemon = open.daemon().clone();
     let mut ending = Ending {
-        _open: open,
+        open,
         gateway: gateway.clone(),
         frontend,
         server: None,
         peer,
         started: Instant::now(),
+        connect_time: None,
         path: Path::Copied,
         _admitted: None,
     };
@@ -182,6 +215,7 @@ pub async fn handle(
     let _ = client.set_nodelay(true);
     let pool = &gateway.pools[backend_index];
     let order = balance::order(pool, backend, source.ip().to_canonical());
+    let connecting = Instant::now();
     let Some(upstream::Upstream { mut stream, server }) =
         upstream::connect(backend, pool, &order).await
     else {
@@ -189,6 +223,7 @@ pub async fn handle(
         return ending.log(Outcome::NoServer);
     };
     ending.set_server(server);
+    ending.connect_time = Some(connecting.elapsed());
     if let Err(e) = send_header(&mut stream, backend, source, destination).await {
         return ending.log(Outcome::ServerFailed(e));
     }
@@ -221,27 +256,35 @@ async fn send_header(
     }
 }
 
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+/// The parts of the log line an outcome decides.
+struct Parts {
+    /// How the bytes moved, `-` when none did.
+    moved: String,
+    bytes_in: u64,
+    bytes_out: u64,
+    end: String,
+}
+
+impl Outcome {
+    fn parts(&self) -> Parts {
+        let refused = |end: String| Parts {
+            moved: "-".to_owned(),
+            bytes_in: 0,
+            bytes_out: 0,
+            end,
+        };
         match self {
-            Outcome::Relayed(t) => write!(
-                f,
-                "{} bytes_in={} bytes_out={} end=\"{}\"",
-                t.path, t.from_client, t.from_server, t.end
-            ),
-            Outcome::Refused(refusal) => {
-                write!(f, "- bytes_in=0 bytes_out=0 end=\"{refusal}\"")
-            }
-            Outcome::NoServer => f.write_str("- bytes_in=0 bytes_out=0 end=\"no server\""),
-            Outcome::ServerFailed(e) => {
-                write!(f, "- bytes_in=0 bytes_out=0 end=\"server failed: {e}\"")
-            }
-            Outcome::ProxyRefused(rejection) => {
-                write!(f, "- bytes_in=0 bytes_out=0 end=\"{rejection}\"")
-            }
-            Outcome::ClientFailed(e) => {
-                write!(f, "- bytes_in=0 bytes_out=0 end=\"client failed: {e}\"")
-            }
+            Outcome::Relayed(t) => Parts {
+                moved: t.path.to_string(),
+                bytes_in: t.from_client,
+                bytes_out: t.from_server,
+                end: t.end.to_string(),
+            },
+            Outcome::Refused(refusal) => refused(refusal.to_string()),
+            Outcome::NoServer => refused("no server".to_owned()),
+            Outcome::ServerFailed(e) => refused(format!("server failed: {e}")),
+            Outcome::ProxyRefused(rejection) => refused(rejection.to_string()),
+            Outcome::ClientFailed(e) => refused(format!("client failed: {e}")),
         }
     }
 }

@@ -134,6 +134,7 @@ async fn execute(daemon: &Arc<Daemon>, request: &str) -> Result<String, String> 
             gateway.pools[b].servers[s].set_admin(state);
             daemon.changed.notify_one();
             info!(server = %name, "set to {state} by the operator");
+            gateway.log_availability();
             Ok(format!("{name} {state}"))
         }
         _ => Err(format!(
@@ -158,27 +159,48 @@ async fn upgrade(
     outcome.await.map_err(|_| gone())?
 }
 
-/// Sends one request to the daemon at `path` and returns its reply.
-pub fn request(path: &PathBuf, request: &str) -> anyhow::Result<String> {
-    request_within(path, request, std::time::Duration::from_secs(30))
+/// How long a client waits for the daemon's reply (an upgrade waits longer).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Why a request got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Nothing listens at the socket (kgate is not running, or elsewhere).
+    #[error("cannot reach kgate at {}: {error}", path.display())]
+    Unreachable {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("kgate at {} did not answer: {error}", path.display())]
+    NoAnswer {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
 }
 
-/// Like [`request`], waiting up to `wait` for the reply.
+/// Sends one request to the daemon at `path` and returns its reply, waiting up to
+/// `wait` for it.
 pub fn request_within(
-    path: &PathBuf,
+    path: &std::path::Path,
     request: &str,
     wait: std::time::Duration,
-) -> anyhow::Result<String> {
+) -> Result<String, RequestError> {
     use std::io::{BufRead, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach kgate at {}: {e}. Is kgate running with this control_socket (and are you root)?",
-            path.display()
-        )
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|error| {
+        RequestError::Unreachable {
+            path: path.to_owned(),
+            error,
+        }
     })?;
-    stream.set_read_timeout(Some(wait))?;
-    writeln!(stream, "{request}")?;
+    let no_answer = |error| RequestError::NoAnswer {
+        path: path.to_owned(),
+        error,
+    };
+    stream.set_read_timeout(Some(wait)).map_err(no_answer)?;
+    writeln!(stream, "{request}").map_err(no_answer)?;
     let mut reply = String::new();
-    std::io::BufReader::new(stream).read_line(&mut reply)?;
+    std::io::BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(no_answer)?;
     Ok(reply.trim_end().to_owned())
 }

@@ -177,6 +177,8 @@ impl Daemon {
         }
         wiring::update(self, &gateway, &mut resources.watchers);
         self.changed.notify_one();
+        // Servers removed or added may leave a backend with none, or give it one.
+        gateway.log_availability();
         let summary = format!(
             "reloaded: {}; {opened} listeners opened, {closed} closed",
             gateway.config.summary()

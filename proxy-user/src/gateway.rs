@@ -8,12 +8,12 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     admission::FrontendLoad,
     config::Config,
-    pool::{Pool, ServerRuntime, Slots, SlotsFull},
+    pool::{AvailabilityChange, Pool, ServerRuntime, Slots, SlotsFull},
 };
 
 pub struct Gateway {
@@ -121,6 +121,51 @@ impl Gateway {
             .iter()
             .position(|s| s.name == server)?;
         Some((b, s))
+    }
+
+    /// Logs each backend that has just lost its last available server (a warning, as
+    /// HAProxy's "backend X has no server available!"), or got one back. Called after
+    /// every change of a server's state: one line for the change, where every client
+    /// refused meanwhile gets only its connection line.
+    pub fn log_availability(&self) {
+        for (backend, pool) in self.config.backends.iter().zip(&self.pools) {
+            match pool.availability_change() {
+                Some(AvailabilityChange::NoneLeft) => {
+                    let states: Vec<String> = backend
+                        .servers
+                        .iter()
+                        .zip(&pool.servers)
+                        .map(|(server, runtime)| {
+                            let view = runtime.state_view();
+                            format!("{} {}: {}", server.name, view.state, view.reason)
+                        })
+                        .collect();
+                    warn!(
+                        { journal.backend = %backend.name },
+                        "backend {} has no server available: its clients are refused until one \
+                         is ({})",
+                        backend.name,
+                        states.join("; ")
+                    );
+                }
+                Some(AvailabilityChange::Back) => {
+                    let available: Vec<&str> = backend
+                        .servers
+                        .iter()
+                        .zip(&pool.servers)
+                        .filter(|(_, runtime)| runtime.is_available())
+                        .map(|(server, _)| server.name.as_str())
+                        .collect();
+                    info!(
+                        { journal.backend = %backend.name },
+                        "backend {} has a server available again: {}",
+                        backend.name,
+                        available.join(", ")
+                    );
+                }
+                None => {}
+            }
+        }
     }
 
     /// Logs the counters, once, at shutdown.

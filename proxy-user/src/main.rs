@@ -14,8 +14,8 @@
 //! the pinned map), `web` (the stats page, `/status.json` and `/metrics` on
 //! `metrics_listen`), `metrics`, `rate` (events a second), `xdp` (early drop;
 //! `xdp::crowdsec`, the CrowdSec bouncer that feeds its blocklist), `interfaces` (this
-//! host's interfaces and addresses), `privileges`, `cli/`. `maps` is the only module
-//! that talks to aya.
+//! host's interfaces, addresses and routes), `privileges`, `logging` (stderr or the
+//! journal), `cli/`. `maps` is the only module that talks to aya.
 
 mod accept_proxy;
 mod admission;
@@ -31,6 +31,7 @@ mod gateway;
 mod handover;
 mod health;
 mod interfaces;
+mod logging;
 mod maps;
 mod metrics;
 mod pool;
@@ -45,24 +46,17 @@ mod upstream;
 mod web;
 mod xdp;
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    logging::init();
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kgate: {e:#}");
+            logging::failure(&format!("kgate: {e:#}"));
             ExitCode::FAILURE
         }
     }

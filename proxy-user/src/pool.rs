@@ -223,6 +223,12 @@ impl ServerRuntime {
         }
     }
 
+    /// Whether the server may take new connections at all: ready and not down (a full
+    /// one still counts: it takes more once some end).
+    pub fn is_available(&self) -> bool {
+        self.admin() == AdminState::Ready && self.healthy.load(Ordering::Relaxed)
+    }
+
     /// Whether a new connection may go to this server.
     pub fn takes_connections(&self, max_connections: Option<u32>) -> bool {
         self.admin() == AdminState::Ready
@@ -250,6 +256,16 @@ pub struct BackendCounters {
     pub no_server: AtomicU64,
     /// Connects to a further server after one failed.
     pub retries: AtomicU64,
+    /// Whether the backend was last found with no server available, for
+    /// [`Pool::availability_change`].
+    none_available: Mutex<bool>,
+}
+
+/// A backend lost its last available server, or got one back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AvailabilityChange {
+    NoneLeft,
+    Back,
 }
 
 impl Pool {
@@ -259,6 +275,27 @@ impl Pool {
             servers,
             counters,
         }
+    }
+
+    /// Whether the backend has just lost its last available server, or got one back,
+    /// since the last call: each change is told once, however many clients it
+    /// refuses meanwhile.
+    pub fn availability_change(&self) -> Option<AvailabilityChange> {
+        let mut none_available = self
+            .counters
+            .none_available
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let none_now = !self.servers.iter().any(|s| s.is_available());
+        if none_now == *none_available {
+            return None;
+        }
+        *none_available = none_now;
+        Some(if none_now {
+            AvailabilityChange::NoneLeft
+        } else {
+            AvailabilityChange::Back
+        })
     }
 
     /// A pool of new servers in slots `first_slot..`, for tests.
@@ -380,6 +417,45 @@ mod tests {
             (view.state.as_str(), view.reason.as_str(), view.since),
             ("up", "2 checks passed in a row", came_up)
         );
+    }
+
+    fn with_health(state: Health) -> HealthView {
+        HealthView {
+            state,
+            ..HealthView::unchecked("")
+        }
+    }
+
+    #[test]
+    fn losing_the_last_server_and_getting_one_back_are_each_told_once() {
+        let pool = Pool::fresh(2, 0);
+        assert_eq!(
+            pool.availability_change(),
+            None,
+            "unchecked servers are available"
+        );
+        pool.servers[0].set_health(with_health(Health::Down));
+        assert_eq!(pool.availability_change(), None, "node1 is still there");
+        pool.servers[1].set_admin(AdminState::Drain);
+        assert_eq!(
+            pool.availability_change(),
+            Some(AvailabilityChange::NoneLeft)
+        );
+        assert_eq!(pool.availability_change(), None, "told once");
+        pool.servers[1].set_health(with_health(Health::Down));
+        assert_eq!(pool.availability_change(), None, "still none");
+        pool.servers[0].set_health(with_health(Health::Up));
+        assert_eq!(pool.availability_change(), Some(AvailabilityChange::Back));
+        assert_eq!(pool.availability_change(), None, "told once");
+        pool.servers[0].set_admin(AdminState::Maint);
+        assert_eq!(
+            pool.availability_change(),
+            Some(AvailabilityChange::NoneLeft)
+        );
+
+        // A reload keeps the backend's counters, and with them what was told.
+        let reloaded = Pool::new(pool.servers.clone(), pool.counters.clone());
+        assert_eq!(reloaded.availability_change(), None);
     }
 
     #[test]

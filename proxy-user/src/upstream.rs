@@ -43,7 +43,7 @@ pub async fn connect(backend: &Backend, pool: &Pool, order: &[usize]) -> Option<
             .fetch_add(1, Ordering::Relaxed);
         warn!(
             backend = %backend.name,
-            server = %server.name,
+            server = %format!("{}/{}", backend.name, server.name),
             address = %server.address,
             "connect failed: {error}; trying the next server"
         );

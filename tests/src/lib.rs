@@ -6,6 +6,7 @@
 //! - [`pair`]: two gateways sharing a virtual address on a bridge, a client and a
 //!   backend ([`pair::PairLab`]); [`keepalived`] runs a private keepalived in one.
 //! - [`kgate`]: runs the `kgate` daemon in the gateway and watches its log.
+//! - [`journal`]: runs kgate as systemd would, logging to a private journald.
 //! - [`browser`]: headless Chromium, driven over the DevTools protocol, for pages kgate serves.
 //! - [`backend`]: what sits behind the proxy: PROXY header reading, a threaded TCP
 //!   server and a mock mail server.
@@ -27,6 +28,7 @@ pub mod backend;
 pub mod browser;
 pub mod crowdsec;
 pub mod dovecot;
+pub mod journal;
 pub mod keepalived;
 pub mod kgate;
 pub mod lab;

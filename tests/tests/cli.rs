@@ -92,6 +92,108 @@ fn check_rejects_a_bad_file_with_its_line_and_what_to_change() {
 }
 
 #[test]
+fn check_names_a_key_set_twice_and_gives_the_range_of_a_number() {
+    let after_backend = |line: &str| {
+        VALID.replace(
+            "backend = \"mail\"\n",
+            &format!("backend = \"mail\"\n{line}\n"),
+        )
+    };
+    for (broken, expected) in [
+        (
+            after_backend("backend = \"mail\""),
+            "kgate: FILE:6:1: `backend` is set twice in the same table: keep one of the two",
+        ),
+        (
+            after_backend("max_connections = 5000000000"),
+            "kgate: FILE:6:19: max_connections = 5000000000 is out of range: give 1 to 4294967295",
+        ),
+        (
+            after_backend("max_connections_per_source = -5"),
+            "kgate: FILE:6:30: max_connections_per_source = -5 is out of range: give 1 to 4294967295",
+        ),
+    ] {
+        let (code, stdout, stderr) = check(&broken);
+        assert_eq!(code, 1, "{stdout}{stderr}");
+        assert!(
+            stderr.starts_with(expected),
+            "expected {expected:?}, got {stderr:?}"
+        );
+        assert!(!stderr.contains("expected u32"), "{stderr}");
+    }
+}
+
+#[test]
+fn check_says_once_why_a_file_cannot_be_read_and_what_to_do() {
+    let out = Command::new(kgate_bin())
+        .args(["check", "-c", "/nonexistent/kgate.toml"])
+        .output()
+        .expect("running kgate check");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "kgate: /nonexistent/kgate.toml: cannot read the configuration: No such file or \
+         directory (os error 2); give the file with -c FILE (the Debian package's example is \
+         /usr/share/doc/kgate/examples/kgate.toml)\n"
+    );
+}
+
+#[test]
+fn check_takes_every_address_of_the_host_only_when_asked() {
+    let wildcard = VALID.replace("\"192.0.2.1:25\"", "\"0.0.0.0:25\"");
+    let (code, stdout, stderr) = check(&wildcard);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert_eq!(
+        stderr,
+        "kgate: FILE:4:11: `0.0.0.0:25` listens on every address of this host, not one: give the \
+         address clients connect to (\"192.0.2.1:25\"), or set `any_address = true` in frontend \
+         `smtp` if every address is meant\n"
+    );
+    let asked = wildcard.replace(
+        "backend = \"mail\"\n",
+        "backend = \"mail\"\nany_address = true\n",
+    );
+    let (code, stdout, stderr) = check(&asked);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, "FILE: valid (1 frontend, 1 backend, 1 server)\n");
+}
+
+/// `kgate status` needs no configuration file: without one it asks the default
+/// control socket, and when nothing answers it says which socket it tried and why.
+#[test]
+fn status_without_arguments_tries_the_default_control_socket_and_says_so() {
+    let default_config = std::path::Path::new("/etc/kgate/kgate.toml");
+    let default_socket = std::path::Path::new("/run/kgate/kgate.sock");
+    let out = Command::new(kgate_bin())
+        .arg("status")
+        .output()
+        .expect("running kgate status");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if default_socket.exists() {
+        // A kgate of this machine answers there (not one of the tests').
+        println!("a kgate listens on {}: {stderr}", default_socket.display());
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // The Debian package's test may have installed its conffile meanwhile.
+    let origin = if default_config.exists() {
+        "(`control_socket` in /etc/kgate/kgate.toml)".to_owned()
+    } else {
+        "(the default control socket, as /etc/kgate/kgate.toml could not be read: No such \
+         file or directory (os error 2))"
+            .to_owned()
+    };
+    assert_eq!(
+        stderr,
+        format!(
+            "kgate: cannot reach kgate at /run/kgate/kgate.sock {origin}: No such file or \
+             directory (os error 2): is kgate running (and are you root)? Give its control \
+             socket with --socket PATH, or its configuration with -c FILE\n"
+        )
+    );
+}
+
+#[test]
 fn auto_falls_back_to_the_userspace_data_plane_with_one_warning() {
     if skip_without_root() {
         return;

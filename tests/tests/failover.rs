@@ -320,6 +320,7 @@ fn kgate_check_notes_listen_addresses_the_host_lacks_unless_freebind() {
             &config,
             format!(
                 "[[frontends]]\nname = \"here\"\nlisten = [\"{}:25\", \"0.0.0.0:587\"]\nbackend = \"b\"\n\
+                 any_address = true\n\
                  [[frontends]]\nname = \"vip\"\nlisten = [\"192.0.2.1:25\"]\nbackend = \"b\"\n{freebind}\n\
                  [[backends]]\nname = \"b\"\n[[backends.servers]]\nname = \"s\"\naddress = \"192.0.2.9:25\"\n",
                 lab.gateway().v4()

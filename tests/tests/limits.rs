@@ -211,7 +211,7 @@ fn a_server_that_does_not_answer_is_skipped_after_the_connect_timeout(dataplane:
     let lines = rig.connection_lines(1);
     assert!(lines[0].contains(" mail/node0 "), "{}", lines[0]);
     assert!(
-        rig.kgate.log().contains("server=silent")
+        rig.kgate.log().contains("server=mail/silent")
             && rig.kgate.log().contains("no answer within 500ms"),
         "{}",
         rig.kgate.log()

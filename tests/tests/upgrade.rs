@@ -173,21 +173,20 @@ fn bpftool_server_names(pin: &Path) -> Vec<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    dump.as_array()
+    // The map holds live servers only, names as text; a hash, so sorted here.
+    let mut names: Vec<String> = dump
+        .as_array()
         .unwrap()
         .iter()
         .map(|entry| {
             entry["formatted"]["value"]["server"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|b| b.as_u64().unwrap() as u8)
-                .take_while(|&b| b != 0)
-                .map(char::from)
-                .collect::<String>()
+                .as_str()
+                .unwrap_or_else(|| panic!("a server name as text: {entry}"))
+                .to_owned()
         })
-        .filter(|name| !name.is_empty())
-        .collect()
+        .collect();
+    names.sort();
+    names
 }
 
 /// The id of the XDP program on the gateway's client interface, if one is attached.

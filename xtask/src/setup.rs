@@ -103,7 +103,9 @@ pub const DEBIAN_PACKAGES: &[DebianPackage] = &[
     DebianPackage::new(
         "systemd",
         "`systemd-analyze verify` and `security --offline` check kgate's unit in the packaging \
-         test (it runs no systemd; installing the package starts nothing in a container)",
+         test; a private systemd-journald, `systemd-cat` and `journalctl` take and read \
+         kgate's log as under systemd (tests/src/journal.rs). No systemd runs as init, and \
+         installing the package starts nothing in a container",
     ),
     DebianPackage::new(
         "chromium",

@@ -9,9 +9,18 @@ mod server;
 mod status;
 mod upgrade;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::bail;
 use clap::{Parser, Subcommand};
+
+use crate::{
+    config::{Config, DEFAULT_CONTROL_SOCKET},
+    control::RequestError,
+};
+
+/// The configuration file when `-c` is not given.
+const DEFAULT_CONFIG: &str = "/etc/kgate/kgate.toml";
 
 #[derive(Parser)]
 #[command(
@@ -32,7 +41,7 @@ enum Command {
     /// Example: kgate run -c /etc/kgate/kgate.toml
     Run {
         /// The configuration file.
-        #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Validates a configuration file without touching anything; exit code 1 if invalid.
@@ -40,7 +49,7 @@ enum Command {
     /// Example: kgate check -c /etc/kgate/kgate.toml
     Check {
         /// The configuration file.
-        #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Shows the running kgate: its frontends (connections, refusals, rates), each
@@ -50,9 +59,10 @@ enum Command {
     /// Example: kgate status
     /// Example: kgate status --json --socket /run/kgate/kgate.sock
     Status {
-        /// The configuration file, for `control_socket`.
-        #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
-        config: PathBuf,
+        /// The configuration file, for `control_socket` [default: /etc/kgate/kgate.toml,
+        /// or /run/kgate/kgate.sock when that file cannot be read]
+        #[arg(short, long)]
+        config: Option<PathBuf>,
         /// The control socket (instead of the configuration's `control_socket`).
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -66,9 +76,10 @@ enum Command {
     ///
     /// Example: kgate reload
     Reload {
-        /// The configuration file, for `control_socket`.
-        #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
-        config: PathBuf,
+        /// The configuration file, for `control_socket` [default: /etc/kgate/kgate.toml,
+        /// or /run/kgate/kgate.sock when that file cannot be read]
+        #[arg(short, long)]
+        config: Option<PathBuf>,
         /// The control socket (instead of the configuration's `control_socket`).
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -82,9 +93,10 @@ enum Command {
     /// Example: kgate upgrade
     /// Example: kgate upgrade --binary /usr/bin/kgate
     Upgrade {
-        /// The configuration file, for `control_socket`.
-        #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
-        config: PathBuf,
+        /// The configuration file, for `control_socket` [default: /etc/kgate/kgate.toml,
+        /// or /run/kgate/kgate.sock when that file cannot be read]
+        #[arg(short, long)]
+        config: Option<PathBuf>,
         /// The control socket (instead of the configuration's `control_socket`).
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -118,9 +130,10 @@ enum ServerCommand {
         server: String,
         /// ready, drain or maint.
         state: String,
-        /// The configuration file, for `control_socket`.
-        #[arg(short, long, default_value = "/etc/kgate/kgate.toml")]
-        config: PathBuf,
+        /// The configuration file, for `control_socket` [default: /etc/kgate/kgate.toml,
+        /// or /run/kgate/kgate.sock when that file cannot be read]
+        #[arg(short, long)]
+        config: Option<PathBuf>,
         /// The control socket (instead of the configuration's `control_socket`).
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -136,21 +149,126 @@ impl Cli {
                 config,
                 socket,
                 json,
-            } => status::status(&config, socket, json),
-            Command::Reload { config, socket } => reload::reload(&config, socket),
+            } => status::status(&ControlSocket::choose(config, socket)?, json),
+            Command::Reload { config, socket } => {
+                reload::reload(&ControlSocket::choose(config, socket)?)
+            }
             Command::Upgrade {
                 config,
                 socket,
                 binary,
-            } => upgrade::upgrade(&config, socket, binary),
+            } => upgrade::upgrade(&ControlSocket::choose(config, socket)?, binary),
             Command::Server(ServerCommand::Set {
                 server,
                 state,
                 config,
                 socket,
-            }) => server::set(&config, socket, &server, &state),
+            }) => server::set(&ControlSocket::choose(config, socket)?, &server, &state),
             Command::Block(command) => block::block(command),
             Command::Man { dir } => man::write(&dir),
         }
+    }
+}
+
+/// The running kgate's control socket, for the commands that talk to it, and where
+/// its path came from (for the message when nothing answers there).
+pub struct ControlSocket {
+    pub path: PathBuf,
+    origin: String,
+}
+
+impl ControlSocket {
+    /// `--socket`, else `control_socket` in the file given with `-c`, else in
+    /// /etc/kgate/kgate.toml, else the default: a status needs no readable file.
+    fn choose(config: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Result<ControlSocket> {
+        Self::choose_with(config, socket, Path::new(DEFAULT_CONFIG))
+    }
+
+    fn choose_with(
+        config: Option<PathBuf>,
+        socket: Option<PathBuf>,
+        default_config: &Path,
+    ) -> anyhow::Result<ControlSocket> {
+        if let Some(path) = socket {
+            return Ok(ControlSocket {
+                path,
+                origin: "given with --socket".to_owned(),
+            });
+        }
+        if let Some(config) = config {
+            let path = Config::load(&config)?.global.control_socket;
+            return Ok(ControlSocket {
+                path,
+                origin: format!("`control_socket` in {}", config.display()),
+            });
+        }
+        Ok(match Config::load(default_config) {
+            Ok(loaded) => ControlSocket {
+                path: loaded.global.control_socket,
+                origin: format!("`control_socket` in {}", default_config.display()),
+            },
+            Err(e) => ControlSocket {
+                path: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+                origin: format!(
+                    "the default control socket, as {} could not be read: {}",
+                    default_config.display(),
+                    match e {
+                        crate::config::ConfigError::Read { error, .. } => error.to_string(),
+                        invalid => invalid.to_string(),
+                    }
+                ),
+            },
+        })
+    }
+
+    /// Sends `request` and returns the reply, waiting up to `wait`.
+    pub fn request(&self, request: &str, wait: std::time::Duration) -> anyhow::Result<String> {
+        match crate::control::request_within(&self.path, request, wait) {
+            Err(RequestError::Unreachable { path, error }) => bail!(
+                "cannot reach kgate at {} ({}): {error}: is kgate running (and are you root)? \
+                 Give its control socket with --socket PATH, or its configuration with -c FILE",
+                path.display(),
+                self.origin
+            ),
+            reply => Ok(reply?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_socket_comes_from_the_default_file_or_is_the_default() {
+        let dir = std::env::temp_dir().join(format!("kgate-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kgate.toml");
+        std::fs::write(
+            &file,
+            "[global]\ncontrol_socket = \"/run/elsewhere.sock\"\n[[frontends]]\nname = \"a\"\n\
+             listen = [\"127.0.0.1:25\"]\nbackend = \"b\"\n[[backends]]\nname = \"b\"\n\
+             [[backends.servers]]\nname = \"s\"\naddress = \"127.0.0.1:2525\"\n",
+        )
+        .unwrap();
+        let chosen = ControlSocket::choose_with(None, None, &file).unwrap();
+        assert_eq!(chosen.path, Path::new("/run/elsewhere.sock"));
+
+        let missing = dir.join("missing.toml");
+        let chosen = ControlSocket::choose_with(None, None, &missing).unwrap();
+        assert_eq!(chosen.path, Path::new(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(
+            chosen.origin,
+            format!(
+                "the default control socket, as {} could not be read: No such file or directory \
+                 (os error 2)",
+                missing.display()
+            )
+        );
+        // A file named with -c must be read.
+        assert!(ControlSocket::choose_with(Some(missing.clone()), None, &file).is_err());
+        let given = ControlSocket::choose_with(Some(missing), Some("/x.sock".into()), &file);
+        assert_eq!(given.unwrap().path, Path::new("/x.sock"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,16 +1,11 @@
-use std::path::{Path, PathBuf};
-
 use anyhow::bail;
 
-use crate::{config::Config, control};
+use super::ControlSocket;
+use crate::control;
 
-pub fn reload(config: &Path, socket: Option<PathBuf>) -> anyhow::Result<()> {
-    let socket = match socket {
-        Some(socket) => socket,
-        // The running kgate reads its own file; this one only says where it listens.
-        None => Config::load(config)?.global.control_socket,
-    };
-    let reply = control::request(&socket, "reload")?;
+pub fn reload(socket: &ControlSocket) -> anyhow::Result<()> {
+    // The running kgate reads its own file; this one only needs its control socket.
+    let reply = socket.request("reload", control::REQUEST_TIMEOUT)?;
     match reply.strip_prefix("ok ") {
         Some(done) => {
             println!("{done}");

@@ -2,26 +2,19 @@
 //! for over the control socket, as tables or as JSON. The stats page shows the same
 //! document.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
+use super::ControlSocket;
 use crate::{
-    config::Config,
     control,
     status::{ServerStatus, Status},
     xdp::crowdsec::{BouncerStatus, LapiState},
 };
 
-pub fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
-    let socket = match socket {
-        Some(path) => path,
-        None => Config::load(config)?.global.control_socket,
-    };
-    let reply = control::request(&socket, "status")?;
+pub fn status(socket: &ControlSocket, json: bool) -> anyhow::Result<()> {
+    let reply = socket.request("status", control::REQUEST_TIMEOUT)?;
     let Some(document) = reply.strip_prefix("ok ") else {
         bail!("kgate answered {reply:?}");
     };

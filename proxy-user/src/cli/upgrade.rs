@@ -1,18 +1,11 @@
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
-use crate::{config::Config, control, handover};
+use super::ControlSocket;
+use crate::handover;
 
-pub fn upgrade(
-    config: &Path,
-    socket: Option<PathBuf>,
-    binary: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let socket = match socket {
-        Some(socket) => socket,
-        None => Config::load(config)?.global.control_socket,
-    };
+pub fn upgrade(socket: &ControlSocket, binary: Option<PathBuf>) -> anyhow::Result<()> {
     let binary = match binary {
         Some(binary) => binary,
         // This very binary: after a package upgrade, the one just installed.
@@ -27,7 +20,7 @@ pub fn upgrade(
     })?;
     let request = format!("upgrade {}", binary.display());
     // The running kgate may wait TIMEOUT for the new one, then as long to stop it.
-    let reply = control::request_within(&socket, &request, handover::TIMEOUT * 3)?;
+    let reply = socket.request(&request, handover::TIMEOUT * 3)?;
     match reply.strip_prefix("ok ") {
         Some(done) => {
             println!("{done}");

@@ -64,9 +64,9 @@ pub(super) struct XdpSection {
     #[serde(default)]
     blocklist_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
-    syn_rate: Option<Spanned<u32>>,
+    syn_rate: Option<Spanned<i64>>,
     #[serde(default)]
-    syn_burst: Option<Spanned<u32>>,
+    syn_burst: Option<Spanned<i64>>,
 }
 
 impl XdpSection {
@@ -141,17 +141,21 @@ impl XdpSection {
     }
 }
 
-fn check_syn_number(value: &Spanned<u32>, key: &str) -> Result<u32, Located> {
+fn check_syn_number(value: &Spanned<i64>, key: &str) -> Result<u32, Located> {
     match *value.get_ref() {
         0 => Err(at(
             value,
             format!("{key} = 0 would drop every SYN: leave out `syn_rate` for no limit"),
         )),
-        n if n > MAX_SYN_RATE => Err(at(
+        n if n > i64::from(MAX_SYN_RATE) => Err(at(
             value,
             format!("{key} = {n} is more than kgate can count: give at most {MAX_SYN_RATE}"),
         )),
-        n => Ok(n),
+        n if n < 0 => Err(at(
+            value,
+            format!("{key} = {n} is out of range: give 1 to {MAX_SYN_RATE} SYNs a second"),
+        )),
+        n => Ok(n as u32),
     }
 }
 
@@ -263,7 +267,7 @@ address = "192.0.2.101:25"
             ),
             (
                 "[xdp]\ninterfaces = [\"eth0\"]\nsyn_rate = -3\n",
-                "kgate.toml:15:12: invalid value: integer `-3`",
+                "kgate.toml:15:12: syn_rate = -3 is out of range: give 1 to 1000000 SYNs a second",
             ),
             (
                 "[xdp]\ninterface = [\"eth0\"]\n",

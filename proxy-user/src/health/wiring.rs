@@ -160,6 +160,7 @@ async fn watch_server(
                 );
                 let snapshots = monitor.subscribe();
                 runtime.set_health(view(&snapshots.borrow()));
+                daemon.gateway().log_availability();
                 running = Some((monitor, snapshots));
             }
             (Some(_), true) => {
@@ -186,6 +187,7 @@ async fn watch_server(
                     };
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     runtime.set_health(view(&snapshot));
+                    daemon.gateway().log_availability();
                 }
             }
             _ = tokio::time::sleep(ADMIN_POLL) => {}

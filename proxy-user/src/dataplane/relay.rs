@@ -114,6 +114,8 @@ enum Later {
         /// Bytes copied when the relay last looked.
         copied: u64,
         held: Option<(Held, Instant)>,
+        /// The earliest a hold may begin: at once, or after a pause.
+        hold_from: Instant,
         pause: Duration,
     },
 }
@@ -140,12 +142,56 @@ impl Later {
     /// When to act, for a connection quiet since `quiet_since` that has copied
     /// `copied` bytes.
     fn due(&self, quiet_since: Instant, copied: u64) -> Instant {
+        if let Some(at) = self.hold_due(copied) {
+            return at;
+        }
         match self {
             Later::Splice { at, .. } => *at,
-            // A busy connection is held instead (see `try_hand_off`).
+            // A held one is looked at on its own schedule.
             Later::HandOff { at, .. } if copied >= HOLD_AFTER_BYTES => *at,
             Later::HandOff { at, .. } => (*at).max(quiet_since + HANDOFF_QUIET),
         }
+    }
+
+    /// When to hold a connection that has moved bulk since the relay last looked and
+    /// is not held yet: as soon as it may be, whatever kgate still has to write (the
+    /// hold only stops the peers from sending more), since a bulk transfer may be over
+    /// before a backed-off look comes.
+    fn hold_due(&self, copied: u64) -> Option<Instant> {
+        match self {
+            Later::HandOff {
+                held: None,
+                copied: looked,
+                hold_from,
+                ..
+            } if copied >= HOLD_AFTER_BYTES && copied > *looked => Some(*hold_from),
+            _ => None,
+        }
+    }
+
+    /// Holds a connection that moves bulk for its handoff: its peers stop sending
+    /// while kgate writes out what it has.
+    fn hold_busy(&mut self, client: &TcpStream, server: &TcpStream, now: Instant) {
+        let Later::HandOff {
+            packet,
+            at,
+            backoff,
+            held: held @ None,
+            hold_from,
+            ..
+        } = self
+        else {
+            return;
+        };
+        match packet.hold(client, server) {
+            Ok(hold) => *held = Some((hold, now)),
+            Err(e) => {
+                debug!("holding a busy connection for its handoff: {e}");
+                *hold_from = now + HOLD_PAUSE.0;
+            }
+        }
+        *backoff = HANDOFF_RETRY.0;
+        *at = now + *backoff;
     }
 
     /// Lets a hold go once it has lasted [`HOLD_LIMIT`] (the connection is handed off
@@ -156,6 +202,7 @@ impl Later {
             held: held @ Some(_),
             at,
             backoff,
+            hold_from,
             pause,
             ..
         } = self
@@ -169,6 +216,7 @@ impl Later {
         debug!("the connection did not get quiet in its hold: let go for {pause:?}");
         *held = None;
         *at = now + *pause;
+        *hold_from = *at;
         *pause = (*pause * 2).min(HOLD_PAUSE.1);
         *backoff = HANDOFF_RETRY.0;
         None
@@ -221,6 +269,7 @@ impl Relay {
                 backoff: HANDOFF_RETRY.0,
                 copied: 0,
                 held: None,
+                hold_from: now,
                 pause: HOLD_PAUSE.0,
             }),
         };
@@ -280,8 +329,8 @@ impl Relay {
         }
     }
 
-    /// Hands the quiet connection off to the packet plane; or plans the next try, or
-    /// gives up for good (it stays copied).
+    /// Hands the quiet connection off to the packet plane; or holds it, plans the next
+    /// try, or gives up for good (it stays copied).
     fn try_hand_off(&mut self) -> Option<Ticket> {
         let copied_now: u64 = self.progress.flows.iter().map(|f| f.copied_bytes()).sum();
         let Some(Later::HandOff {
@@ -291,6 +340,7 @@ impl Relay {
             backoff,
             copied,
             held,
+            hold_from,
             ..
         }) = &mut self.later
         else {
@@ -328,13 +378,9 @@ impl Relay {
                     *backoff = (*backoff * 2).min(HANDOFF_RETRY.1);
                 }
             }
-            None if moving && copied_now >= HOLD_AFTER_BYTES => {
-                match packet.hold(&self.client, &self.server) {
-                    Ok(hold) => *held = Some((hold, now)),
-                    Err(e) => debug!("holding a busy connection for its handoff: {e}"),
-                }
-                *backoff = HANDOFF_RETRY.0;
-                *at = now + *backoff;
+            None if moving && copied_now >= HOLD_AFTER_BYTES && now >= *hold_from => {
+                let later = self.later.as_mut()?;
+                later.hold_busy(&self.client, &self.server, now);
             }
             _ => {
                 *at = now + *backoff;
@@ -480,10 +526,21 @@ impl Relay {
             let park_at = (splice.is_some() && up.parkable() && down.parkable())
                 .then_some(quiet_since + PARK_AFTER);
             let copied = up.state.copied_bytes() + down.state.copied_bytes();
+            let joinable = up.may_join() && down.may_join();
+            // A busy connection is held at once, even while kgate has bytes to write
+            // (they stay in this loop's buffers: only a joinable one leaves it).
+            if let Some(later) = self.later.as_mut()
+                && !joinable
+                && later
+                    .hold_due(copied)
+                    .is_some_and(|at| Instant::now() >= at)
+            {
+                later.hold_busy(client, server, Instant::now());
+            }
             let later_at = self
                 .later
                 .as_ref()
-                .filter(|_| up.may_join() && down.may_join())
+                .filter(|_| joinable)
                 .map(|later| later.due(quiet_since, copied));
             let bulk =
                 matches!(self.later, Some(Later::Splice { .. })) && copied >= SPLICE_AFTER_BYTES;

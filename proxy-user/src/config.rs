@@ -89,7 +89,7 @@ pub struct Frontend {
     /// Listen even where the address is not (yet) on this host (`IP_FREEBIND`): the
     /// backup of a VRRP pair listens on the virtual address it does not hold.
     pub freebind: bool,
-    /// A line in the log for each connection (conn.rs).
+    /// A line in the log for each connection (ending.rs).
     pub log_connections: bool,
 }
 

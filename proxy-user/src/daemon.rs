@@ -35,10 +35,11 @@ use crate::{
     config::Config,
     conn,
     dataplane::Dataplane,
+    ending::Open,
     frontend,
     gateway::Gateway,
     handover::Handed,
-    health::wiring::{self, Watcher},
+    health::wiring::{self, ServerEvents, Watcher},
     maps::ServerMaps,
     pool::Slots,
     restart_only,
@@ -56,7 +57,7 @@ pub struct Daemon {
     current: RwLock<Arc<Gateway>>,
     config_path: PathBuf,
     /// Open client connections, for a graceful shutdown.
-    connections: AtomicUsize,
+    connections: Arc<AtomicUsize>,
     /// Serializes reloads; owns what a reload changes.
     resources: tokio::sync::Mutex<Resources>,
 }
@@ -104,7 +105,7 @@ impl Daemon {
             changed: tokio::sync::Notify::new(),
             current: RwLock::new(Arc::new(gateway)),
             config_path,
-            connections: AtomicUsize::new(0),
+            connections: Arc::default(),
             resources: tokio::sync::Mutex::new(resources),
         });
         Ok((daemon, listeners))
@@ -269,18 +270,13 @@ pub enum ReloadError {
     },
 }
 
-/// A client connection, counted open (for a graceful shutdown) until dropped.
-pub struct Open(Arc<Daemon>);
-
-impl Open {
-    pub fn daemon(&self) -> &Arc<Daemon> {
-        &self.0
+impl ServerEvents for Daemon {
+    fn state_changed(&self) {
+        self.changed.notify_one();
     }
-}
 
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    fn availability_changed(&self) {
+        self.gateway().log_availability();
     }
 }
 
@@ -334,9 +330,15 @@ async fn accept(daemon: Arc<Daemon>, address: SocketAddr, listener: Arc<TcpListe
                     // Removed by a reload that is closing this listener.
                     continue;
                 };
-                daemon.connections.fetch_add(1, Ordering::AcqRel);
-                let open = Open(daemon.clone());
-                tokio::spawn(conn::handle(open, gateway, frontend, client, peer));
+                let open = Open::new(&daemon.connections, daemon.dataplane.name());
+                let daemon = daemon.clone();
+                tokio::spawn(async move {
+                    if let Some(connected) =
+                        conn::handle(open, gateway, frontend, client, peer).await
+                    {
+                        daemon.dataplane.relay(connected).await;
+                    }
+                });
             }
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning.

@@ -9,7 +9,7 @@
 //! SERVER=mail/node1`.
 //!
 //! A field named `journal.NAME` goes to the journal only, as `NAME`: the connection
-//! line's parts (conn.rs) are fields there, while its text already shows them.
+//! line's parts (ending.rs) are fields there, while its text already shows them.
 //!
 //! `RUST_LOG` sets what is logged (tracing-subscriber's `EnvFilter`); `info` when
 //! unset or unreadable.

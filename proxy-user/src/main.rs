@@ -26,6 +26,7 @@ mod conn;
 mod control;
 mod daemon;
 mod dataplane;
+mod ending;
 mod frontend;
 mod gateway;
 mod handover;

@@ -13,7 +13,7 @@ use std::{
 
 use proxy_common::MAX_SERVERS;
 
-use crate::{dataplane::Path, health::state::Health, rate::Rate};
+use crate::{health::state::Health, rate::Rate};
 
 /// What the operator set with `kgate server set`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +95,29 @@ pub struct StateView {
     pub state: String,
     pub reason: String,
     pub since: SystemTime,
+}
+
+/// How an open connection's bytes move: the server counts its connections by it,
+/// and the connection's log line names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    Spliced,
+    Copied,
+    /// One direction spliced, the other copied.
+    Mixed,
+    /// Handed off to the packet data plane's TC programs.
+    Forwarded,
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Path::Spliced => "spliced",
+            Path::Copied => "copied",
+            Path::Mixed => "half-spliced",
+            Path::Forwarded => "forwarded",
+        })
+    }
 }
 
 /// One server of a pool.

@@ -1,13 +1,22 @@
-//! Moving a connection's bytes once the server is connected and has its header.
+//! Moving a connection's bytes once the server is connected and has its header
+//! ([`Dataplane::relay`], the one entry point of every plane).
 //!
-//! Two data planes run the same lifecycle ([`relay`]): `sockmap` hands both sockets
-//! to the eBPF splice program and only watches for the ends of the connection;
-//! `userspace` copies every byte through kgate. On `sockmap`, a connection is copied
-//! for its first `splice_after` (or [`SPLICE_AFTER_BYTES`]) and spliced from there
-//! on: a short session is over before then, and costs less copied than joined to the
-//! splice and taken out again. Each direction of a connection is either spliced or
-//! copied at any time, so a connection the kernel refuses to splice (a socket that
-//! already got its FIN, say) is still carried, by copying.
+//! The three data planes run the same lifecycle ([`relay`]): every connection is
+//! copied first, then
+//! - `userspace` copies every byte through kgate to the end;
+//! - `sockmap` ([`sockmap`], with [`parking`] for connections it carries alone) hands
+//!   both sockets to the eBPF splice program and only watches for the ends of the
+//!   connection. A connection is copied for its first `splice_after` (or
+//!   [`SPLICE_AFTER_BYTES`]) and spliced from there on: a short session is over
+//!   before then, and costs less copied than joined to the splice and taken out
+//!   again. Each direction is either spliced or copied at any time, so a connection
+//!   the kernel refuses to splice (a socket that already got its FIN, say) is still
+//!   carried, by copying;
+//! - `packet` ([`packet`], with [`packet_raw`] for the segments kgate itself sends)
+//!   hands the connection off, at its first quiet moment, to the TC programs that
+//!   forward its segments like a router; one it cannot hand off stays copied.
+//!
+//! What a connection moved and how it ended goes to its [`Ending`], which logs it.
 
 mod direction;
 mod packet;
@@ -16,16 +25,24 @@ mod parking;
 mod relay;
 mod sockmap;
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 pub use packet::Packet;
-pub use relay::Transfer;
 pub use sockmap::Sockmap;
 
-use crate::conn::Ending;
+use crate::{ending::Ending, pool::Path};
+
+/// A connection whose server has its header: what the data plane relays.
+pub struct Connected {
+    pub client: TcpStream,
+    pub server: TcpStream,
+    pub terms: SpliceTerms,
+    pub timeouts: Timeouts,
+    pub ending: Ending,
+}
 
 pub enum Dataplane {
     Sockmap(Arc<Sockmap>),
@@ -46,14 +63,14 @@ impl Dataplane {
     /// Carries `client` <-> `server` until both sides have closed, one has reset, or
     /// the connection idled out; then `ending` logs it. Returns early when the
     /// connection is parked: the rest happens in the task that resumes it.
-    pub async fn relay(
-        &self,
-        client: TcpStream,
-        server: TcpStream,
-        terms: SpliceTerms,
-        timeouts: Timeouts,
-        ending: Ending,
-    ) {
+    pub async fn relay(&self, connected: Connected) {
+        let Connected {
+            client,
+            server,
+            terms,
+            timeouts,
+            ending,
+        } = connected;
         let plan = match self {
             Dataplane::Sockmap(sockmap) => relay::Plan::Splice(sockmap.clone()),
             Dataplane::Packet(packet) => relay::Plan::HandOff(packet.clone()),
@@ -149,34 +166,11 @@ pub enum Mode {
     Copied,
 }
 
-/// How the connection's bytes moved, for the connection's log line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Path {
-    Spliced,
-    Copied,
-    /// One direction spliced, the other copied.
-    Mixed,
-    /// Handed off to the packet data plane's TC programs.
-    Forwarded,
-}
-
-impl Path {
-    fn of(flows: [Mode; 2]) -> Path {
-        match flows.map(|m| matches!(m, Mode::Spliced { .. })) {
-            [true, true] => Path::Spliced,
-            [false, false] => Path::Copied,
-            _ => Path::Mixed,
-        }
-    }
-}
-
-impl fmt::Display for Path {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Path::Spliced => "spliced",
-            Path::Copied => "copied",
-            Path::Mixed => "half-spliced",
-            Path::Forwarded => "forwarded",
-        })
+/// How a connection whose directions move so carries its bytes.
+fn path_of(flows: [Mode; 2]) -> Path {
+    match flows.map(|m| matches!(m, Mode::Spliced { .. })) {
+        [true, true] => Path::Spliced,
+        [false, false] => Path::Copied,
+        _ => Path::Mixed,
     }
 }

@@ -60,14 +60,14 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    Path, Timeouts,
+    Timeouts,
     packet_raw::{self, RawSegments, WindowUpdate},
-    relay::{End, Transfer},
 };
 use crate::{
-    conn::Ending,
+    ending::{End, Ending, Transfer},
     interfaces::{self, Routes},
     maps::{PacketEvents, PacketMaps},
+    pool::Path,
     sockopt::{self, TcpShape},
 };
 

@@ -26,53 +26,20 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    Mode, Path, SPLICE_AFTER_BYTES, SpliceTerms, Timeouts,
+    Mode, SPLICE_AFTER_BYTES, SpliceTerms, Timeouts,
     direction::{Fault, Flow, FlowState, interest},
     packet::{HandOff, Held, Packet, Ticket},
     parking::PARK_AFTER,
     sockmap::{Sockmap, Splice},
 };
-use crate::{conn::Ending, sockopt};
+use crate::{
+    ending::{End, Ending, Transfer},
+    sockopt,
+};
 
 /// How often a direction waiting on the kernel (its redirect backlog, its FIN, its
 /// target at the bound) looks again: from the first value, doubling up to the second.
 const DRAIN_POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(50));
-
-/// What a connection moved and how it ended.
-#[derive(Clone, Copy, Debug)]
-pub struct Transfer {
-    pub from_client: u64,
-    pub from_server: u64,
-    pub end: End,
-    pub path: Path,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum End {
-    /// The client sent its FIN first; both sides then closed.
-    ClientClosed,
-    /// The server sent its FIN first; both sides then closed.
-    ServerClosed,
-    ClientReset,
-    ServerReset,
-    /// Nothing moved for `idle_timeout`; both sides were reset.
-    IdleTimeout,
-    /// Half-closed and nothing moved for `half_closed_timeout`; both sides were reset.
-    HalfClosedTimeout,
-}
-
-impl fmt::Display for End {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            End::ClientClosed => "client closed",
-            End::ServerClosed => "server closed",
-            End::ClientReset => "client reset",
-            End::ServerReset => "server reset",
-            End::IdleTimeout => "idle timeout",
-            End::HalfClosedTimeout => "half-closed timeout",
-        })
-    }
-}
 
 /// A connection being relayed: its sockets, where each direction is, and the record
 /// that logs it at the end.
@@ -428,7 +395,9 @@ impl Relay {
                 flow.spliced_from_here(mode);
             }
         }
-        self.progress.ending.carried_on(Path::of(splice.flows()));
+        self.progress
+            .ending
+            .carried_on(super::path_of(splice.flows()));
         self.splice = Some(splice);
     }
 
@@ -645,7 +614,7 @@ fn transfer(up: &Flow, down: &Flow, end: End, modes: [Mode; 2]) -> Transfer {
         from_client: up.bytes(),
         from_server: down.bytes(),
         end,
-        path: Path::of(modes),
+        path: super::path_of(modes),
     }
 }
 
@@ -748,7 +717,7 @@ fn end_broken(
             Side::Client => End::ClientReset,
             Side::Server => End::ServerReset,
         },
-        path: Path::of(modes),
+        path: super::path_of(modes),
     });
 }
 

@@ -14,7 +14,7 @@
 //! - `smtps`, `imaps`: header, TLS handshake ([`super::tls`]), then the `smtp` or
 //!   `imap` dialogue inside TLS, close (`close_notify`, then FIN).
 
-use std::{fmt, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -22,7 +22,8 @@ use tokio::{
 };
 
 use super::{
-    session::{CLOSE_GRACE, MAX_REPLY_LINES, Session, quote},
+    failure::{CheckFailure, Step},
+    session::{CLOSE_GRACE, MAX_REPLY_LINES, Session},
     tls::TlsClient,
 };
 use crate::{config::CheckTls, proxy_header};
@@ -70,88 +71,6 @@ impl fmt::Display for CheckKind {
             CheckKind::Smtps => "smtps",
             CheckKind::Imaps => "imaps",
         })
-    }
-}
-
-/// Where in a check something went wrong. Displays as what the check was doing:
-/// "connecting", "waiting for the reply to EHLO".
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    Connecting,
-    SendingHeader,
-    TlsHandshake,
-    Greeting,
-    /// Writing a command (`"EHLO"`, `"QUIT"`, `"LOGOUT"`).
-    Sending(&'static str),
-    /// Reading the reply to a command.
-    Reply(&'static str),
-}
-
-impl Step {
-    /// What a reply read in this step is called: "greeting", "reply to EHLO".
-    fn reply_name(self) -> String {
-        match self {
-            Step::Greeting => "greeting".to_owned(),
-            Step::Reply(command) => format!("reply to {command}"),
-            // Replies are only read in the two steps above; name the others plainly.
-            other => format!("reply while {other}"),
-        }
-    }
-}
-
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Step::Connecting => f.write_str("connecting"),
-            Step::SendingHeader => f.write_str("sending the PROXY header"),
-            Step::TlsHandshake => f.write_str("doing the TLS handshake"),
-            Step::Greeting => f.write_str("waiting for the greeting"),
-            Step::Sending(command) => write!(f, "sending {command}"),
-            Step::Reply(command) => write!(f, "waiting for the reply to {command}"),
-        }
-    }
-}
-
-/// Why a check failed, worded for the log line of a state change.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum CheckFailure {
-    #[error("connection refused")]
-    Refused,
-    /// The check's timeout passed during this step.
-    #[error("timed out {0}")]
-    TimedOut(Step),
-    /// The server closed the connection where the check expected more.
-    #[error("connection closed by the server while {0}")]
-    Closed(Step),
-    /// The server answered, but not as expected. `got` is the reply line, truncated.
-    #[error("bad {}: expected {expected}, got {got:?}", step.reply_name())]
-    BadReply {
-        step: Step,
-        expected: &'static str,
-        got: String,
-    },
-    /// The TLS handshake failed: not TLS, a certificate refused, an alert.
-    #[error("TLS handshake failed: {0}")]
-    Tls(String),
-    /// Any other socket error (reset, unreachable, ...).
-    #[error("{error} while {step}")]
-    Io { step: Step, error: String },
-}
-
-impl CheckFailure {
-    pub(super) fn io(step: Step, error: &io::Error) -> CheckFailure {
-        CheckFailure::Io {
-            step,
-            error: error.to_string(),
-        }
-    }
-
-    fn bad(step: Step, expected: &'static str, line: &str) -> CheckFailure {
-        CheckFailure::BadReply {
-            step,
-            expected,
-            got: quote(line.as_bytes()),
-        }
     }
 }
 
@@ -320,6 +239,8 @@ async fn imap<S: AsyncRead + AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
     use super::*;
     use crate::health::test_server::{Act, End, LOCAL, LONG, scripted};
     use tokio::net::TcpListener;

@@ -3,7 +3,7 @@
 //! - [`check`]: one check of one server ([`check::run_check`]): `tcp`, `smtp` or
 //!   `imap`, and `smtps` or `imaps` (the same inside TLS, [`tls`]), each optionally
 //!   opened with a PROXY v2 LOCAL header, everything under one timeout, and a
-//!   [`check::CheckFailure`] that reads well in a log line.
+//!   [`failure::CheckFailure`] that reads well in a log line.
 //! - [`state`]: the rise/fall state machine of one server and the interval to the next
 //!   check (pure logic, no I/O).
 //! - [`monitor`]: a task that checks one server forever, logs its state changes and
@@ -41,6 +41,7 @@
 //! [`monitor::HealthSettings::timeout_warning`]).
 
 pub mod check;
+mod failure;
 pub mod monitor;
 pub mod state;
 pub mod wiring;

@@ -20,7 +20,8 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    check::{CheckFailure, CheckKind, CheckSpec, run_check},
+    check::{CheckKind, CheckSpec, run_check},
+    failure::CheckFailure,
     state::{Health, SPREAD, ServerHealth, Transition, spread},
 };
 

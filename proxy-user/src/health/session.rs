@@ -12,7 +12,7 @@ use tokio::{
 use tokio_rustls::client::TlsStream;
 
 use super::{
-    check::{CheckFailure, Step},
+    failure::{CheckFailure, Step, quote},
     tls::{self, Recording, TlsClient},
 };
 
@@ -30,9 +30,6 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How much a polite close reads and discards before it gives up waiting.
 const MAX_DRAIN: usize = 64 * 1024;
-
-/// How many characters of a reply a failure quotes.
-const QUOTE_CHARS: usize = 100;
 
 /// A check's connection over `S`: TCP, or TLS over TCP ([`TlsSession`]).
 pub struct Session<S = TcpStream> {
@@ -182,34 +179,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // The server's own close ends it; anything else (a timeout, a reset) changes
         // nothing about the check's result.
         let _ = timeout_at(deadline, drain).await;
-    }
-}
-
-/// A reply line as a failure quotes it: lossy UTF-8, line ending trimmed, at most
-/// [`QUOTE_CHARS`] characters (then `…`).
-pub fn quote(line: &[u8]) -> String {
-    let text = String::from_utf8_lossy(line);
-    let text = text.trim_end_matches(['\r', '\n']);
-    let mut chars = text.chars();
-    let mut quoted: String = chars.by_ref().take(QUOTE_CHARS).collect();
-    if chars.next().is_some() {
-        quoted.push('…');
-    }
-    quoted
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quotes_are_trimmed_and_truncated() {
-        assert_eq!(quote(b"554 5.7.1 no\r\n"), "554 5.7.1 no");
-        assert_eq!(quote(b"\xff 220"), "\u{fffd} 220");
-        let long = "x".repeat(150);
-        let quoted = quote(long.as_bytes());
-        assert_eq!(quoted.chars().count(), QUOTE_CHARS + 1);
-        assert!(quoted.ends_with('…'));
-        assert_eq!(quote(&[b'y'; QUOTE_CHARS]), "y".repeat(QUOTE_CHARS));
     }
 }

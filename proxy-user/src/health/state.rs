@@ -14,7 +14,7 @@
 
 use std::{fmt, time::Duration};
 
-use super::check::CheckFailure;
+use super::failure::CheckFailure;
 
 /// How far an interval is spread around its nominal value: ±10 %.
 pub const SPREAD: f64 = 0.1;
@@ -216,7 +216,7 @@ pub fn spread(interval: Duration, random: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::check::Step;
+    use crate::health::failure::Step;
 
     const INTER: Duration = Duration::from_secs(2);
     const FAST: Duration = Duration::from_secs(1);

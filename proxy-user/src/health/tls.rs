@@ -40,10 +40,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::{
-    check::{CheckFailure, Step},
-    session::quote,
-};
+use super::failure::{CheckFailure, Step, quote};
 use crate::config::{CheckTls, Trust};
 
 /// How many of the server's first bytes a failed handshake may quote.

@@ -9,16 +9,24 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::sync::watch;
 
 use super::{
-    check::{CheckFailure, CheckKind, CheckSpec},
+    check::{CheckKind, CheckSpec},
+    failure::CheckFailure,
     monitor::{HealthSettings, Monitor, ServerHealthSnapshot},
     tls::TlsClient,
 };
 use crate::{
     config::{CheckType, HealthConfig, Server},
-    daemon::Daemon,
     gateway::Gateway,
     pool::{AdminState, HealthView, ServerRuntime},
 };
+
+/// What the checks tell the rest of kgate (the daemon).
+pub trait ServerEvents: Send + Sync + 'static {
+    /// A server's state changed: publish it at once.
+    fn state_changed(&self);
+    /// Whether servers are available may have changed: say what did.
+    fn availability_changed(&self);
+}
 
 /// How often a server's watcher looks at the operator's state (maint or not).
 const ADMIN_POLL: Duration = Duration::from_millis(200);
@@ -40,8 +48,8 @@ impl Drop for Watcher {
 /// Makes the running checks those of `gateway`: starts them for new servers and for
 /// servers whose check changed, stops them for servers that are gone, and leaves the
 /// others running.
-pub fn update(
-    daemon: &Arc<Daemon>,
+pub fn update<E: ServerEvents>(
+    events: &Arc<E>,
     gateway: &Gateway,
     watchers: &mut HashMap<(String, String), Watcher>,
 ) {
@@ -68,7 +76,7 @@ pub fn update(
                     let (stop, stopped) = watch::channel(false);
                     let name = format!("{}/{}", backend.name, server.name);
                     tokio::spawn(watch_server(
-                        daemon.clone(),
+                        events.clone(),
                         runtime.clone(),
                         name,
                         spec,
@@ -137,8 +145,8 @@ fn settings(health: &HealthConfig) -> HealthSettings {
 
 /// Keeps one server's monitor running outside maint and copies its snapshots into the
 /// server's state.
-async fn watch_server(
-    daemon: Arc<Daemon>,
+async fn watch_server<E: ServerEvents>(
+    events: Arc<E>,
     runtime: Arc<ServerRuntime>,
     name: String,
     spec: CheckSpec,
@@ -150,23 +158,23 @@ async fn watch_server(
         let in_maint = runtime.admin() == AdminState::Maint;
         match (&mut running, in_maint) {
             (None, false) => {
-                let changed = daemon.clone();
+                let changed = events.clone();
                 let monitor = Monitor::spawn(
                     name.clone(),
                     spec.clone(),
                     settings.clone(),
-                    move |_| changed.changed.notify_one(),
+                    move |_| changed.state_changed(),
                     stopped.clone(),
                 );
                 let snapshots = monitor.subscribe();
                 runtime.set_health(view(&snapshots.borrow()));
-                daemon.gateway().log_availability();
+                events.availability_changed();
                 running = Some((monitor, snapshots));
             }
             (Some(_), true) => {
                 running = None;
                 runtime.set_health(HealthView::unchecked("not checked in maint"));
-                daemon.changed.notify_one();
+                events.state_changed();
             }
             _ => {}
         }
@@ -187,7 +195,7 @@ async fn watch_server(
                     };
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     runtime.set_health(view(&snapshot));
-                    daemon.gateway().log_availability();
+                    events.availability_changed();
                 }
             }
             _ = tokio::time::sleep(ADMIN_POLL) => {}

@@ -197,6 +197,9 @@ pub struct TcpServer {
     acceptor: Option<JoinHandle<()>>,
 }
 
+/// The accept queue of a [`TcpServer`].
+const LISTEN_BACKLOG: i32 = 4096;
+
 impl TcpServer {
     /// Binds `listen` inside `ns` (listening before it returns; port 0 picks one, see
     /// [`TcpServer::local_addr`]) and starts accepting. Panics if it cannot bind.
@@ -206,9 +209,18 @@ impl TcpServer {
     {
         let listener = ns
             .run(move || -> io::Result<TcpListener> {
-                let listener = TcpListener::bind(listen)?;
-                listener.set_nonblocking(true)?;
-                Ok(listener)
+                // A deep accept queue: a burst of connections (hundreds at once, on a
+                // busy machine) must not lose SYNs, each sent again only a second later.
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(listen),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                socket.set_reuse_address(true)?;
+                socket.bind(&listen.into())?;
+                socket.listen(LISTEN_BACKLOG)?;
+                socket.set_nonblocking(true)?;
+                Ok(socket.into())
             })
             .unwrap_or_else(|e| panic!("binding {listen} in namespace {}: {e}", ns.name()));
         let local_addr = listener

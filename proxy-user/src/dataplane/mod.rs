@@ -24,6 +24,7 @@ mod packet_raw;
 mod parking;
 mod relay;
 mod sockmap;
+mod trim;
 
 use std::{sync::Arc, time::Duration};
 

@@ -62,6 +62,7 @@ use tracing::{debug, warn};
 use super::{
     Timeouts,
     packet_raw::{self, RawSegments, WindowUpdate},
+    trim::Trim,
 };
 use crate::{
     ending::{End, Ending, Transfer},
@@ -75,6 +76,8 @@ use crate::{
 const LINGER: Duration = Duration::from_secs(2);
 /// How often flows are looked at for their timeouts and lingering ends.
 const SWEEP: Duration = Duration::from_secs(1);
+/// How often the trim looks whether connections were handed off (see `trim`).
+const TRIM_CHECK: Duration = Duration::from_millis(100);
 /// TCP timestamp option bytes (with their two NOPs) in every segment that has them.
 const TIMESTAMP_BYTES: u32 = 12;
 
@@ -170,11 +173,16 @@ pub struct Packet {
     routes: Option<Mutex<Routes>>,
 }
 
+// The size is the point: see `Forwarded`'s variant.
+#[allow(clippy::large_enum_variant)]
 enum Slot {
     /// Forwarded; its relay has not handed over its sockets and record yet. The end,
     /// if the programs reported it meanwhile.
     Reserved(Option<u32>),
-    Forwarded(Box<Forwarded>),
+    /// In place, not boxed: connections are handed off in bursts, right after the
+    /// tasks of a burst end, and a small allocation left among the freed tasks would
+    /// keep its whole page resident.
+    Forwarded(Forwarded),
 }
 
 /// A forwarded connection: what kgate keeps of it until its end.
@@ -609,7 +617,7 @@ impl Packet {
             Slot::Reserved(reported) => *reported,
             Slot::Forwarded(_) => None,
         };
-        *slot = Slot::Forwarded(Box::new(forwarded));
+        *slot = Slot::Forwarded(forwarded);
         if let Some(kind) = reported {
             self.on_event(&mut flows, ticket.slot, kind, now);
         }
@@ -905,8 +913,7 @@ impl LocalAddresses {
 
 /// Watches the flows' ends and timeouts for as long as the daemon runs.
 async fn watch(packet: Arc<Packet>, mut events: PacketEvents) {
-    let mut sweep = tokio::time::interval(SWEEP);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = Ticks::new(&packet);
     loop {
         tokio::select! {
             read = events.next(|Event { flow, kind }| {
@@ -915,18 +922,52 @@ async fn watch(packet: Arc<Packet>, mut events: PacketEvents) {
             }) => {
                 if let Err(e) = read {
                     warn!("reading the packet data plane's events: {e}; ends are found by the sweep");
-                    return sweep_only(packet).await;
+                    loop {
+                        ticks.next(&packet).await;
+                    }
                 }
             }
-            _ = sweep.tick() => packet.sweep(Instant::now()),
+            () = ticks.next(&packet) => {}
         }
     }
 }
 
-async fn sweep_only(packet: Arc<Packet>) {
-    let mut sweep = tokio::time::interval(SWEEP);
-    loop {
-        sweep.tick().await;
-        packet.sweep(Instant::now());
+/// The watcher's timers: the sweep of the flows' timeouts and lingering ends, and the
+/// trim of the memory of the tasks that handed-off connections ended (see `trim`),
+/// looked at as often as the sockmap plane's parking does.
+struct Ticks {
+    sweep: tokio::time::Interval,
+    trim_check: tokio::time::Interval,
+    trim: Trim,
+    /// Connections handed off when the trim last looked.
+    handed_off: u64,
+}
+
+impl Ticks {
+    fn new(packet: &Packet) -> Ticks {
+        let interval = |period| {
+            let mut interval = tokio::time::interval(period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        };
+        Ticks {
+            sweep: interval(SWEEP),
+            trim_check: interval(TRIM_CHECK),
+            trim: Trim::new(),
+            handed_off: packet.handed_off(),
+        }
+    }
+
+    /// Waits for the next timer and does what it is for.
+    async fn next(&mut self, packet: &Packet) {
+        tokio::select! {
+            _ = self.sweep.tick() => packet.sweep(Instant::now()),
+            now = self.trim_check.tick() => {
+                let handed_off = packet.handed_off();
+                let since = handed_off.saturating_sub(self.handed_off);
+                self.handed_off = handed_off;
+                self.trim.on_sweep(since as usize, now);
+            }
+        }
     }
 }

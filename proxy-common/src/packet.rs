@@ -184,6 +184,9 @@ pub const RESET_SEEN: u32 = 2;
 /// [`Event::kind`]: the first FIN of the flow was forwarded (its half-closed timeout
 /// starts).
 pub const HALF_CLOSED: u32 = 3;
+/// [`Event::kind`]: a SYN came on the flow's addresses (and was dropped): the client
+/// made a new connection from the same port, so the old one is over for it.
+pub const REUSED: u32 = 4;
 
 /// A flow's end, as the programs report it.
 #[repr(C)]

@@ -35,7 +35,7 @@ use proxy_common::{
     packet::{
         CLOSED, DOWN, EVENT_RING_BYTES, Event, FIN_ACKED, FIN_SEEN, FORWARD, FREEZE, FlowKey,
         HALF_CLOSED, HOLD, INJECTED_MARK, LastSent, MAX_PACKET_FLOWS, PacketStats, Progress, RESET,
-        RESET_SEEN, Rule, TIMESTAMPS, TS_KNOWN, UP, advance, translate_window,
+        RESET_SEEN, REUSED, Rule, TIMESTAMPS, TS_KNOWN, UP, advance, translate_window,
     },
 };
 
@@ -86,6 +86,7 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 /// Offsets within the TCP header.
@@ -225,6 +226,15 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, Broken> {
             Ok(TC_ACT_SHOT)
         }
         FORWARD => {
+            // A SYN on a flow's addresses is a new connection: the client's kernel has
+            // no socket left for the old one (closed, or lingering here for late
+            // retransmissions) and reused its port. Never forward it into the old
+            // server connection: drop it (the client sends it again) and have kgate
+            // end the old flow, which frees the addresses for the listener.
+            if load::<u8>(ctx, segment.l4 + TCP_FLAGS)? & TCP_SYN != 0 {
+                report(rule.flow, REUSED);
+                return Ok(TC_ACT_SHOT);
+            }
             let scratch = KGATE_PKT_SCRATCH.get_ptr_mut(0).ok_or(Broken)?;
             // SAFETY: the per-CPU slot belongs to this CPU while the program runs.
             forward(ctx, &segment, rule, unsafe { &mut *scratch })

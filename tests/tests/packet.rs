@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use socket2::{Domain, Socket, Type};
 use tests::{
     backend::{TcpServer, read_proxy_header},
     kgate::{Kgate, control_socket_for, global_section, kgate_bin, metric_value, scrape_metrics},
@@ -982,4 +983,49 @@ fn a_tls_session_where_the_client_speaks_first_is_forwarded() {
     let _ = server.wait();
     let lines = rig.connection_lines(1);
     assert_eq!(Rig::forwarded(&lines), 1, "{lines:#?}");
+}
+
+#[test]
+fn a_client_that_connects_again_from_the_same_port_gets_a_connection_of_its_own() {
+    if skip_without_root() {
+        return;
+    }
+    let rig = Rig::start("packet", 1);
+    // Greets after a pause (so the session is handed off right after the header),
+    // naming the client's port, then closes first: the client's side closes last and
+    // keeps nothing of the connection, while kgate keeps its rules for late segments.
+    let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), |mut s| {
+        set_timeouts(&s);
+        let port = read_proxy_header(&mut s).unwrap().source.unwrap().port();
+        thread::sleep(Duration::from_millis(50));
+        s.write_all(format!("220 {port}\r\n").as_bytes()).unwrap();
+    });
+    let frontend = rig.frontend_v4();
+    rig.lab.client().run(move || {
+        let mut port = 0;
+        for round in 0..2 {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            socket.set_reuse_address(true).unwrap();
+            socket
+                .bind(&SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port).into())
+                .unwrap();
+            // The first SYN of the second round is dropped (the client sends it again
+            // a second later); forwarded into the old server connection, it would
+            // never reach kgate.
+            socket.connect_timeout(&frontend.into(), IO_TIMEOUT).unwrap();
+            let mut c: TcpStream = socket.into();
+            set_timeouts(&c);
+            port = c.local_addr().unwrap().port();
+            let mut greeting = Vec::new();
+            c.read_to_end(&mut greeting).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&greeting),
+                format!("220 {port}\r\n"),
+                "round {round}"
+            );
+        }
+    });
+    let lines = rig.connection_lines(2);
+    assert_eq!(Rig::forwarded(&lines), 2, "{lines:#?}");
+    rig.assert_clean();
 }

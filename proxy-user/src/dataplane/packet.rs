@@ -53,7 +53,7 @@ use std::{
 
 use proxy_common::packet::{
     CLOSED, DOWN, Event, FIN_ACKED, FIN_SEEN, FORWARD, FREEZE, FlowKey, HALF_CLOSED, HOLD,
-    MAX_PACKET_FLOWS, Progress, RESET, RESET_SEEN, Rule, TIMESTAMPS, UP,
+    MAX_PACKET_FLOWS, Progress, RESET, RESET_SEEN, REUSED, Rule, TIMESTAMPS, UP,
 };
 use slab::Slab;
 use tokio::net::TcpStream;
@@ -652,6 +652,11 @@ impl Packet {
                     _ => End::ClientReset,
                 };
                 self.finish(flows, slot, end, false);
+            }
+            REUSED => {
+                // Logged already if it closed; else the server learns it is over.
+                let closed = forwarded.lingers_until.is_some();
+                self.finish(flows, slot, End::ClientReset, !closed);
             }
             _ => {}
         }

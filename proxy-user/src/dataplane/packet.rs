@@ -24,6 +24,14 @@
 //!    move between the window scales each side announced; timestamps onto the clocks
 //!    each receiver knows (proxy-ebpf/src/packet.rs).
 //!
+//! A connection moving bulk is never quiet by itself: once it has copied 64 KiB the
+//! relay holds it ([`Packet::hold`], rules in `HOLD`, as soon as it has moved that
+//! much, whatever kgate still has to write): the egress program closes the window in
+//! what the gateway's sockets send, so both peers stop sending while what is in
+//! flight drains and is written out; then 1-4 go as above, and each peer gets a window
+//! update from a raw socket. A hold that finds no quiet within its limit is let go
+//! with the last segment sent again, window open.
+//!
 //! Segments dropped during 2-4 cost their senders a retransmission; nothing is lost,
 //! as nothing was acknowledged for them. A connection that cannot be forwarded that
 //! way stays copied, and the reason is counted ([`Fallback`]): a peer on this host
@@ -37,7 +45,10 @@
 //! silently) and logs the connection with the bytes the programs counted. Idle and
 //! half-closed timeouts come from the programs' last-segment times; at a timeout, and
 //! at shutdown, kgate resets both peers itself (a raw socket: the repaired sockets
-//! cannot send), where it could open one.
+//! cannot send), where it could open one. A SYN on a flow's addresses is a client
+//! that reused its port (its kernel kept nothing of the old connection, which may be
+//! lingering here): the program drops it and reports it, and kgate ends the old flow,
+//! so the SYN sent again reaches the listener instead of the old server connection.
 
 use std::{
     collections::HashSet,

@@ -1012,7 +1012,9 @@ fn a_client_that_connects_again_from_the_same_port_gets_a_connection_of_its_own(
             // The first SYN of the second round is dropped (the client sends it again
             // a second later); forwarded into the old server connection, it would
             // never reach kgate.
-            socket.connect_timeout(&frontend.into(), IO_TIMEOUT).unwrap();
+            socket
+                .connect_timeout(&frontend.into(), IO_TIMEOUT)
+                .unwrap();
             let mut c: TcpStream = socket.into();
             set_timeouts(&c);
             port = c.local_addr().unwrap().port();

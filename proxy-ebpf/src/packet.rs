@@ -227,10 +227,10 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, Broken> {
         }
         FORWARD => {
             // A SYN on a flow's addresses is a new connection: the client's kernel has
-            // no socket left for the old one (closed, or lingering here for late
-            // retransmissions) and reused its port. Never forward it into the old
-            // server connection: drop it (the client sends it again) and have kgate
-            // end the old flow, which frees the addresses for the listener.
+            // no socket left for the old one (lingering here for late retransmissions)
+            // and reused its port. Never forward it into the old server connection:
+            // drop it (the client sends it again) and tell kgate, which ends a closed
+            // flow at once and so frees the addresses for the listener.
             if load::<u8>(ctx, segment.l4 + TCP_FLAGS)? & TCP_SYN != 0 {
                 report(rule.flow, REUSED);
                 return Ok(TC_ACT_SHOT);

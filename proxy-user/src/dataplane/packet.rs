@@ -45,10 +45,11 @@
 //! silently) and logs the connection with the bytes the programs counted. Idle and
 //! half-closed timeouts come from the programs' last-segment times; at a timeout, and
 //! at shutdown, kgate resets both peers itself (a raw socket: the repaired sockets
-//! cannot send), where it could open one. A SYN on a flow's addresses is a client
-//! that reused its port (its kernel kept nothing of the old connection, which may be
-//! lingering here): the program drops it and reports it, and kgate ends the old flow,
-//! so the SYN sent again reaches the listener instead of the old server connection.
+//! cannot send), where it could open one. A SYN on a flow's addresses is never
+//! forwarded: the program drops it and reports it. Coming while the closed flow
+//! lingers, it is a client that reused its port (its kernel kept nothing of the old
+//! connection), so kgate ends the flow at once and the SYN sent again reaches the
+//! listener; a live flow stays as it is.
 
 use std::{
     collections::HashSet,
@@ -638,8 +639,9 @@ impl Packet {
         let forwarded = match flows.get_mut(slot) {
             Some(Slot::Forwarded(forwarded)) => forwarded,
             Some(Slot::Reserved(reported)) => {
-                // Keep the end the relay has not seen: a reset or a close wins.
-                if *reported != Some(RESET_SEEN) && kind != HALF_CLOSED {
+                // Keep the end the relay has not seen: a reset or a close wins. A SYN
+                // is no end (the client sends it again, to find the flow adopted).
+                if *reported != Some(RESET_SEEN) && kind != HALF_CLOSED && kind != REUSED {
                     *reported = Some(kind);
                 }
                 return;
@@ -664,10 +666,11 @@ impl Packet {
                 };
                 self.finish(flows, slot, end, false);
             }
-            REUSED => {
-                // Logged already if it closed; else the server learns it is over.
-                let closed = forwarded.lingers_until.is_some();
-                self.finish(flows, slot, End::ClientReset, !closed);
+            // Only a closed flow gives its addresses up: a SYN cannot end a live one
+            // (as a socket answers a SYN on a live connection with an ACK, RFC 5961),
+            // or anyone who guessed a client's port could.
+            REUSED if forwarded.lingers_until.is_some() => {
+                self.finish(flows, slot, End::ClientClosed, false);
             }
             _ => {}
         }

@@ -287,6 +287,23 @@ pub fn trouble(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether `line` is how Dovecot logs a health check from `rip` to `lip`: a greeting,
+/// LOGOUT and nothing else ("Aborted login by logging out"). The seconds it names are
+/// whole seconds of the clock, so a check of a few milliseconds across a second's
+/// turn says 1; any figure counts. What follows `lip` (", TLS", the session id) is
+/// the caller's to look at.
+pub fn is_check_line(line: &str, rip: IpAddr, lip: IpAddr) -> bool {
+    const BEFORE: &str =
+        "imap-login: Info: Disconnected: Aborted login by logging out (no auth attempts in ";
+    line.split_once(BEFORE).is_some_and(|(_, rest)| {
+        rest.split_once(" secs): ").is_some_and(|(seconds, rest)| {
+            !seconds.is_empty()
+                && seconds.bytes().all(|b| b.is_ascii_digit())
+                && rest.starts_with(&format!("user=<>, rip={rip}, lip={lip}"))
+        })
+    })
+}
+
 /// Logs in as [`USER`] over plain IMAP at `to` and logs out; returns the transcript
 /// (`C: `/`S: ` lines). An error when a reply is missing or not OK.
 pub fn imap_login(to: SocketAddr, timeout: Duration) -> io::Result<String> {
@@ -365,6 +382,28 @@ fn kill_instance(instance: &str, config: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_line_may_name_any_whole_seconds_but_only_its_addresses() {
+        let (rip, lip) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let line = |seconds: &str, rip: &str| {
+            format!(
+                "Dec 04 09:49:48 imap-login: Info: Disconnected: Aborted login by logging out \
+                 (no auth attempts in {seconds} secs): user=<>, rip={rip}, lip=10.0.0.2, TLS"
+            )
+        };
+        assert!(is_check_line(&line("0", "10.0.0.1"), rip, lip));
+        assert!(is_check_line(&line("1", "10.0.0.1"), rip, lip));
+        assert!(!is_check_line(&line("", "10.0.0.1"), rip, lip));
+        assert!(!is_check_line(&line("1.5", "10.0.0.1"), rip, lip));
+        assert!(!is_check_line(&line("0", "10.0.0.9"), rip, lip));
+        assert!(!is_check_line(
+            "imap-login: Info: Disconnected: Connection closed (no auth attempts in 0 secs): \
+             user=<>, rip=10.0.0.1, lip=10.0.0.2",
+            rip,
+            lip
+        ));
+    }
     use crate::lab::skip_without_root;
     use crate::smtp::{LOCAL_V2, proxy_v2};
 

@@ -34,12 +34,17 @@ pub mod maps {
     /// `SERVERS[slot]` = [`ServerEntry`](crate::ServerEntry): a hash of the live servers,
     /// created and written by userspace for bpftool (no program reads it).
     pub const SERVERS: &str = "KGATE_SERVERS";
-    /// Per CPU, `SERVER_BYTES[slot]` = [`ServerBytes`](crate::ServerBytes) the program spliced.
+    /// Per CPU, `SERVER_BYTES[slot]` = [`ByteCounts`](crate::ByteCounts) the programs
+    /// moved for the server in `slot` (spliced or forwarded).
     pub const SERVER_BYTES: &str = "KGATE_SRV_BYTES";
+    /// Per CPU, `FRONTEND_BYTES[slot]` = [`ByteCounts`](crate::ByteCounts) the programs
+    /// moved for the frontend in `slot`.
+    pub const FRONTEND_BYTES: &str = "KGATE_FE_BYTES";
 
     pub const PEERS_PIN: &str = "peers";
     pub const SERVERS_PIN: &str = "servers";
     pub const SERVER_BYTES_PIN: &str = "server_bytes";
+    pub const FRONTEND_BYTES_PIN: &str = "frontend_bytes";
     pub const FLOWS_PIN: &str = "flows";
     pub const GRANTS_PIN: &str = "grants";
     pub const SPLICED_PIN: &str = "spliced";
@@ -65,6 +70,9 @@ pub const MAX_SPLICED_SOCKETS: usize = 131_072;
 
 /// Servers kgate can publish, all backends together.
 pub const MAX_SERVERS: usize = 1024;
+
+/// Frontends whose bytes the programs can count.
+pub const MAX_FRONTENDS: usize = 256;
 
 /// Text fields of [`ServerEntry`]: NUL-padded, described as `char` arrays in the
 /// map's BTF, so bpftool shows them as strings.
@@ -147,6 +155,9 @@ pub struct FlowGrant {
     pub server_slot: u32,
     /// [`FROM_CLIENT`] or [`FROM_SERVER`]: which way this socket's bytes go.
     pub direction: u32,
+    /// The connection's frontend: its slot in `FRONTEND_BYTES`.
+    pub frontend_slot: u32,
+    pub _pad: u32,
 }
 
 /// [`FlowGrant::direction`] of a client socket: its bytes go to the server.
@@ -154,10 +165,10 @@ pub const FROM_CLIENT: u32 = 0;
 /// [`FlowGrant::direction`] of a server socket.
 pub const FROM_SERVER: u32 = 1;
 
-/// Bytes the program spliced for one server, per CPU.
+/// Bytes the programs moved for one server or frontend, per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct ServerBytes {
+pub struct ByteCounts {
     /// From clients to the server.
     pub bytes_in: u64,
     /// From the server to clients.
@@ -264,7 +275,7 @@ unsafe impl aya::Pod for FlowCounters {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for FlowGrant {}
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for ServerBytes {}
+unsafe impl aya::Pod for ByteCounts {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ServerEntry {}
 

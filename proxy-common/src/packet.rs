@@ -111,12 +111,14 @@ pub struct Rule {
     pub base_seq: u32,
     /// The server's slot in the `servers` maps, where bytes are counted.
     pub server_slot: u32,
+    /// The frontend's slot in the frontends' byte counters.
+    pub frontend_slot: u32,
     /// The window in a segment is shifted left by `window_shift_in` (the sender's
     /// window scale), then right by `window_shift_out` (the scale the gateway announced
     /// to the receiver).
     pub window_shift_in: u8,
     pub window_shift_out: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 6],
     /// While [`HOLD`]: the last segment the gateway's own socket sent to this rule's
     /// sender, as it was before the egress program closed its window (written by that
     /// program). Userspace sends it again, window open, when the hold ends without a

@@ -32,8 +32,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    FROM_CLIENT, FlowCounters, FlowGrant, GRANT_REQUEST_RING_BYTES, MAX_SERVERS,
-    MAX_SPLICED_SOCKETS, ServerBytes, SpliceStats,
+    ByteCounts, FROM_CLIENT, FlowCounters, FlowGrant, GRANT_REQUEST_RING_BYTES, MAX_FRONTENDS,
+    MAX_SERVERS, MAX_SPLICED_SOCKETS, SpliceStats,
 };
 
 #[btf_map]
@@ -58,7 +58,10 @@ static KGATE_SPL_STATS: PerCpuArray<SpliceStats, 1> = PerCpuArray::new();
 // program reads it.
 
 #[btf_map]
-static KGATE_SRV_BYTES: PerCpuArray<ServerBytes, MAX_SERVERS> = PerCpuArray::new();
+static KGATE_SRV_BYTES: PerCpuArray<ByteCounts, MAX_SERVERS> = PerCpuArray::new();
+
+#[btf_map]
+static KGATE_FE_BYTES: PerCpuArray<ByteCounts, MAX_FRONTENDS> = PerCpuArray::new();
 
 /// Where `copied_seq` is in the kernel's `struct tcp_sock` (see
 /// [`proxy_common::programs::COPIED_SEQ_OFFSET`]); 0 until userspace sets it at load.
@@ -118,15 +121,8 @@ fn try_splice(ctx: &SkBuffContext) -> Result<u32, u32> {
         }
         stats.redirected_skbs += 1;
         stats.redirected_bytes += len;
-        if let Some(bytes) = KGATE_SRV_BYTES.get_ptr_mut(grant.server_slot) {
-            // SAFETY: the per-CPU slot belongs to this CPU while the program runs.
-            let bytes = unsafe { &mut *bytes };
-            if grant.direction == FROM_CLIENT {
-                bytes.bytes_in += len;
-            } else {
-                bytes.bytes_out += len;
-            }
-        }
+        let from_client = grant.direction == FROM_CLIENT;
+        count_bytes(grant.server_slot, grant.frontend_slot, from_client, len);
         Ok(sk_action::SK_PASS)
     } else {
         // Userspace inserts the peer before the socket itself joins KGATE_SPLICED, so
@@ -137,6 +133,26 @@ fn try_splice(ctx: &SkBuffContext) -> Result<u32, u32> {
             "kgate: socket {} has no peer, {} bytes dropped", cookie, len
         );
         Err(sk_action::SK_DROP)
+    }
+}
+
+/// Adds `len` bytes to the counters of a connection's server and frontend, as
+/// `kgate status` and the metrics show them while the connection is open.
+fn count_bytes(server_slot: u32, frontend_slot: u32, from_client: bool, len: u64) {
+    for bytes in [
+        KGATE_SRV_BYTES.get_ptr_mut(server_slot),
+        KGATE_FE_BYTES.get_ptr_mut(frontend_slot),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        // SAFETY: the per-CPU slot belongs to this CPU while the program runs.
+        let bytes: &mut ByteCounts = unsafe { &mut *bytes };
+        if from_client {
+            bytes.bytes_in += len;
+        } else {
+            bytes.bytes_out += len;
+        }
     }
 }
 

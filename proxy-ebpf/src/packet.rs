@@ -30,16 +30,13 @@ use aya_ebpf::{
     macros::{btf_map, classifier},
     programs::TcContext,
 };
-use proxy_common::{
-    ServerBytes,
-    packet::{
-        CLOSED, DOWN, EVENT_RING_BYTES, Event, FIN_ACKED, FIN_SEEN, FORWARD, FREEZE, FlowKey,
-        HALF_CLOSED, HOLD, INJECTED_MARK, LastSent, MAX_PACKET_FLOWS, PacketStats, Progress, RESET,
-        RESET_SEEN, REUSED, Rule, TIMESTAMPS, TS_KNOWN, UP, advance, translate_window,
-    },
+use proxy_common::packet::{
+    CLOSED, DOWN, EVENT_RING_BYTES, Event, FIN_ACKED, FIN_SEEN, FORWARD, FREEZE, FlowKey,
+    HALF_CLOSED, HOLD, INJECTED_MARK, LastSent, MAX_PACKET_FLOWS, PacketStats, Progress, RESET,
+    RESET_SEEN, REUSED, Rule, TIMESTAMPS, TS_KNOWN, UP, advance, translate_window,
 };
 
-use crate::KGATE_SRV_BYTES;
+use crate::count_bytes;
 
 #[btf_map]
 static KGATE_PKT_RULES: HashMap<FlowKey, Rule, { 2 * MAX_PACKET_FLOWS }> = HashMap::new();
@@ -363,8 +360,15 @@ fn forward(
         scratch.options_len = (doff - TCP_MIN_HLEN) as u32;
         rewrite_options(ctx, rule, progress, scratch)?;
     }
-    note_progress(rule, progress, seq, new_seq, ack, flags, payload);
-    count_server_bytes(rule, payload);
+    let first_time = note_progress(rule, progress, seq, new_seq, ack, flags, payload);
+    if first_time != 0 {
+        count_bytes(
+            rule.server_slot,
+            rule.frontend_slot,
+            rule.direction == UP,
+            first_time,
+        );
+    }
     count(|s| {
         s.forwarded_segments += 1;
         s.forwarded_bytes += u64::from(payload);
@@ -517,7 +521,8 @@ fn rewrite_options(
 }
 
 /// Counts the direction's bytes, its FIN and its reset, and the other direction's FIN
-/// once this one acknowledges it; reports the flow's end.
+/// once this one acknowledges it; reports the flow's end. Returns how many bytes the
+/// segment forwarded for the first time (a retransmission repeats counted ones).
 #[allow(clippy::too_many_arguments)]
 fn note_progress(
     rule: &Rule,
@@ -527,7 +532,7 @@ fn note_progress(
     ack: u32,
     flags: u8,
     payload: u32,
-) {
+) -> u64 {
     let [up, down] = &mut progress.direction;
     let (this, other) = if rule.direction == DOWN {
         (down, up)
@@ -535,10 +540,12 @@ fn note_progress(
         (up, down)
     };
     // Only data counts: the ACK after a FIN already stands one past the last byte.
+    let counted_before = this.bytes;
     if payload > 0 {
         let counted_end = rule.base_seq.wrapping_add(this.bytes as u32);
         advance(&mut this.bytes, counted_end, seq.wrapping_add(payload));
     }
+    let first_time = this.bytes - counted_before;
     this.segments += 1;
     // SAFETY: no preconditions.
     this.last_ns = unsafe { bpf_ktime_get_ns() };
@@ -553,7 +560,7 @@ fn note_progress(
     if flags & TCP_RST != 0 {
         this.flags |= RESET;
         report(rule.flow, RESET_SEEN);
-        return;
+        return first_time;
     }
     // The other direction's FIN is acknowledged by this one, in the space this sender
     // sees: its acknowledgement as it arrived.
@@ -566,21 +573,7 @@ fn note_progress(
             report(rule.flow, CLOSED);
         }
     }
-}
-
-fn count_server_bytes(rule: &Rule, payload: u32) {
-    if payload == 0 {
-        return;
-    }
-    if let Some(bytes) = KGATE_SRV_BYTES.get_ptr_mut(rule.server_slot) {
-        // SAFETY: the per-CPU slot belongs to this CPU while the program runs.
-        let bytes: &mut ServerBytes = unsafe { &mut *bytes };
-        if rule.direction == UP {
-            bytes.bytes_in += u64::from(payload);
-        } else {
-            bytes.bytes_out += u64::from(payload);
-        }
-    }
+    first_time
 }
 
 #[inline(never)]

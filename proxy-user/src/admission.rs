@@ -13,9 +13,11 @@ use std::{
 
 use crate::{accept_proxy::Rejections, config::Frontend, rate::Rate};
 
-/// Open connections of one frontend, in total and per client address.
+/// Open connections of one frontend, in total and per client address, and its counts.
 #[derive(Debug, Default)]
 pub struct FrontendLoad {
+    /// The frontend's slot in the programs' byte counters (slots.rs).
+    pub slot: u32,
     active: AtomicU32,
     per_source: Mutex<HashMap<IpAddr, u32>>,
     /// Clients closed at once because a limit was reached.
@@ -24,9 +26,10 @@ pub struct FrontendLoad {
     pub admitted: AtomicU64,
     /// Clients admitted a second.
     pub rate: Rate,
-    /// Bytes from and to the clients, added when each connection ends.
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
+    /// Bytes from and to the clients that kgate copied itself, counted as they go;
+    /// the eBPF programs count the ones they move in the frontend's slot.
+    pub copied_in: AtomicU64,
+    pub copied_out: AtomicU64,
     /// Connections closed before their PROXY header was taken (`accept_proxy`).
     pub proxy_rejections: Rejections,
 }
@@ -57,6 +60,13 @@ pub struct Admitted {
 }
 
 impl FrontendLoad {
+    pub fn new(slot: u32) -> FrontendLoad {
+        FrontendLoad {
+            slot,
+            ..FrontendLoad::default()
+        }
+    }
+
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
     }

@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytesize::ByteSize;
-use proxy_common::{MAX_SERVERS, xdp::MAX_FRONTEND_ADDRESSES};
+use proxy_common::{MAX_FRONTENDS, MAX_SERVERS, xdp::MAX_FRONTEND_ADDRESSES};
 use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
@@ -603,6 +603,17 @@ impl ConfigFile {
         for section in self.frontends {
             let name = section.name.get_ref();
             check_name(&section.name, "frontend")?;
+            // The programs count each frontend's bytes in a slot of their own
+            // (slots.rs).
+            if frontends.len() == MAX_FRONTENDS {
+                return Err(at(
+                    &section.name,
+                    format!(
+                        "more than {MAX_FRONTENDS} frontends: kgate counts the bytes of at \
+                         most {MAX_FRONTENDS}; list more addresses in one frontend's `listen`"
+                    ),
+                ));
+            }
             if frontend_names.insert(name.clone(), ()).is_some() {
                 return Err(at(
                     &section.name,
@@ -1121,6 +1132,30 @@ address = "127.0.0.1:25"
         // Backend `a` holds 550 (3 lines each, after 4 lines of frontend and 2 of its
         // header); the 1025th server is b's 475th, named s474.
         let line = 4 + 2 + 550 * 3 + 2 + 474 * 3 + 2;
+        assert!(
+            message.contains(&format!("kgate.toml:{line}:")),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn more_frontends_than_the_programs_count_are_an_error_at_the_first_one_too_many() {
+        let with_frontends = |n: usize| {
+            let mut text = String::new();
+            for i in 0..n {
+                text.push_str(&format!(
+                    "[[frontends]]\nname = \"f{i}\"\nlisten = [\"127.0.0.1:{}\"]\nbackend = \"b\"\n",
+                    10_000 + i
+                ));
+            }
+            text + "[[backends]]\nname = \"b\"\n[[backends.servers]]\nname = \"s\"\n\
+                    address = \"127.0.0.1:25\"\n"
+        };
+        parse(&with_frontends(MAX_FRONTENDS)).expect("exactly the maximum is valid");
+        let message = error(&with_frontends(MAX_FRONTENDS + 1));
+        assert!(message.contains("more than 256 frontends"), "{message}");
+        // Four lines each: the 257th frontend's name is on line 256 * 4 + 2.
+        let line = MAX_FRONTENDS * 4 + 2;
         assert!(
             message.contains(&format!("kgate.toml:{line}:")),
             "{message}"

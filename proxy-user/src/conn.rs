@@ -10,7 +10,7 @@ use crate::{
     accept_proxy::{self, Received},
     balance,
     config::Backend,
-    dataplane::{Connected, SpliceTerms, Timeouts},
+    dataplane::{Connected, CounterSlots, SpliceTerms, Timeouts},
     ending::{Ending, Open, Outcome},
     gateway::Gateway,
     proxy_header, upstream,
@@ -88,7 +88,10 @@ pub async fn handle(
     };
     let terms = SpliceTerms {
         queue_limit: backend.queue_limit,
-        server_slot: pool.servers[server].slot,
+        counters: CounterSlots {
+            server: pool.servers[server].slot,
+            frontend: load.slot,
+        },
         after: backend.splice_after,
         client_bytes_read: header_length,
     };

@@ -40,9 +40,9 @@ use crate::{
     gateway::Gateway,
     handover::Handed,
     health::wiring::{self, ServerEvents, Watcher},
-    maps::ServerMaps,
-    pool::Slots,
+    maps::{MapError, StatusMaps},
     restart_only,
+    slots::{Freed, MapSlots},
     xdp::EarlyDrop,
 };
 
@@ -50,7 +50,7 @@ pub struct Daemon {
     /// When this kgate started (for the status page's uptime).
     pub started: SystemTime,
     pub dataplane: Dataplane,
-    pub server_maps: Option<ServerMaps>,
+    pub status_maps: Option<StatusMaps>,
     pub early_drop: Option<EarlyDrop>,
     /// Signalled when a server's state changes, so it is published at once.
     pub changed: tokio::sync::Notify,
@@ -66,7 +66,7 @@ pub struct Daemon {
 struct Resources {
     listeners: HashMap<SocketAddr, Listening>,
     watchers: HashMap<(String, String), Watcher>,
-    slots: Slots,
+    slots: MapSlots,
 }
 
 /// A listening socket and the task accepting on it.
@@ -88,7 +88,7 @@ impl Daemon {
         config: Config,
         config_path: PathBuf,
         dataplane: Dataplane,
-        server_maps: Option<ServerMaps>,
+        status_maps: Option<StatusMaps>,
         early_drop: Option<EarlyDrop>,
         handed: &mut Handed,
     ) -> anyhow::Result<(Arc<Daemon>, Listeners)> {
@@ -100,7 +100,7 @@ impl Daemon {
         let daemon = Arc::new(Daemon {
             started: SystemTime::now(),
             dataplane,
-            server_maps,
+            status_maps,
             early_drop,
             changed: tokio::sync::Notify::new(),
             current: RwLock::new(Arc::new(gateway)),
@@ -223,9 +223,22 @@ impl Daemon {
         }
     }
 
-    /// Frees the map slots of removed servers whose last connection has ended.
-    pub async fn collect_slots(&self) -> Vec<u32> {
-        self.resources.lock().await.slots.collect()
+    /// Frees the map slots of removed servers and frontends whose last connection has
+    /// ended, and zeroes their counters. Under the reload lock: a reload may give a
+    /// freed slot out at once, and its new owner must start at zero.
+    pub async fn free_slots(&self) -> Result<(), MapError> {
+        let mut resources = self.resources.lock().await;
+        let Freed { servers, frontends } = resources.slots.collect();
+        let Some(maps) = &self.status_maps else {
+            return Ok(());
+        };
+        for slot in servers {
+            maps.clear_server(slot)?;
+        }
+        for slot in frontends {
+            maps.clear_frontend(slot)?;
+        }
+        Ok(())
     }
 
     pub fn open_connections(&self) -> usize {

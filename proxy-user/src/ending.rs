@@ -30,7 +30,7 @@ use tracing::info;
 
 use crate::{
     accept_proxy::Rejection,
-    admission::{Admitted, Refusal},
+    admission::{Admitted, FrontendLoad, Refusal},
     gateway::Gateway,
     pool::{Path, Pool, ServerRuntime},
 };
@@ -187,13 +187,14 @@ impl Ending {
             .map(|server| self.pool().servers[server].clone())
     }
 
-    /// The relay is over: counts its bytes and logs it.
+    /// The frontend's run-time state, whose counters the relay adds the bytes it copies
+    /// to as it copies them, as it does the server's.
+    pub fn frontend_load(&self) -> Arc<FrontendLoad> {
+        self.gateway.loads[self.frontend].clone()
+    }
+
+    /// The relay is over: logs it (its bytes were counted as they moved).
     pub fn relayed(self, transfer: Transfer) {
-        let load = &self.gateway.loads[self.frontend];
-        load.bytes_in
-            .fetch_add(transfer.from_client, Ordering::Relaxed);
-        load.bytes_out
-            .fetch_add(transfer.from_server, Ordering::Relaxed);
         self.log(Outcome::Relayed(transfer));
     }
 

@@ -13,7 +13,8 @@ use tracing::{info, warn};
 use crate::{
     admission::FrontendLoad,
     config::Config,
-    pool::{AvailabilityChange, Pool, ServerRuntime, Slots, SlotsFull},
+    pool::{AvailabilityChange, Pool, ServerRuntime},
+    slots::{MapSlots, SlotsFull},
 };
 
 pub struct Gateway {
@@ -33,55 +34,83 @@ impl Gateway {
     pub fn build(
         config: Config,
         previous: Option<&Gateway>,
-        slots: &mut Slots,
+        slots: &mut MapSlots,
     ) -> Result<Gateway, SlotsFull> {
-        let loads = config
+        let old_backend = |name: &str| {
+            let p = previous?;
+            let b = p.config.backends.iter().position(|o| o.name == name)?;
+            Some((&p.config.backends[b], &p.pools[b]))
+        };
+        let kept_loads: Vec<Option<Arc<FrontendLoad>>> = config
             .frontends
             .iter()
-            .map(|f| {
-                previous
-                    .and_then(|p| p.frontend(&f.name))
-                    .map(|i| previous.unwrap().loads[i].clone())
-                    .unwrap_or_default()
+            .map(|f| previous.and_then(|p| p.frontend(&f.name).map(|i| p.loads[i].clone())))
+            .collect();
+        let kept_servers: Vec<Vec<Option<Arc<ServerRuntime>>>> = config
+            .backends
+            .iter()
+            .map(|backend| {
+                let old = old_backend(&backend.name);
+                backend
+                    .servers
+                    .iter()
+                    .map(|server| {
+                        let (b, pool) = old?;
+                        let s = b.servers.iter().position(|o| o.name == server.name)?;
+                        (b.servers[s].address == server.address).then(|| pool.servers[s].clone())
+                    })
+                    .collect()
             })
             .collect();
+        // All or nothing: a reload refused for want of slots takes none.
+        slots
+            .frontends
+            .check_room(kept_loads.iter().filter(|l| l.is_none()).count())?;
+        slots.servers.check_room(
+            kept_servers
+                .iter()
+                .flatten()
+                .filter(|s| s.is_none())
+                .count(),
+        )?;
+
+        let mut loads = Vec::with_capacity(kept_loads.len());
+        for kept in kept_loads {
+            loads.push(match kept {
+                Some(load) => load,
+                None => Arc::new(FrontendLoad::new(slots.frontends.take()?)),
+            });
+        }
         let mut kept = Vec::new();
         let mut pools = Vec::with_capacity(config.backends.len());
-        for backend in &config.backends {
-            let old = previous.and_then(|p| {
-                let b = p
-                    .config
-                    .backends
-                    .iter()
-                    .position(|o| o.name == backend.name)?;
-                Some((&p.config.backends[b], &p.pools[b]))
-            });
-            let counters = old
+        for (backend, kept_servers) in config.backends.iter().zip(kept_servers) {
+            let counters = old_backend(&backend.name)
                 .map(|(_, pool)| pool.counters.clone())
                 .unwrap_or_default();
-            let mut servers = Vec::with_capacity(backend.servers.len());
-            for server in &backend.servers {
-                let same = old.and_then(|(b, pool)| {
-                    let s = b.servers.iter().position(|o| o.name == server.name)?;
-                    (b.servers[s].address == server.address).then(|| pool.servers[s].clone())
-                });
+            let mut servers = Vec::with_capacity(kept_servers.len());
+            for same in kept_servers {
                 let runtime = match same {
                     Some(runtime) => runtime,
-                    None => Arc::new(ServerRuntime::new(slots.take()?)),
+                    None => Arc::new(ServerRuntime::new(slots.servers.take()?)),
                 };
                 kept.push(runtime.slot);
                 servers.push(runtime);
             }
             pools.push(Pool::new(servers, counters));
         }
-        // Servers of the previous gateway that are gone give their slot back once
-        // their last connection ends.
+        // Servers and frontends of the previous gateway that are gone give their slot
+        // back once their last connection ends.
         if let Some(previous) = previous {
             for pool in &previous.pools {
                 for runtime in &pool.servers {
                     if !kept.contains(&runtime.slot) {
-                        slots.retire(runtime.clone());
+                        slots.servers.retire(runtime.slot, runtime.clone());
                     }
+                }
+            }
+            for load in &previous.loads {
+                if !loads.iter().any(|kept| Arc::ptr_eq(kept, load)) {
+                    slots.frontends.retire(load.slot, load.clone());
                 }
             }
         }
@@ -193,5 +222,72 @@ impl Gateway {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use proxy_common::{MAX_FRONTENDS, MAX_SERVERS};
+
+    use super::*;
+
+    /// Frontends `f<i>` for each `i` in `frontends`, and servers `s<i>` of backend `b`.
+    fn config(frontends: &[u16], servers: &[u16]) -> Config {
+        let mut text = String::new();
+        for i in frontends {
+            text.push_str(&format!(
+                "[[frontends]]\nname = \"f{i}\"\nlisten = [\"127.0.0.1:{}\"]\nbackend = \"b\"\n",
+                10_000 + i
+            ));
+        }
+        text.push_str("[[backends]]\nname = \"b\"\n");
+        for i in servers {
+            text.push_str(&format!(
+                "[[backends.servers]]\nname = \"s{i}\"\naddress = \"127.0.0.1:{}\"\n",
+                20_000 + i
+            ));
+        }
+        Config::parse(&text, Path::new("kgate.toml")).unwrap()
+    }
+
+    #[test]
+    fn a_reload_keeps_the_slots_and_counts_of_what_stays_and_retires_the_rest() {
+        let mut slots = MapSlots::default();
+        let first = Gateway::build(config(&[0, 1], &[0, 1]), None, &mut slots).unwrap();
+        first.loads[0].copied_in.store(7, Ordering::Relaxed);
+        let second = Gateway::build(config(&[0, 2], &[1, 2]), Some(&first), &mut slots).unwrap();
+        assert!(Arc::ptr_eq(&first.loads[0], &second.loads[0]), "f0 kept");
+        assert_eq!(second.loads[0].copied_in.load(Ordering::Relaxed), 7);
+        assert_eq!(
+            second.loads[1].slot, 2,
+            "f2 takes a new slot: f1's is retiring"
+        );
+        assert_eq!(second.pools[0].servers[0].slot, 1, "s1 kept");
+        assert_eq!(second.pools[0].servers[1].slot, 2);
+        // `first` still holds f1 and s0, as a connection's gateway would.
+        assert_eq!(slots.collect(), crate::slots::Freed::default());
+        drop(first);
+        let freed = slots.collect();
+        assert_eq!((freed.frontends, freed.servers), (vec![1], vec![0]));
+    }
+
+    #[test]
+    fn a_reload_refused_for_want_of_slots_takes_none() {
+        let mut slots = MapSlots::default();
+        let all: Vec<u16> = (0..MAX_SERVERS as u16).collect();
+        let full = Gateway::build(config(&[0], &all), None, &mut slots).unwrap();
+        // Every server renamed while the old ones still hold their slots: refused, and
+        // the slot the new frontend would have taken (frontends come first) stays free.
+        let renamed: Vec<u16> = (2000..2000 + MAX_SERVERS as u16).collect();
+        let error = Gateway::build(config(&[0, 1], &renamed), Some(&full), &mut slots)
+            .err()
+            .expect("no room");
+        assert!(
+            error.to_string().contains("more than 1024 servers"),
+            "{error}"
+        );
+        assert!(slots.frontends.check_room(MAX_FRONTENDS - 1).is_ok());
     }
 }

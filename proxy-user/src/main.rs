@@ -41,6 +41,7 @@ mod proxy_header;
 mod publish;
 mod rate;
 mod restart_only;
+mod slots;
 mod sockopt;
 mod status;
 mod upstream;

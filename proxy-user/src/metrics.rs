@@ -246,14 +246,14 @@ pub fn families(daemon: &Daemon) -> Vec<Family> {
         ),
         Family::of(
             "kgate_frontend_bytes_in",
-            "Bytes from clients, counted when their connection ends",
+            "Bytes from clients, counted as they move: open connections' too",
             Counter,
             frontends,
             |f| (frontend(&f.name), Int(f.bytes_in)),
         ),
         Family::of(
             "kgate_frontend_bytes_out",
-            "Bytes to clients, counted when their connection ends",
+            "Bytes to clients, counted as they move: open connections' too",
             Counter,
             frontends,
             |f| (frontend(&f.name), Int(f.bytes_out)),
@@ -304,7 +304,7 @@ pub fn families(daemon: &Daemon) -> Vec<Family> {
     ]);
 
     // The document's servers, beside the runtime counters it does not show.
-    let servers: Vec<_> = status::servers(&gateway, daemon.server_maps.as_ref())
+    let servers: Vec<_> = status::servers(&gateway, daemon.status_maps.as_ref())
         .into_iter()
         .zip(pools.iter().flat_map(|(_, p)| p.servers.iter()))
         .map(|((_, server), runtime)| (server, runtime.clone()))

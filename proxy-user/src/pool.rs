@@ -11,8 +11,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use proxy_common::MAX_SERVERS;
-
 use crate::{health::state::Health, rate::Rate};
 
 /// What the operator set with `kgate server set`.
@@ -330,51 +328,6 @@ impl Pool {
                 .collect(),
             Arc::default(),
         )
-    }
-}
-
-/// The slots of the pinned `servers` map: each server has one for as long as it
-/// exists or has connections.
-#[derive(Debug, Default)]
-pub struct Slots {
-    next: u32,
-    free: Vec<u32>,
-    /// Removed servers, until their last connection ends.
-    retiring: Vec<Arc<ServerRuntime>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("more than {MAX_SERVERS} servers in all: kgate can publish that many at most")]
-pub struct SlotsFull;
-
-impl Slots {
-    pub fn take(&mut self) -> Result<u32, SlotsFull> {
-        if let Some(slot) = self.free.pop() {
-            return Ok(slot);
-        }
-        if self.next as usize >= MAX_SERVERS {
-            return Err(SlotsFull);
-        }
-        self.next += 1;
-        Ok(self.next - 1)
-    }
-
-    pub fn retire(&mut self, runtime: Arc<ServerRuntime>) {
-        self.retiring.push(runtime);
-    }
-
-    /// Frees and returns the slots of retired servers nothing holds any more.
-    pub fn collect(&mut self) -> Vec<u32> {
-        let mut freed = Vec::new();
-        self.retiring.retain(|runtime| {
-            let held = Arc::strong_count(runtime) > 1;
-            if !held {
-                freed.push(runtime.slot);
-            }
-            held
-        });
-        self.free.extend(&freed);
-        freed
     }
 }
 

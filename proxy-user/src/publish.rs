@@ -7,20 +7,25 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 use proxy_common::ServerEntry;
 use tracing::warn;
 
-use crate::{daemon::Daemon, gateway::Gateway, maps::ServerMaps, status};
+use crate::{daemon::Daemon, gateway::Gateway, maps::StatusMaps, status};
 
 /// How often counters are published; state changes are published at once.
 const PERIOD: Duration = Duration::from_secs(1);
 
-/// Publishes every server now, then every [`PERIOD`] and after every state change.
+/// Publishes every server now, then every [`PERIOD`] and after every state change;
+/// frees the slots of removed servers and frontends as their connections end (with no
+/// maps to publish in too: the slots are counted all the same).
 pub async fn run(daemon: Arc<Daemon>) {
-    let Some(maps) = &daemon.server_maps else {
-        return;
-    };
     let mut failed = false;
     loop {
-        let freed = daemon.collect_slots().await;
-        match publish_all(&daemon.gateway(), maps, &freed) {
+        let published = daemon
+            .free_slots()
+            .await
+            .and_then(|()| match &daemon.status_maps {
+                Some(maps) => publish_all(&daemon.gateway(), maps),
+                None => Ok(()),
+            });
+        match published {
             Ok(()) => failed = false,
             // Once per failure streak: the next period tries again.
             Err(e) if !failed => {
@@ -36,16 +41,9 @@ pub async fn run(daemon: Arc<Daemon>) {
     }
 }
 
-/// Writes every server of `gateway`, and empties the slots in `freed`. The entries are
-/// the status document's (`status::servers`), so bpftool shows what `kgate status` does.
-pub fn publish_all(
-    gateway: &Gateway,
-    maps: &ServerMaps,
-    freed: &[u32],
-) -> Result<(), crate::maps::MapError> {
-    for &slot in freed {
-        maps.clear(slot)?;
-    }
+/// Writes every server of `gateway`. The entries are the status document's
+/// (`status::servers`), so bpftool shows what `kgate status` does.
+fn publish_all(gateway: &Gateway, maps: &StatusMaps) -> Result<(), crate::maps::MapError> {
     let backend_ids: HashMap<&str, u32> = gateway
         .config
         .backends

@@ -22,7 +22,7 @@ use crate::{
     daemon::Daemon,
     dataplane::Dataplane,
     gateway::Gateway,
-    maps::ServerMaps,
+    maps::StatusMaps,
     xdp::crowdsec::BouncerStatus,
 };
 
@@ -83,7 +83,7 @@ pub struct FrontendStatus {
     pub refused: u64,
     pub rate: f64,
     pub rate_max: f64,
-    /// Bytes of the connections that have ended.
+    /// From clients and back to them, open connections' included.
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// With `accept_proxy`: connections closed before their header was taken, by
@@ -195,9 +195,9 @@ pub fn build(daemon: &Daemon) -> Status {
             parked_connections: parked,
             packet,
         },
-        frontends: frontends(&gateway),
+        frontends: frontends(&gateway, daemon.status_maps.as_ref()),
         backends: backends(&gateway),
-        servers: servers(&gateway, daemon.server_maps.as_ref())
+        servers: servers(&gateway, daemon.status_maps.as_ref())
             .into_iter()
             .map(|(_, server)| server)
             .collect(),
@@ -229,13 +229,16 @@ pub fn build(daemon: &Daemon) -> Status {
     }
 }
 
-fn frontends(gateway: &Gateway) -> Vec<FrontendStatus> {
+/// Every frontend of `gateway`. The bytes the eBPF programs moved come from their
+/// counters in `maps` (none without them); open connections' bytes count too.
+fn frontends(gateway: &Gateway, maps: Option<&StatusMaps>) -> Vec<FrontendStatus> {
     let config = &gateway.config;
-    config
-        .frontends
-        .iter()
-        .zip(&gateway.loads)
-        .map(|(frontend, load)| FrontendStatus {
+    let mut all = Vec::with_capacity(config.frontends.len());
+    for (frontend, load) in config.frontends.iter().zip(&gateway.loads) {
+        let moved = maps
+            .and_then(|m| m.frontend_bytes(load.slot).ok())
+            .unwrap_or_default();
+        all.push(FrontendStatus {
             name: frontend.name.clone(),
             listen: frontend.listen.iter().map(ToString::to_string).collect(),
             backend: config.backends[frontend.backend].name.clone(),
@@ -245,8 +248,8 @@ fn frontends(gateway: &Gateway) -> Vec<FrontendStatus> {
             refused: load.refused.load(Ordering::Relaxed),
             rate: rounded(load.rate.per_second()),
             rate_max: rounded(load.rate.max()),
-            bytes_in: load.bytes_in.load(Ordering::Relaxed),
-            bytes_out: load.bytes_out.load(Ordering::Relaxed),
+            bytes_in: moved.bytes_in + load.copied_in.load(Ordering::Relaxed),
+            bytes_out: moved.bytes_out + load.copied_out.load(Ordering::Relaxed),
             proxy_refused: frontend.accept_proxy.as_ref().map(|_| {
                 load.proxy_rejections
                     .by_kind()
@@ -254,8 +257,9 @@ fn frontends(gateway: &Gateway) -> Vec<FrontendStatus> {
                     .map(|&(kind, n)| (kind.to_owned(), n))
                     .collect()
             }),
-        })
-        .collect()
+        });
+    }
+    all
 }
 
 fn backends(gateway: &Gateway) -> Vec<BackendStatus> {
@@ -292,14 +296,14 @@ fn backends(gateway: &Gateway) -> Vec<BackendStatus> {
         .collect()
 }
 
-/// Every server of `gateway` with its slot in the pinned `servers` map. The spliced
-/// bytes come from the eBPF program's counters in `maps` (none without them).
-pub fn servers(gateway: &Gateway, maps: Option<&ServerMaps>) -> Vec<(u32, ServerStatus)> {
+/// Every server of `gateway` with its slot in the pinned `servers` map. The bytes the
+/// eBPF programs moved come from their counters in `maps` (none without them).
+pub fn servers(gateway: &Gateway, maps: Option<&StatusMaps>) -> Vec<(u32, ServerStatus)> {
     let mut all = Vec::new();
     for (backend, pool) in gateway.config.backends.iter().zip(&gateway.pools) {
         for (server, runtime) in backend.servers.iter().zip(&pool.servers) {
-            let spliced = maps
-                .and_then(|m| m.spliced_bytes(runtime.slot).ok())
+            let moved = maps
+                .and_then(|m| m.server_bytes(runtime.slot).ok())
                 .unwrap_or_default();
             let health = runtime.health();
             let state = runtime.state_view();
@@ -330,8 +334,8 @@ pub fn servers(gateway: &Gateway, maps: Option<&ServerMaps>) -> Vec<(u32, Server
                     half_spliced_connections: half,
                     forwarded_connections: forwarded,
                     copied_connections: active.saturating_sub(fully + half + forwarded),
-                    bytes_in: spliced.bytes_in + runtime.copied_in.load(Ordering::Relaxed),
-                    bytes_out: spliced.bytes_out + runtime.copied_out.load(Ordering::Relaxed),
+                    bytes_in: moved.bytes_in + runtime.copied_in.load(Ordering::Relaxed),
+                    bytes_out: moved.bytes_out + runtime.copied_out.load(Ordering::Relaxed),
                 },
             ));
         }

@@ -9,7 +9,7 @@ use aya::maps::{HashMap, Map, MapData};
 
 /// The size of a rule's key and value (proxy-common's `FlowKey` and `Rule`).
 const KEY: usize = 36;
-const VALUE: usize = 96;
+const VALUE: usize = 104;
 
 /// Number of rules in the pinned rule map at `path`. A snapshot: kgate adds and
 /// removes rules while it is read.

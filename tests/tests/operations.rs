@@ -383,7 +383,8 @@ fn metrics_parse_and_count_the_traffic() {
     let deadline = Instant::now() + IO_TIMEOUT;
     let scrape = loop {
         let scrape = scrape_metrics(&lab, "127.0.0.1:9464");
-        // Counters are added when a connection ends, just after the client sees it end.
+        // A byte is counted just after kgate or the kernel passed it on: the client may
+        // have it first.
         if metric_value(&scrape, "kgate_frontend_bytes_in_total", &[]) == 6000.0
             || Instant::now() > deadline
         {
@@ -442,6 +443,129 @@ fn metrics_parse_and_count_the_traffic() {
         0.0
     );
     drop(kgate);
+}
+
+/// Bytes (in, out) the eBPF programs counted for every frontend slot together, from
+/// the pinned `frontend_bytes` map as bpftool prints it.
+fn kernel_frontend_bytes(kgate: &Kgate) -> (u64, u64) {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(kgate.pin_path().join("frontend_bytes"))
+        .output()
+        .expect("running bpftool (installed by cargo xtask test)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut total = (0, 0);
+    for slot in dump.as_array().expect("a list of slots") {
+        for cpu in slot["formatted"]["values"]
+            .as_array()
+            .expect("per-CPU values")
+        {
+            total.0 += cpu["value"]["bytes_in"].as_u64().expect("bytes_in");
+            total.1 += cpu["value"]["bytes_out"].as_u64().expect("bytes_out");
+        }
+    }
+    total
+}
+
+/// A reload keeps a frontend's byte counts. A frontend it removes gives its slot in
+/// the kernel's counters back zeroed, once its connections are over: the frontend a
+/// later reload adds starts at zero, whatever slot it gets.
+#[test]
+fn frontend_byte_counts_go_on_across_reloads_and_a_removed_ones_are_not_inherited() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new(1);
+    let _server = echo(&lab, 0);
+    let metrics = "127.0.0.1:9464";
+    let layout = |frontends: &[(&str, u16)]| {
+        config(
+            &lab,
+            &format!("metrics_listen = \"{metrics}\"\n"),
+            frontends,
+            &[0],
+        )
+        .replace(
+            "connect_timeout = \"1s\"\n",
+            "connect_timeout = \"1s\"\nsplice_after = \"0s\"\n",
+        )
+    };
+    let kgate = Kgate::start(&lab, &layout(&[("smtp", 2525), ("submission", 2587)]));
+    // Echoed sessions of `first` then `then` bytes: the second part goes through the
+    // splice, counted by the program.
+    let session = |port: u16, first: usize, then: usize| {
+        let to = at(&lab, port);
+        lab.client().run(move || {
+            let mut c = connect(to);
+            for len in [first, then] {
+                c.write_all(&vec![b'x'; len]).unwrap();
+                let mut back = vec![0u8; len];
+                c.read_exact(&mut back).unwrap();
+            }
+        })
+    };
+    let bytes_of = |frontend: &str| -> (f64, f64) {
+        let scrape = scrape_metrics(&lab, metrics);
+        let labels = [("frontend", frontend)];
+        (
+            metric_value(&scrape, "kgate_frontend_bytes_in_total", &labels),
+            metric_value(&scrape, "kgate_frontend_bytes_out_total", &labels),
+        )
+    };
+    let wait_for = |what: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !what() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    const SUBMITTED: usize = 1000 + 200_000;
+    session(2525, 1000, 2000);
+    session(2587, 1000, 200_000);
+    wait_for(&|| bytes_of("smtp") == (3000.0, 3000.0));
+    wait_for(&|| bytes_of("submission") == (SUBMITTED as f64, SUBMITTED as f64));
+    assert_eq!(bytes_of("smtp"), (3000.0, 3000.0));
+    assert_eq!(bytes_of("submission"), (SUBMITTED as f64, SUBMITTED as f64));
+    let in_kernel = kernel_frontend_bytes(&kgate);
+    assert!(
+        in_kernel.0 >= 200_000 && in_kernel.1 >= 200_000,
+        "the spliced bytes are in the kernel's counters: {in_kernel:?}\n{}",
+        kgate.log()
+    );
+
+    fs::write(kgate.config_path(), layout(&[("smtp", 2525)])).unwrap();
+    let reload = kgate.reload();
+    assert!(reload.status.success(), "{reload:?}");
+    wait_for(&|| kernel_frontend_bytes(&kgate).0 <= 3000);
+    let in_kernel = kernel_frontend_bytes(&kgate);
+    assert!(
+        in_kernel.0 <= 3000 && in_kernel.1 <= 3000,
+        "only smtp's bytes are left in the kernel's counters: {in_kernel:?}"
+    );
+    assert_eq!(bytes_of("smtp"), (3000.0, 3000.0), "kept by the reload");
+
+    fs::write(
+        kgate.config_path(),
+        layout(&[("smtp", 2525), ("imap", 2143)]),
+    )
+    .unwrap();
+    let reload = kgate.reload();
+    assert!(reload.status.success(), "{reload:?}");
+    assert_eq!(
+        bytes_of("imap"),
+        (0.0, 0.0),
+        "a new frontend starts at zero"
+    );
+    session(2143, 1000, 4000);
+    wait_for(&|| bytes_of("imap") == (5000.0, 5000.0));
+    assert_eq!(bytes_of("imap"), (5000.0, 5000.0));
+    assert_eq!(bytes_of("smtp"), (3000.0, 3000.0));
+    let spliced = kgate.log().matches(" spliced ").count();
+    assert_eq!(spliced, 3, "every session was spliced:\n{}", kgate.log());
 }
 
 /// The value of the sample of `name` whose labels include `labels`; panics unless

@@ -22,7 +22,7 @@ use crate::{
     frontend,
     handover::{self, Handed, Predecessor},
     interfaces::{self, Routes},
-    maps::{Bpf, MapsError, ServerMaps},
+    maps::{Bpf, MapsError, StatusMaps},
     pool::AdminState,
     privileges, publish, web,
     xdp::EarlyDrop,
@@ -399,7 +399,7 @@ fn raise_open_file_limit() {
 struct KernelSide {
     bpf: Option<Bpf>,
     dataplane: Dataplane,
-    servers: Option<ServerMaps>,
+    servers: Option<StatusMaps>,
 }
 
 /// `handed_lock`: the pin directory's lock, handed over by the kgate this one replaces.
@@ -425,7 +425,7 @@ fn load_kernel_side(
             }),
             DataplaneMode::Userspace => Dataplane::Userspace,
         };
-        let servers = bpf.servers()?;
+        let servers = bpf.status_maps()?;
         Ok(KernelSide {
             bpf: Some(bpf),
             dataplane,

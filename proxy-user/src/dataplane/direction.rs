@@ -178,10 +178,13 @@ pub struct Flow<'a> {
     pending: std::ops::Range<usize>,
     /// Pending bytes wait because `to` has `queue_limit` bytes unacknowledged.
     held_at_bound: bool,
-    /// Where the bytes kgate copies are counted as they go (the server's counter of
-    /// this direction), for `kgate status` and the metrics.
-    tally: Option<&'a AtomicU64>,
+    /// Where the bytes kgate copies are counted as they go (the server's and the
+    /// frontend's counters of this direction), for `kgate status` and the metrics.
+    tallies: Tallies<'a>,
 }
+
+/// A direction's byte counters: its server's and its frontend's.
+pub type Tallies<'a> = [Option<&'a AtomicU64>; 2];
 
 impl<'a> Flow<'a> {
     pub fn new(
@@ -189,7 +192,7 @@ impl<'a> Flow<'a> {
         to: &'a TcpStream,
         splice: Option<&'a Splice>,
         state: FlowState,
-        tally: Option<&'a AtomicU64>,
+        tallies: Tallies<'a>,
     ) -> Self {
         Flow {
             from,
@@ -199,7 +202,7 @@ impl<'a> Flow<'a> {
             buf: Vec::new(),
             pending: 0..0,
             held_at_bound: false,
-            tally,
+            tallies,
         }
     }
 
@@ -311,7 +314,7 @@ impl<'a> Flow<'a> {
                 Ok(n) => {
                     self.pending.start += n;
                     self.state.copied += n as u64;
-                    if let Some(tally) = self.tally {
+                    for tally in self.tallies.into_iter().flatten() {
                         tally.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 }

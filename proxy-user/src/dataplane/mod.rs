@@ -134,14 +134,22 @@ impl Dataplane {
 pub struct SpliceTerms {
     /// The most bytes one spliced direction may have queued in the kernel.
     pub queue_limit: u64,
-    /// Where the eBPF program counts the server's spliced bytes.
-    pub server_slot: u32,
+    /// Where the eBPF programs count the connection's bytes.
+    pub counters: CounterSlots,
     /// How long the connection is copied first; see [`SPLICE_AFTER_BYTES`].
     pub after: Duration,
     /// Bytes kgate read from the client before the relay began, not to be forwarded
     /// (an accepted PROXY header, see `accept_proxy`): the client socket's TCP
     /// counters include them.
     pub client_bytes_read: u64,
+}
+
+/// Where the eBPF programs count a connection's bytes (spliced or forwarded): its
+/// server's slot and its frontend's in their byte counter maps.
+#[derive(Clone, Copy, Debug)]
+pub struct CounterSlots {
+    pub server: u32,
+    pub frontend: u32,
 }
 
 /// A connection that has copied this many bytes (both directions together) is

@@ -72,7 +72,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    Timeouts,
+    CounterSlots, Timeouts,
     packet_raw::{self, RawSegments, WindowUpdate},
     trim::Trim,
 };
@@ -351,13 +351,13 @@ impl Packet {
         &self,
         client: &TcpStream,
         server: &TcpStream,
-        server_slot: u32,
+        counters: CounterSlots,
         held: Option<&mut Held>,
     ) -> HandOff {
         if self.maps.is_none() {
             return self.refuse(Fallback::NotLoaded);
         }
-        match self.hand_off(client, server, server_slot, held) {
+        match self.hand_off(client, server, counters, held) {
             Ok(handoff) => handoff,
             Err(e) => {
                 debug!("handoff failed, the connection stays copied: {e}");
@@ -376,7 +376,7 @@ impl Packet {
         &self,
         client: &TcpStream,
         server: &TcpStream,
-        server_slot: u32,
+        counters: CounterSlots,
         held: Option<&mut Held>,
     ) -> io::Result<HandOff> {
         if !quiet(client, server)? {
@@ -469,7 +469,8 @@ impl Packet {
             ts_clock_at_handoff: y.ts_clock,
             handoff_ns,
             base_seq: x.receive_next,
-            server_slot,
+            server_slot: counters.server,
+            frontend_slot: counters.frontend,
             window_shift_in: scale(&shapes[0], true),
             window_shift_out: scale(&shapes[1], false),
             ..Rule::default()

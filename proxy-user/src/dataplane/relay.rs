@@ -26,7 +26,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    Mode, SPLICE_AFTER_BYTES, SpliceTerms, Timeouts,
+    CounterSlots, Mode, SPLICE_AFTER_BYTES, SpliceTerms, Timeouts,
     direction::{Fault, Flow, FlowState, interest},
     packet::{HandOff, Held, Packet, Ticket},
     parking::PARK_AFTER,
@@ -75,7 +75,7 @@ enum Later {
     /// most, then let go for `pause` (doubling) before it is held again.
     HandOff {
         packet: Arc<Packet>,
-        server_slot: u32,
+        counters: CounterSlots,
         at: Instant,
         backoff: Duration,
         /// Bytes copied when the relay last looked.
@@ -231,7 +231,7 @@ impl Relay {
             }),
             Plan::HandOff(packet) => Some(Later::HandOff {
                 packet,
-                server_slot: terms.server_slot,
+                counters: terms.counters,
                 at: now,
                 backoff: HANDOFF_RETRY.0,
                 copied: 0,
@@ -302,7 +302,7 @@ impl Relay {
         let copied_now: u64 = self.progress.flows.iter().map(|f| f.copied_bytes()).sum();
         let Some(Later::HandOff {
             packet,
-            server_slot,
+            counters,
             at,
             backoff,
             copied,
@@ -314,7 +314,7 @@ impl Relay {
             return None;
         };
         let hold = held.as_mut().map(|(held, _)| held);
-        let outcome = packet.try_hand_off(&self.client, &self.server, *server_slot, hold);
+        let outcome = packet.try_hand_off(&self.client, &self.server, *counters, hold);
         let now = Instant::now();
         let moving = copied_now > *copied;
         *copied = copied_now;
@@ -445,22 +445,27 @@ impl Relay {
         let (client, server, splice) = (&self.client, &self.server, self.splice.as_ref());
         let timeouts = self.progress.timeouts;
         let server_runtime = self.progress.ending.server_runtime();
-        let tallies = server_runtime
-            .as_deref()
-            .map(|r| (&r.copied_in, &r.copied_out));
+        let server_runtime = server_runtime.as_deref();
+        let frontend_load = self.progress.ending.frontend_load();
         let mut up = Flow::new(
             client,
             server,
             splice,
             self.progress.flows[0],
-            tallies.map(|t| t.0),
+            [
+                server_runtime.map(|r| &r.copied_in),
+                Some(&frontend_load.copied_in),
+            ],
         );
         let mut down = Flow::new(
             server,
             client,
             splice,
             self.progress.flows[1],
-            tallies.map(|t| t.1),
+            [
+                server_runtime.map(|r| &r.copied_out),
+                Some(&frontend_load.copied_out),
+            ],
         );
         let modes = [up.state.mode(), down.state.mode()];
         let mut first_fin = None;

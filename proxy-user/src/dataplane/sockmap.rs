@@ -63,7 +63,7 @@ use tracing::debug;
 
 use proxy_common::{FROM_CLIENT, FROM_SERVER, FlowCounters, FlowGrant};
 
-use super::{Mode, SpliceTerms, parking::Parking};
+use super::{CounterSlots, Mode, SpliceTerms, parking::Parking};
 use crate::{
     maps::{GrantRequests, MapError, SpliceMaps},
     sockopt,
@@ -100,7 +100,7 @@ pub struct Splice {
     spliced: [bool; 2],
     flows: [Mode; 2],
     queue_limit: u64,
-    server_slot: u32,
+    counters: CounterSlots,
     /// Woken when the program asks for a larger grant for either socket, while the
     /// relay runs; none while the connection is parked (the parking routes requests).
     grant_requests: Option<Arc<Notify>>,
@@ -125,7 +125,7 @@ impl Splice {
             spliced: [false; 2],
             flows: [Mode::Copied; 2],
             queue_limit: terms.queue_limit,
-            server_slot: terms.server_slot,
+            counters: terms.counters,
             grant_requests: Some(Arc::default()),
             watching: false,
         };
@@ -233,8 +233,10 @@ impl Splice {
             resume_at_passed: counters.passed,
             // Asking halfway leaves userspace time to answer before the bound.
             notify_at: counters.redirected.saturating_add(headroom / 2),
-            server_slot: self.server_slot,
+            server_slot: self.counters.server,
             direction,
+            frontend_slot: self.counters.frontend,
+            _pad: 0,
         }
     }
 

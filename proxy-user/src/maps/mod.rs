@@ -4,7 +4,7 @@
 //!
 //! [`Bpf`] owns the object (its programs and their attachments) and the pins; each
 //! feature takes its maps from it: [`Bpf::splice`] for the data plane,
-//! [`Bpf::servers`] for what `kgate status` shows, [`Bpf::xdp`] for early drop.
+//! [`Bpf::status_maps`] for what `kgate status` shows, [`Bpf::xdp`] for early drop.
 
 mod handover;
 mod packet;
@@ -29,7 +29,7 @@ use proxy_common::{maps as names, programs};
 use tracing::{info, warn};
 
 pub use packet::{PacketEvents, PacketMaps};
-pub use servers::ServerMaps;
+pub use servers::StatusMaps;
 pub use splice::{GrantRequests, SpliceMaps};
 pub use xdp::{Attached, Blocklist, OriginCounts, XdpMaps};
 
@@ -49,6 +49,7 @@ const PINS: &[&str] = &[
     names::SPLICE_STATS_PIN,
     names::SERVERS_PIN,
     names::SERVER_BYTES_PIN,
+    names::FRONTEND_BYTES_PIN,
     proxy_common::packet::maps::RULES_PIN,
     proxy_common::packet::maps::PROGRESS_PIN,
     proxy_common::packet::maps::STATS_PIN,

@@ -1,5 +1,5 @@
-//! The `servers` map that bpftool reads, and the per-server byte
-//! counters the splice program keeps.
+//! The maps behind `kgate status`: the `servers` map that bpftool reads, and the
+//! byte counters the eBPF programs keep per server and per frontend.
 //!
 //! `servers` is read by people, with `bpftool map dump pinned <pin>/servers`, and by
 //! no program: kgate creates it here, not in the eBPF object, as a hash keyed by slot
@@ -16,32 +16,42 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use proxy_common::{MAX_SERVERS, ServerBytes, ServerEntry, maps as names};
+use proxy_common::{ByteCounts, MAX_SERVERS, ServerEntry, maps as names};
 
 use super::{Bpf, MapError, MapsError, map_error};
 
-pub struct ServerMaps {
+pub struct StatusMaps {
     entries: std::sync::Mutex<HashMap<MapData, u32, ServerEntry>>,
-    bytes: std::sync::Mutex<PerCpuArray<MapData, ServerBytes>>,
+    server_bytes: ByteCounters,
+    frontend_bytes: ByteCounters,
 }
 
+/// A per-CPU array of [`ByteCounts`] by slot.
+struct ByteCounters(std::sync::Mutex<PerCpuArray<MapData, ByteCounts>>);
+
 impl Bpf {
-    /// Creates and pins the `servers` map; pins the per-server byte counters.
-    pub fn servers(&mut self) -> Result<ServerMaps, MapsError> {
+    /// Creates and pins the `servers` map; pins the byte counters.
+    pub fn status_maps(&mut self) -> Result<StatusMaps, MapsError> {
         let entries = create_servers_map().map_err(|e| MapsError::Map {
             name: names::SERVERS,
             source: MapError::IoError(e),
         })?;
         let entries = self.pin(Map::HashMap(entries), names::SERVERS_PIN)?;
-        let bytes = self.take_pinned(names::SERVER_BYTES, names::SERVER_BYTES_PIN)?;
-        Ok(ServerMaps {
+        let server_bytes = self.take_pinned(names::SERVER_BYTES, names::SERVER_BYTES_PIN)?;
+        let frontend_bytes = self.take_pinned(names::FRONTEND_BYTES, names::FRONTEND_BYTES_PIN)?;
+        let counters = |map: Map, name| -> Result<ByteCounters, MapsError> {
+            let array = map.try_into().map_err(map_error(name))?;
+            Ok(ByteCounters(std::sync::Mutex::new(array)))
+        };
+        Ok(StatusMaps {
             entries: std::sync::Mutex::new(entries.try_into().map_err(map_error(names::SERVERS))?),
-            bytes: std::sync::Mutex::new(bytes.try_into().map_err(map_error(names::SERVER_BYTES))?),
+            server_bytes: counters(server_bytes, names::SERVER_BYTES)?,
+            frontend_bytes: counters(frontend_bytes, names::FRONTEND_BYTES)?,
         })
     }
 }
 
-impl ServerMaps {
+impl StatusMaps {
     /// Adds or replaces the entry of `slot`.
     pub fn publish(&self, slot: u32, entry: &ServerEntry) -> Result<(), MapError> {
         super::lock(&self.entries).insert(slot, entry, 0)
@@ -49,23 +59,44 @@ impl ServerMaps {
 
     /// Removes `slot` (a removed server's), and zeroes its byte counters so that a new
     /// server there starts at zero.
-    pub fn clear(&self, slot: u32) -> Result<(), MapError> {
+    pub fn clear_server(&self, slot: u32) -> Result<(), MapError> {
         match super::lock(&self.entries).remove(&slot) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(e),
         }
-        let mut bytes = super::lock(&self.bytes);
+        self.server_bytes.zero(slot)
+    }
+
+    /// Zeroes a removed frontend's byte counters, so that a new frontend in `slot`
+    /// starts at zero.
+    pub fn clear_frontend(&self, slot: u32) -> Result<(), MapError> {
+        self.frontend_bytes.zero(slot)
+    }
+
+    /// Bytes the programs moved for the server in `slot`, all CPUs together.
+    pub fn server_bytes(&self, slot: u32) -> Result<ByteCounts, MapError> {
+        self.server_bytes.sum(slot)
+    }
+
+    /// Bytes the programs moved for the frontend in `slot`, all CPUs together.
+    pub fn frontend_bytes(&self, slot: u32) -> Result<ByteCounts, MapError> {
+        self.frontend_bytes.sum(slot)
+    }
+}
+
+impl ByteCounters {
+    fn zero(&self, slot: u32) -> Result<(), MapError> {
+        let mut bytes = super::lock(&self.0);
         let cpus = bytes.get(&slot, 0)?.len();
-        let zeros = aya::maps::PerCpuValues::try_from(vec![ServerBytes::default(); cpus])?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![ByteCounts::default(); cpus])?;
         bytes.set(slot, zeros, 0)
     }
 
-    /// Bytes the splice program moved for the server in `slot`, all CPUs together.
-    pub fn spliced_bytes(&self, slot: u32) -> Result<ServerBytes, MapError> {
-        let per_cpu = super::lock(&self.bytes).get(&slot, 0)?;
+    fn sum(&self, slot: u32) -> Result<ByteCounts, MapError> {
+        let per_cpu = super::lock(&self.0).get(&slot, 0)?;
         Ok(per_cpu
             .iter()
-            .fold(ServerBytes::default(), |acc, b| ServerBytes {
+            .fold(ByteCounts::default(), |acc, b| ByteCounts {
                 bytes_in: acc.bytes_in + b.bytes_in,
                 bytes_out: acc.bytes_out + b.bytes_out,
             }))

@@ -383,11 +383,12 @@ fn metrics_parse_and_count_the_traffic() {
     let deadline = Instant::now() + IO_TIMEOUT;
     let scrape = loop {
         let scrape = scrape_metrics(&lab, "127.0.0.1:9464");
-        // A byte is counted just after kgate or the kernel passed it on: the client may
-        // have it first.
-        if metric_value(&scrape, "kgate_frontend_bytes_in_total", &[]) == 6000.0
-            || Instant::now() > deadline
-        {
+        // A byte is counted just after kgate or the kernel passed it on, and a
+        // connection counted open until kgate has seen both ends close: the client may
+        // be done before either.
+        let settled = metric_value(&scrape, "kgate_frontend_bytes_in_total", &[]) == 6000.0
+            && metric_value(&scrape, "kgate_frontend_active_connections", &[]) == 0.0;
+        if settled || Instant::now() > deadline {
             break scrape;
         }
         thread::sleep(Duration::from_millis(50));

@@ -129,7 +129,8 @@ impl Summary {
 /// One of the targets, as measured.
 pub struct Target {
     pub goal: String,
-    /// None when a figure it needs is missing (a run failed).
+    /// None when a figure it needs is missing (its workload or path was left out, or
+    /// a run failed).
     pub met: Option<bool>,
     pub detail: String,
 }
@@ -254,7 +255,7 @@ fn missing(goal: &str) -> Target {
     Target {
         goal: goal.into(),
         met: None,
-        detail: "not measured (a run failed)".into(),
+        detail: "not measured (left out by --path or --workload, or a run failed)".into(),
     }
 }
 

@@ -19,12 +19,14 @@
 //! - [`rawtcp`]: a hand-made TCP client that sends overlapping retransmissions.
 //! - [`sockmap`]: counts the entries of kgate's pinned sock hashes.
 //! - [`packet`]: counts the rules of the packet data plane.
+//! - [`bpftool`]: what `bpftool` prints of a pinned map.
 //! - [`xdp`]: reads the XDP counters and runs `kgate block`.
 //!
 //! Everything here needs root (network namespaces); tests start with
 //! [`lab::skip_without_root`], the only allowed reason to skip.
 
 pub mod backend;
+pub mod bpftool;
 pub mod browser;
 pub mod crowdsec;
 pub mod dovecot;

@@ -1,27 +1,9 @@
 //! The pinned `servers` map as an operator reads it: `bpftool map dump pinned
 //! .../servers` prints the live servers only, with their names as text.
 
-use std::{process::Command, thread, time::Duration};
+use std::{thread, time::Duration};
 
-use tests::{lab::skip_without_root, rig::Rig};
-
-fn dump(rig: &Rig, json: bool) -> String {
-    let mut bpftool = Command::new("bpftool");
-    if json {
-        bpftool.arg("-j");
-    }
-    let out = bpftool
-        .args(["map", "dump", "pinned"])
-        .arg(rig.kgate.pin_path().join("servers"))
-        .output()
-        .expect("running bpftool (installed by cargo xtask test)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use tests::{bpftool, lab::skip_without_root, rig::Rig};
 
 #[test]
 fn bpftool_prints_two_servers_in_a_few_lines_with_their_names_as_text() {
@@ -31,7 +13,8 @@ fn bpftool_prints_two_servers_in_a_few_lines_with_their_names_as_text() {
     let rig = Rig::start("sockmap", 2);
     // Published at start and every second.
     thread::sleep(Duration::from_millis(1500));
-    let text = dump(&rig, false);
+    let servers = rig.kgate.pin_path().join("servers");
+    let text = bpftool::dump(&servers);
     let lines = text.lines().count();
     assert!(lines < 80, "{lines} lines for two servers:\n{text}");
     for expected in [
@@ -43,7 +26,7 @@ fn bpftool_prints_two_servers_in_a_few_lines_with_their_names_as_text() {
     ] {
         assert!(text.contains(expected), "no {expected} in:\n{text}");
     }
-    let json: serde_json::Value = serde_json::from_str(&dump(&rig, true)).unwrap();
+    let json = bpftool::dump_json(&servers);
     let entries = json.as_array().unwrap();
     assert_eq!(entries.len(), 2, "{json:#}");
     let mut slots: Vec<u64> = entries

@@ -12,6 +12,7 @@ use std::{
 
 use tests::{
     backend::{TcpServer, read_proxy_header},
+    bpftool,
     kgate::{Kgate, global_section, metric_value, scrape_metrics},
     lab::{Lab, skip_without_root},
     rig::{IO_TIMEOUT, Rng, connect, set_timeouts},
@@ -449,17 +450,7 @@ fn metrics_parse_and_count_the_traffic() {
 /// Bytes (in, out) the eBPF programs counted for every frontend slot together, from
 /// the pinned `frontend_bytes` map as bpftool prints it.
 fn kernel_frontend_bytes(kgate: &Kgate) -> (u64, u64) {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(kgate.pin_path().join("frontend_bytes"))
-        .output()
-        .expect("running bpftool (installed by cargo xtask test)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dump = bpftool::dump_json(&kgate.pin_path().join("frontend_bytes"));
     let mut total = (0, 0);
     for slot in dump.as_array().expect("a list of slots") {
         for cpu in slot["formatted"]["values"]

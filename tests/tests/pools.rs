@@ -4,14 +4,13 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use tests::{
     backend::{TcpServer, read_proxy_header},
-    on_every_dataplane,
+    bpftool, on_every_dataplane,
     rig::{Rig, connect, set_timeouts},
 };
 
@@ -328,17 +327,7 @@ fn drain_and_maint_do_what_they_say_and_status_agrees_with_bpftool() {
     };
     let differences = || -> Vec<String> {
         let ours = status(&rig);
-        let dump = Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(rig.kgate.pin_path().join("servers"))
-            .output()
-            .expect("running bpftool (installed by cargo xtask test)");
-        assert!(
-            dump.status.success(),
-            "{}",
-            String::from_utf8_lossy(&dump.stderr)
-        );
-        let dump: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+        let dump = bpftool::dump_json(&rig.kgate.pin_path().join("servers"));
         let mut differences = Vec::new();
         // A hash of the live servers: one entry each, in no particular order.
         let entries = dump.as_array().unwrap();

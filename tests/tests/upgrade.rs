@@ -21,6 +21,7 @@ use std::{
 
 use tests::{
     backend::{TcpServer, read_proxy_header},
+    bpftool,
     kgate::{Kgate, control_socket_for, global_section, kgate_bin, pin_path_for},
     lab::Lab,
     on_every_dataplane,
@@ -143,36 +144,13 @@ fn install(binary: &Path, path: &Path) {
 
 /// The map id behind a pin, from bpftool (which must be able to read it).
 fn pinned_map_id(pin: &Path) -> u64 {
-    let out = Command::new("bpftool")
-        .args(["--json", "map", "show", "pinned"])
-        .arg(pin)
-        .output()
-        .expect("running bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool map show pinned {}: {}",
-        pin.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    info["id"].as_u64().expect("a map id")
+    bpftool::show_json(pin)["id"].as_u64().expect("a map id")
 }
 
 /// The server names in the pinned `servers` map, as bpftool decodes it (the names are
 /// NUL-padded byte arrays there).
 fn bpftool_server_names(pin: &Path) -> Vec<String> {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(pin)
-        .output()
-        .expect("running bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool map dump pinned {}: {}",
-        pin.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dump = bpftool::dump_json(pin);
     // The map holds live servers only, names as text; a hash, so sorted here.
     let mut names: Vec<String> = dump
         .as_array()

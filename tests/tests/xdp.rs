@@ -14,6 +14,7 @@ use std::{
 
 use tests::{
     backend::{TcpServer, read_proxy_header},
+    bpftool,
     kgate::{Kgate, kgate_bin},
     lab::{Lab, skip_without_root},
     on_every_dataplane,
@@ -120,12 +121,7 @@ fn a_blocked_source_cannot_connect_while_another_can_and_unblocking_works_at_onc
     assert_eq!(status["xdp"]["dropped_blocklist"], 3, "{status}");
     assert_eq!(status["xdp"]["dropped_syn_rate"], 0, "{status}");
     // bpftool shows the counters by name (BTF).
-    let dump = Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(pin.join("xdp_stats"))
-        .output()
-        .expect("running bpftool");
-    let dump = String::from_utf8_lossy(&dump.stdout);
+    let dump = bpftool::dump(&pin.join("xdp_stats"));
     for field in [
         "passed",
         "dropped_blocklist",

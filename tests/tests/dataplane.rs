@@ -9,7 +9,7 @@
 use std::{
     hash::Hasher,
     io::{self, ErrorKind, Read, Write},
-    net::{IpAddr, Shutdown, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Shutdown, SocketAddr, SocketAddrV4, TcpStream},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use socket2::{Domain, Socket, Type};
 use tests::{
     backend::{TcpServer, read_proxy_header},
     on_every_dataplane,
@@ -335,7 +336,7 @@ fn half_close_delivers_every_byte_before_the_fin_to_a_slow_reader(dataplane: &'s
         set_timeouts(&s);
         read_proxy_header(&mut s).expect("a PROXY header");
         // Let the client finish sending and close its side while nobody reads.
-        thread::sleep(Duration::from_millis(300));
+        thread::sleep(Duration::from_millis(100));
         let mut hasher = std::hash::DefaultHasher::new();
         let mut buf = vec![0u8; 16 * 1024];
         let mut total = 0usize;
@@ -891,6 +892,87 @@ fn sockmap_connections_join_the_splice_midway_through_bulk_intact() {
         "the splice handled {redirected} + {passed} of {} bytes",
         2 * STREAMS * BYTES
     );
+}
+
+/// A connection whose peers both send flat out and read slowly is never quiet by
+/// itself: once both targets' buffers are full, kgate almost always holds bytes for
+/// one direction or the other, and the splice may start only when both are written
+/// out. Here both peers first send without reading, so that kgate holds bytes both
+/// ways by the time its splice is due (the client's small receive buffer keeps the
+/// bytes copied to it few); then they read, slowly. The connection must still be
+/// spliced, not left copied to its end (as a lone bulk connection in a benchmark run
+/// was, one run in three), and every byte must arrive.
+#[test]
+fn sockmap_a_connection_busy_both_ways_is_still_spliced() {
+    if tests::lab::skip_without_root() {
+        return;
+    }
+    const ROUNDS: usize = 3;
+    const BYTES: usize = 16 << 20;
+    const SMALL_BUFFER: usize = 4 * 1024;
+    let connect_small = |to: SocketAddr| {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(SMALL_BUFFER).unwrap();
+        socket.connect_timeout(&to.into(), IO_TIMEOUT).unwrap();
+        let stream = TcpStream::from(socket);
+        set_timeouts(&stream);
+        stream
+    };
+    for round in 0..ROUNDS {
+        // A rig each: one connection's line each, and kgate afresh.
+        let rig = Rig::start_with("sockmap", 1, "", "splice_after = \"1h\"");
+        let (served, server_saw) = mpsc::channel();
+        let served = Mutex::new(served);
+        let _server = TcpServer::start(rig.lab.backend(0), rig.backend_addr(0), move |mut s| {
+            set_timeouts(&s);
+            read_proxy_header(&mut s).expect("a PROXY header");
+            let seen = send_and_read_slowly(s, 2, BYTES);
+            served.lock().unwrap().send(seen).unwrap();
+        });
+        let frontend = rig.frontend_v4();
+        let (client_received, client_sent) = rig
+            .lab
+            .client()
+            .run(move || send_and_read_slowly(connect_small(frontend), 1, BYTES));
+        let (server_received, server_sent) = server_saw.recv_timeout(IO_TIMEOUT).unwrap();
+        assert_eq!(server_received, (BYTES, client_sent), "upstream");
+        assert_eq!(client_received, (BYTES, server_sent), "downstream");
+        let lines = rig.connection_lines(1);
+        assert!(
+            lines[0].contains(" spliced "),
+            "round {round}: {}",
+            lines[0]
+        );
+        rig.assert_clean();
+    }
+}
+
+/// Sends `bytes` random bytes from `seed` flat out; reads nothing for a while (the
+/// buffers on the way fill up), then what comes back in small bites with a pause
+/// between them, until the peer's FIN: a peer that reads, but slower than it is sent
+/// to. Returns (bytes read, their checksum) and the sent checksum.
+fn send_and_read_slowly(mut stream: TcpStream, seed: u64, bytes: usize) -> ((usize, u64), u64) {
+    let mut writer = stream.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let sum = send_random(&mut writer, seed, bytes);
+        writer.shutdown(Shutdown::Write).unwrap();
+        sum
+    });
+    thread::sleep(Duration::from_millis(300));
+    let mut hasher = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut total = 0;
+    loop {
+        match stream.read(&mut buf).unwrap() {
+            0 => break,
+            n => {
+                hasher.write(&buf[..n]);
+                total += n;
+            }
+        }
+        thread::sleep(Duration::from_micros(200));
+    }
+    ((total, hasher.finish()), sender.join().unwrap())
 }
 
 /// kgate's resident memory, from /proc.

@@ -178,6 +178,9 @@ pub struct Flow<'a> {
     pending: std::ops::Range<usize>,
     /// Pending bytes wait because `to` has `queue_limit` bytes unacknowledged.
     held_at_bound: bool,
+    /// `from` is not read for now: the connection is to be spliced, and kgate must
+    /// first write out what it holds (see the relay's `ReadPause`).
+    reads_paused: bool,
     /// Where the bytes kgate copies are counted as they go (the server's and the
     /// frontend's counters of this direction), for `kgate status` and the metrics.
     tallies: Tallies<'a>,
@@ -202,6 +205,7 @@ impl<'a> Flow<'a> {
             buf: Vec::new(),
             pending: 0..0,
             held_at_bound: false,
+            reads_paused: false,
             tallies,
         }
     }
@@ -226,9 +230,15 @@ impl<'a> Flow<'a> {
         matches!(self.state.mode, Mode::Copied) || self.state.pressure == Pressure::Forwarding
     }
 
+    /// Stops reading `from` (or starts again): what was read is still written out.
+    pub fn pause_reads(&mut self, paused: bool) {
+        self.reads_paused = paused;
+    }
+
     /// Whether to wait for `from` to be readable.
     pub fn wants_to_read(&self) -> bool {
         !self.state.eof
+            && !self.reads_paused
             && self.pending.is_empty()
             && !matches!(self.state.pressure, Pressure::Draining | Pressure::Kicked)
     }

@@ -4,8 +4,9 @@
 //!
 //! On the sockmap plane a connection starts copied, and is spliced once it has lived
 //! `splice_after` or copied [`SPLICE_AFTER_BYTES`], at a moment when kgate has written
-//! out everything it read: the splice carries on from exactly there (sockmap.rs), and
-//! each direction's counts start again from zero (`FlowState::spliced_from_here`).
+//! out everything it read (a busy connection's reads pause for it, see [`ReadPause`]):
+//! the splice carries on from exactly there (sockmap.rs), and each direction's counts
+//! start again from zero (`FlowState::spliced_from_here`).
 //!
 //! The relay's task waits for one of these, whichever comes first:
 //! - either socket ready for what its directions want (bytes, room, always an error);
@@ -68,6 +69,7 @@ enum Later {
         sockmap: Arc<Sockmap>,
         terms: SpliceTerms,
         at: Instant,
+        pause: ReadPause,
     },
     /// Its handoff to the packet plane, at the first quiet moment; the next look is at
     /// `at`, then `backoff` later. A connection that keeps moving bulk is never quiet
@@ -85,6 +87,64 @@ enum Later {
         hold_from: Instant,
         pause: Duration,
     },
+}
+
+/// How a busy connection comes to its splice. The splice may start only once kgate
+/// has written out everything it read, and a connection that moves bulk both ways at
+/// full speed almost never has nothing pending in both directions at once: left to
+/// chance, it would stay copied to its end. So once its splice is due, kgate stops
+/// reading either socket until what it holds is written out. A peer that does not
+/// read can keep bytes pending for ever, and the other direction must not wait on it
+/// for long: a pause lasts [`READ_PAUSE_LIMIT`] at most, then reads go on for a while
+/// (doubling) before the next one.
+struct ReadPause {
+    since: Option<Instant>,
+    next_from: Instant,
+    backoff: Duration,
+}
+
+/// The longest a read pause lasts. Writing out kgate's buffer to a peer that reads
+/// takes a round trip or so (a slow link's peer, a few hundred milliseconds); what
+/// takes longer waits for a peer that does not read.
+const READ_PAUSE_LIMIT: Duration = Duration::from_millis(500);
+/// How long reads go on after a pause that did not bring the splice: the first
+/// time, and the longest.
+const READ_PAUSE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(64));
+
+impl ReadPause {
+    fn new(now: Instant) -> Self {
+        ReadPause {
+            since: None,
+            next_from: now,
+            backoff: READ_PAUSE_BACKOFF.0,
+        }
+    }
+
+    /// Whether reads are paused now, given whether the connection `waits` for its
+    /// splice with bytes pending; if they are, when the pause ends.
+    fn update(&mut self, waits: bool, now: Instant) -> Option<Instant> {
+        if !waits {
+            self.since = None;
+            return None;
+        }
+        let since = match self.since {
+            Some(since) => since,
+            None if now >= self.next_from => *self.since.insert(now),
+            None => return None,
+        };
+        let ends = since + READ_PAUSE_LIMIT;
+        if now < ends {
+            return Some(ends);
+        }
+        debug!(
+            "what kgate held was not written out for the splice: reading on for {:?}",
+            self.backoff
+        );
+        self.since = None;
+        self.next_from = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(READ_PAUSE_BACKOFF.1);
+        None
+    }
 }
 
 /// The first wait before a handoff is tried again, and the longest.
@@ -228,6 +288,7 @@ impl Relay {
                 at: now + terms.after,
                 sockmap,
                 terms,
+                pause: ReadPause::new(now),
             }),
             Plan::HandOff(packet) => Some(Later::HandOff {
                 packet,
@@ -501,6 +562,17 @@ impl Relay {
                 .then_some(quiet_since + PARK_AFTER);
             let copied = up.state.copied_bytes() + down.state.copied_bytes();
             let joinable = up.may_join() && down.may_join();
+            let reads_paused_until = match self.later.as_mut() {
+                Some(Later::Splice { at, pause, .. }) => {
+                    let now = Instant::now();
+                    let due = now >= *at || copied >= SPLICE_AFTER_BYTES;
+                    // Past a FIN a connection cannot join the splice at all.
+                    pause.update(due && !joinable && first_fin.is_none(), now)
+                }
+                _ => None,
+            };
+            up.pause_reads(reads_paused_until.is_some());
+            down.pause_reads(reads_paused_until.is_some());
             // A busy connection is held at once, even while kgate has bytes to write
             // (they stay in this loop's buffers: only a joinable one leaves it).
             if let Some(later) = self.later.as_mut()
@@ -532,7 +604,7 @@ impl Relay {
             // One readiness future per socket and one timer: each is part of every
             // connection's task, so every one of them costs memory per connection.
             let drain_at = draining.then(|| Instant::now() + drain_poll);
-            let wake_at = [drain_at, park_at, later_at, hold_ends]
+            let wake_at = [drain_at, park_at, later_at, hold_ends, reads_paused_until]
                 .into_iter()
                 .flatten()
                 .fold(idle_check, Instant::min);
@@ -798,4 +870,35 @@ fn socket_error(socket: &TcpStream, side: Side) -> Result<(), (Fault, Side)> {
         Ok(None) => io::Error::from(io::ErrorKind::ConnectionReset),
     };
     Err((Fault::Source(error), side))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_pause_lasts_while_the_splice_waits_and_its_limit_at_most_then_backs_off() {
+        let start = Instant::now();
+        let mut pause = ReadPause::new(start);
+        assert_eq!(pause.update(false, start), None, "nothing waits: no pause");
+        let ends = start + READ_PAUSE_LIMIT;
+        assert_eq!(pause.update(true, start), Some(ends));
+        assert_eq!(pause.update(true, start + READ_PAUSE_LIMIT / 2), Some(ends));
+        // Everything written out: the pause is over, and the next one may come at once.
+        assert_eq!(pause.update(false, start + READ_PAUSE_LIMIT / 2), None);
+        let again = start + READ_PAUSE_LIMIT;
+        assert_eq!(pause.update(true, again), Some(again + READ_PAUSE_LIMIT));
+        // A pause that reaches its limit lets reads go on, for longer each time.
+        let mut now = again + READ_PAUSE_LIMIT;
+        for backoff in [1, 2, 4, 8, 16, 32, 64, 64].map(Duration::from_secs) {
+            assert_eq!(pause.update(true, now), None, "the limit ends the pause");
+            assert_eq!(
+                pause.update(true, now + backoff - Duration::from_millis(1)),
+                None
+            );
+            now += backoff;
+            assert_eq!(pause.update(true, now), Some(now + READ_PAUSE_LIMIT));
+            now += READ_PAUSE_LIMIT;
+        }
+    }
 }

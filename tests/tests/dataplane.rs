@@ -336,7 +336,7 @@ fn half_close_delivers_every_byte_before_the_fin_to_a_slow_reader(dataplane: &'s
         set_timeouts(&s);
         read_proxy_header(&mut s).expect("a PROXY header");
         // Let the client finish sending and close its side while nobody reads.
-        thread::sleep(Duration::from_millis(100));
+        thread::sleep(Duration::from_millis(300));
         let mut hasher = std::hash::DefaultHasher::new();
         let mut buf = vec![0u8; 16 * 1024];
         let mut total = 0usize;
@@ -908,7 +908,7 @@ fn sockmap_a_connection_busy_both_ways_is_still_spliced() {
         return;
     }
     const ROUNDS: usize = 3;
-    const BYTES: usize = 16 << 20;
+    const BYTES: usize = 24 << 20;
     const SMALL_BUFFER: usize = 4 * 1024;
     let connect_small = |to: SocketAddr| {
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();

@@ -180,6 +180,15 @@ impl Later {
         }
     }
 
+    /// Whether it is time for the splice: the connection has lived `splice_after`, or
+    /// has copied `copied` bytes, enough to call it bulk. Never for a handoff.
+    fn splice_due(&self, copied: u64, now: Instant) -> bool {
+        match self {
+            Later::Splice { at, .. } => now >= *at || copied >= SPLICE_AFTER_BYTES,
+            Later::HandOff { .. } => false,
+        }
+    }
+
     /// When to hold a connection that has moved bulk since the relay last looked and
     /// is not held yet: as soon as it may be, whatever kgate still has to write (the
     /// hold only stops the peers from sending more), since a bulk transfer may be over
@@ -562,13 +571,16 @@ impl Relay {
                 .then_some(quiet_since + PARK_AFTER);
             let copied = up.state.copied_bytes() + down.state.copied_bytes();
             let joinable = up.may_join() && down.may_join();
+            let splice_due = self
+                .later
+                .as_ref()
+                .is_some_and(|later| later.splice_due(copied, Instant::now()));
             let reads_paused_until = match self.later.as_mut() {
-                Some(Later::Splice { at, pause, .. }) => {
-                    let now = Instant::now();
-                    let due = now >= *at || copied >= SPLICE_AFTER_BYTES;
-                    // Past a FIN a connection cannot join the splice at all.
-                    pause.update(due && !joinable && first_fin.is_none(), now)
-                }
+                // Past a FIN a connection cannot join the splice at all.
+                Some(Later::Splice { pause, .. }) => pause.update(
+                    splice_due && !joinable && first_fin.is_none(),
+                    Instant::now(),
+                ),
                 _ => None,
             };
             up.pause_reads(reads_paused_until.is_some());
@@ -588,10 +600,8 @@ impl Relay {
                 .as_ref()
                 .filter(|_| joinable)
                 .map(|later| later.due(quiet_since, copied));
-            let bulk =
-                matches!(self.later, Some(Later::Splice { .. })) && copied >= SPLICE_AFTER_BYTES;
             if let Some(at) = later_at
-                && (Instant::now() >= at || bulk)
+                && (Instant::now() >= at || splice_due)
             {
                 self.progress.flows = [up.state, down.state];
                 self.progress.idle_check = idle_check;
